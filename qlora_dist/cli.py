@@ -1,0 +1,86 @@
+"""`qlora-dist` (and `python -m qlora_dist`): the public command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .compat import quiet_bitsandbytes, set_library_env
+from .config import ConfigError
+
+
+def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG.yaml] [key=value ...]`: the one argument without '=' is the YAML file."""
+    files = [a for a in args if "=" not in a]
+    if len(files) > 1:
+        raise ConfigError([f"expected at most one config file and key=value overrides, got {files}"])
+    return (files[0] if files else None), [a for a in args if "=" in a]
+
+
+def _cmd_train(ns) -> None:
+    from .config import load_config
+    from .trainer import run
+
+    path, overrides = _split_config_args(ns.args)
+    run(load_config(path, ns.preset, overrides))
+
+
+def _cmd_presets(ns) -> None:
+    from .recipe import format_table
+
+    print(format_table())
+
+
+def _cmd_prepare_model(ns) -> None:
+    from .prepare import ensure_builtin
+
+    print(ensure_builtin(ns.name, ns.out))
+
+
+def _cmd_generate(ns) -> None:
+    from .generate import answer, load_for_inference
+
+    model, tokenizer = load_for_inference(ns.base, ns.adapter, ns.bits)
+    print(answer(model, tokenizer, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qlora-dist", description="Distributed QLoRA fine-tuning on DeepSpeed")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune (continues from the newest checkpoint in train.output_dir)")
+    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value]",
+                   help="a YAML config and/or overrides such as train.max_steps=100")
+    p.add_argument("--preset", help="a recipe preset (see `qlora-dist presets`)")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by `deepspeed`
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("presets", help="print the QLoRA recipe presets")
+    p.set_defaults(func=_cmd_presets)
+
+    p = sub.add_parser("prepare-model", help="write a built-in model as a Hugging Face folder")
+    p.add_argument("name", choices=["smollm2", "tiny-llama"])
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_prepare_model)
+
+    p = sub.add_parser("generate", help="answer a prompt in the Guanaco format")
+    p.add_argument("--base", required=True, help="HF folder, or smollm2 / tiny-llama")
+    p.add_argument("--adapter", help="a PEFT adapter folder, e.g. OUTPUT/adapter_model")
+    p.add_argument("--bits", type=int, choices=[4, 16], default=4)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    set_library_env()
+    quiet_bitsandbytes()
+    ns = build_parser().parse_args(argv)
+    try:
+        ns.func(ns)
+    except ConfigError as exc:
+        print(f"qlora-dist: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,63 @@
+"""Work-arounds for known problems of the libraries we build on, each with its reason.
+
+Versions: torch 2.13.0, deepspeed 0.19.8, transformers 5.24.0, peft 0.21.2, bitsandbytes 0.50.2.
+Anything that patches around a library lives here, so it can be removed in one place when fixed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import torch
+
+
+def set_library_env() -> None:
+    """Environment the libraries read at import time; call before importing them."""
+    if not torch.cuda.is_available():
+        # deepspeed 0.19.8 warns on every import when it has to guess the CPU accelerator.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # glibc keeps freed per-layer buffers of the loader in its arenas: without this a rank's memory
+    # grew ~25 MB per layer instead of its shard (../shared/STACK-NOTES.md). Read at process start,
+    # so it matters for ranks the launchers start, which inherit it.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    # The tokenizers library forks worker threads that deadlock after a fork (DataLoader, launchers).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def quiet_bitsandbytes() -> None:
+    # bitsandbytes 0.50.2 logs "Failed to load CPU gemm_4bit_forward from kernels-community" on every
+    # import when the optional `kernels` package is absent; its own CPU kernels are used instead.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*kernels-community.*")
+
+
+def disable_cpu_weight_repacking(model: torch.nn.Module) -> None:
+    """bitsandbytes 0.50.2 on CPUs with avx512_bf16: a Linear4bit run in eval() without grad repacks
+    its weight in place into a CPU-only layout. Logits then differ by ~3e-3 from the training path and
+    a later ZeRO-3 state dict fails ('packed_weight should be [N, K/2]'). Turn it off right after load."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def paged_optimizer_note() -> str | None:
+    """Paged optimizers page their states through CUDA unified memory; on CPU bitsandbytes falls back
+    to ordinary (non-paged) states. Say so once rather than letting it warn per parameter."""
+    if torch.cuda.is_available():
+        return None
+    warnings.filterwarnings("ignore", message=".*[Pp]aged.*")
+    return "no CUDA: the paged optimizer runs non-paged (paging needs CUDA unified memory)"
+
+
+def engine_train_mode(engine) -> None:
+    # transformers returns from_pretrained models in eval mode and deepspeed.initialize keeps it:
+    # without this, LoRA dropout is silently off during training.
+    engine.train()
+
+
+# DeepSpeed 0.19.8 load_checkpoint of a 4-bit PEFT model: the Params4bit quant-state keys are
+# 'unexpected' to a strict load, and exclude_frozen_parameters saves only the LoRA weights anyway.
+LOAD_MODULE_STRICT = False

@@ -1,0 +1,401 @@
+"""Typed, grouped, validated configuration: defaults < preset < YAML file < `key=value` overrides.
+
+Every problem (unknown key, wrong type, value out of range) is collected and raised once, as a
+ConfigError naming the key, where it came from (file and line, override or preset) and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import recipe
+
+
+class ConfigError(ValueError):
+    """All problems of one configuration, reported together."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def choice(default: Any, choices: tuple, help: str = "") -> Any:
+    return field(default=default, metadata={"choices": choices, "help": help})
+
+
+def opt(default: Any, help: str = "") -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = opt("smollm2", "local HF LLaMA folder, or 'smollm2' / 'tiny-llama' (built in)")
+    compute_dtype: str = choice("bfloat16", ("bfloat16", "float16", "float32"))
+    gradient_checkpointing: bool = opt(True, "recompute activations in backward (saves memory)")
+    attn_implementation: str = choice("sdpa", ("sdpa", "eager"))
+
+    def check(self) -> list[str]:
+        if not self.path:
+            return ["model.path: required: a local Hugging Face LLaMA folder, or 'smollm2' / 'tiny-llama'"]
+        return []
+
+
+@dataclass
+class QuantizationConfig:
+    bits: int = choice(4, (4, 16), "4 = NF4 QLoRA; 16 = LoRA on a 16-bit base")
+    quant_type: str = choice(recipe.QUANT_TYPE, ("nf4", "fp4"))
+    double_quant: bool = opt(recipe.DOUBLE_QUANT, "quantize the quantization constants too")
+
+
+@dataclass
+class LoraConfig:
+    r: int = opt(recipe.LORA_R)
+    alpha: float = opt(recipe.LORA_ALPHA)
+    dropout: float = opt(0.1)
+    target_modules: list[str] = opt(["all-linear"], "'all-linear' (every nn.Linear but lm_head) or module names")
+
+    def check(self) -> list[str]:
+        errs = []
+        if self.r <= 0:
+            errs.append(f"lora.r: must be a positive integer (got {self.r})")
+        if self.alpha <= 0:
+            errs.append(f"lora.alpha: must be > 0 (got {self.alpha})")
+        if not 0.0 <= self.dropout < 1.0:
+            errs.append(f"lora.dropout: must be in [0, 1) (got {self.dropout})")
+        if not self.target_modules:
+            errs.append("lora.target_modules: must name at least one module, or 'all-linear'")
+        return errs
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt("builtin", "'builtin' (the checkable built-in tasks)")
+    tasks: list[str] = opt(["sort_digits", "add", "uppercase"], "built-in tasks to train on")
+    num_train: int = opt(1200, "built-in tasks: training examples per task")
+    num_eval: int = opt(60, "built-in tasks: held-out examples per task")
+    source_max_len: int = opt(384, "tokens kept of the source (prompt)")
+    target_max_len: int = opt(128, "tokens kept of the target (answer)")
+    train_on_source: bool = opt(False, "also train on the source tokens")
+
+    def check(self) -> list[str]:
+        from .tasks import TASKS  # local import: tasks imports nothing from config
+
+        errs = []
+        if self.dataset != "builtin":
+            errs.append(f"data.dataset: unknown dataset {self.dataset!r}; available: builtin")
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            errs.append(f"data.tasks: unknown task(s) {unknown}; available: {sorted(TASKS)}")
+        for key in ("num_train", "num_eval", "source_max_len", "target_max_len"):
+            if getattr(self, key) <= 0:
+                errs.append(f"data.{key}: must be > 0 (got {getattr(self, key)})")
+        return errs
+
+
+@dataclass
+class OptimConfig:
+    name: str = choice(recipe.OPTIMIZER, ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_torch"))
+    lr: float = opt(2e-4)
+    beta1: float = opt(0.9)
+    beta2: float = opt(recipe.ADAM_BETA2)
+    eps: float = opt(1e-8)
+    weight_decay: float = opt(0.0)
+    max_grad_norm: float = opt(recipe.MAX_GRAD_NORM, "0 disables clipping")
+    scheduler: str = choice(recipe.LR_SCHEDULE, ("constant", "linear", "cosine"), "after warm-up")
+    warmup_steps: int = opt(0)
+
+    def check(self) -> list[str]:
+        errs = []
+        if self.lr <= 0:
+            errs.append(f"optim.lr: must be > 0 (got {self.lr})")
+        for key in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                errs.append(f"optim.{key}: must be in [0, 1) (got {getattr(self, key)})")
+        for key in ("eps", "weight_decay", "max_grad_norm", "warmup_steps"):
+            if getattr(self, key) < 0:
+                errs.append(f"optim.{key}: must be >= 0 (got {getattr(self, key)})")
+        return errs
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = opt("runs/default")
+    max_steps: int = opt(100, "optimizer steps")
+    save_steps: int = opt(50, "checkpoint every N optimizer steps (and at the end)")
+    seed: int = opt(42)
+    global_batch_size: int = opt(16, "sequences per optimizer step, whatever the world size")
+    micro_batch_size: int = opt(4, "sequences per rank per forward pass")
+    logging_steps: int = opt(1)
+    resume_from: str | None = opt(None, "a PEFT adapter folder to start from (weights only, fresh optimizer)")
+
+    def check(self) -> list[str]:
+        errs = []
+        for key in ("max_steps", "save_steps", "global_batch_size", "micro_batch_size", "logging_steps"):
+            if getattr(self, key) <= 0:
+                errs.append(f"train.{key}: must be > 0 (got {getattr(self, key)})")
+        if self.global_batch_size > 0 and self.micro_batch_size > 0 and self.global_batch_size % self.micro_batch_size:
+            errs.append(
+                f"train.global_batch_size: {self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size {self.micro_batch_size}"
+            )
+        return errs
+
+    def grad_accum(self, world_size: int) -> int:
+        """Accumulation steps that keep the global batch whatever the world size."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError([
+                f"train.global_batch_size: {self.global_batch_size} is not divisible by micro_batch_size "
+                f"{self.micro_batch_size} x world size {world_size}; pick a micro batch or world size that divides it"
+            ])
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class EvalConfig:
+    at_start: bool = opt(False, "built-in tasks: held-out exact match before training")
+    at_end: bool = opt(True, "built-in tasks: held-out exact match after training")
+    steps: int = opt(0, "also every N steps (0: never)")
+    batch_size: int = opt(32)
+    max_new_tokens: int = opt(16)
+
+    def check(self) -> list[str]:
+        errs = [f"eval.{k}: must be > 0 (got {getattr(self, k)})" for k in ("batch_size", "max_new_tokens") if getattr(self, k) <= 0]
+        if self.steps < 0:
+            errs.append(f"eval.steps: must be >= 0 (got {self.steps})")
+        return errs
+
+
+@dataclass
+class CheckpointConfig:
+    keep_last: int = opt(2, "complete checkpoints kept (0: all)")
+    resume: bool = opt(True, "continue from the newest complete checkpoint in train.output_dir")
+
+    def check(self) -> list[str]:
+        return [f"checkpoint.keep_last: must be >= 0 (got {self.keep_last})"] if self.keep_last < 0 else []
+
+
+@dataclass
+class DistConfig:
+    ds_config: str = opt("zero2", "zero2 | zero3 | zero3_offload | path to a DeepSpeed JSON")
+    backend: str = choice("auto", ("auto", "gloo", "nccl"), "auto: nccl on GPUs, gloo on CPU")
+    timeout_s: int = opt(600, "collective timeout: a dead rank fails the others after this")
+
+    def check(self) -> list[str]:
+        from .engine import known_ds_configs
+
+        if self.ds_config in known_ds_configs() or Path(self.ds_config).suffix == ".json":
+            return [] if self.ds_config in known_ds_configs() or Path(self.ds_config).is_file() else [
+                f"dist.ds_config: file not found: {self.ds_config}"]
+        return [f"dist.ds_config: unknown {self.ds_config!r}; allowed: {', '.join(known_ds_configs())} or a .json path"]
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    preset: str | None = None  # recorded for the saved config; not a key users set
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+GROUPS = [f.name for f in dataclasses.fields(Config) if f.name != "preset"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading: every source becomes a list of (dotted key, value, origin) assignments.
+
+Assignment = tuple[str, Any, str]
+
+
+def _yaml_assignments(path: Path) -> tuple[list[Assignment], list[str]]:
+    """Flatten a YAML file into dotted-key assignments, each with its file:line origin."""
+    try:
+        root = yaml.compose(path.read_text())
+    except FileNotFoundError:
+        return [], [f"{path}: config file not found"]
+    except yaml.YAMLError as exc:
+        return [], [f"{path}: not valid YAML: {exc}"]
+    if root is None:
+        return [], []
+    if not isinstance(root, yaml.MappingNode):
+        return [], [f"{path}: the top level must be a mapping of groups ({', '.join(GROUPS)})"]
+    out: list[Assignment] = []
+    errs: list[str] = []
+    for key_node, group_node in root.value:
+        group, where = key_node.value, f"{path}:{key_node.start_mark.line + 1}"
+        if not isinstance(group_node, yaml.MappingNode):
+            errs.append(f"{where}: {group}: expected a mapping of keys under the group")
+            continue
+        for k_node, v_node in group_node.value:
+            value = yaml.safe_load(yaml.serialize(v_node))
+            out.append((f"{group}.{k_node.value}", value, f"{path}:{k_node.start_mark.line + 1}"))
+    return out, errs
+
+
+def _override_assignments(overrides: list[str]) -> tuple[list[Assignment], list[str]]:
+    out, errs = [], []
+    for text in overrides:
+        key, sep, raw = text.partition("=")
+        if not sep or not key:
+            errs.append(f"override {text!r}: expected key=value, e.g. train.max_steps=100")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value, f"override {text!r}"))
+    return out, errs
+
+
+def _field_type(group: str, key: str) -> Any:
+    cls = type(getattr(Config(), group))
+    return typing.get_type_hints(cls)[key]
+
+
+def _coerce(value: Any, typ: Any) -> Any:
+    """Convert a YAML/override value to the field's type; raise TypeError with what was expected."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)))
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise TypeError("a list")
+        return [_coerce(v, args[0]) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError("true or false")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise TypeError("an integer")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads '2e-4' (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        raise TypeError("a number")
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise TypeError("a string")
+    raise TypeError(f"a {typ}")
+
+
+def _apply(cfg: Config, assignments: list[Assignment]) -> list[str]:
+    errs = []
+    for key, value, origin in assignments:
+        group, _, name = key.partition(".")
+        if group not in GROUPS:
+            hint = difflib.get_close_matches(group, GROUPS, n=1)
+            errs.append(f"{origin}: unknown group {group!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                        + f"; groups: {', '.join(GROUPS)}")
+            continue
+        group_obj = getattr(cfg, group)
+        names = [f.name for f in dataclasses.fields(group_obj)]
+        if name not in names:
+            hint = difflib.get_close_matches(name, names, n=1)
+            errs.append(f"{origin}: unknown key {key!r}" + (f" (did you mean '{group}.{hint[0]}'?)" if hint else "")
+                        + f"; keys of {group}: {', '.join(names)}")
+            continue
+        try:
+            setattr(group_obj, name, _coerce(value, _field_type(group, name)))
+        except TypeError as exc:
+            errs.append(f"{origin}: {key}: expected {exc}, got {value!r}")
+    return errs
+
+
+def _check_choices(cfg: Config) -> list[str]:
+    errs = []
+    for group in GROUPS:
+        obj = getattr(cfg, group)
+        for f in dataclasses.fields(obj):
+            choices = f.metadata.get("choices")
+            if choices and getattr(obj, f.name) not in choices:
+                errs.append(f"{group}.{f.name}: {getattr(obj, f.name)!r} is not allowed; choose one of "
+                            + ", ".join(map(str, choices)))
+        if hasattr(obj, "check"):
+            errs += obj.check()
+    return errs
+
+
+def load_config(path: str | Path | None = None, preset: str | None = None, overrides: list[str] = ()) -> Config:
+    """Build the run's Config; raise ConfigError listing every problem at once."""
+    cfg, errs = Config(), []
+    if preset is not None:
+        if preset not in recipe.PRESETS:
+            hint = difflib.get_close_matches(preset, recipe.PRESETS, n=1)
+            errs.append(f"--preset {preset!r}: unknown" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                        + "; run `qlora-dist presets` for the list")
+        else:
+            cfg.preset = preset
+            errs += _apply(cfg, [(k, v, f"preset {preset}") for k, v in recipe.PRESETS[preset].items()])
+    if path is not None:
+        assigns, perrs = _yaml_assignments(Path(path))
+        errs += perrs + _apply(cfg, assigns)
+    assigns, perrs = _override_assignments(list(overrides))
+    errs += perrs + _apply(cfg, assigns)
+    # A value that failed to parse kept its default, so range checks on the rest stay meaningful.
+    errs += _check_choices(cfg)
+    if errs:
+        raise ConfigError(errs)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config saved by `to_dict` (e.g. beside a checkpoint)."""
+    cfg = Config()
+    assigns = [(f"{g}.{k}", v, "saved config") for g, d in data.items() if g in GROUPS for k, v in d.items()]
+    errs = _apply(cfg, assigns)
+    if errs:
+        raise ConfigError(errs)
+    cfg.preset = data.get("preset")
+    return cfg
+
+
+# Keys that may change between a checkpoint and the run that resumes it: they do not change what
+# the next optimizer step computes. Everything else must match (see checkpoint.check_compatible).
+RESUMABLE_CHANGES = (
+    "train.output_dir", "train.max_steps", "train.save_steps", "train.logging_steps", "train.micro_batch_size",
+    "train.resume_from", "eval.", "checkpoint.", "dist.", "preset",
+)
+
+
+def flat(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for group, values in cfg_dict.items():
+        if isinstance(values, dict):
+            out.update({f"{group}.{k}": v for k, v in values.items()})
+        else:
+            out[group] = values
+    return out

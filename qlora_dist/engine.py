@@ -1,0 +1,131 @@
+"""The DeepSpeed engine: its JSON config from `ds_configs/` plus the values our config derives.
+
+A ds_configs file says how ZeRO partitions and communicates. Batch sizes, accumulation, clipping,
+precision and the LR schedule come from our config: they are filled where the JSON says "auto", and a
+JSON value that contradicts ours is an error naming both, never silently one or the other.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import compat
+from .config import Config, ConfigError
+
+
+def ds_configs_dir() -> Path:
+    # Source checkout and editable installs: the top-level ds_configs/; a wheel: packaged beside us.
+    top = Path(__file__).resolve().parent.parent / "ds_configs"
+    if top.is_dir():
+        return top
+    from importlib.resources import files
+
+    return Path(str(files("qlora_dist.ds_configs")))
+
+
+def known_ds_configs() -> list[str]:
+    return sorted(p.stem for p in ds_configs_dir().glob("*.json"))
+
+
+def read_ds_config(name_or_path: str) -> tuple[dict[str, Any], str]:
+    path = Path(name_or_path) if name_or_path.endswith(".json") else ds_configs_dir() / f"{name_or_path}.json"
+    try:
+        return json.loads(path.read_text()), str(path)
+    except FileNotFoundError:
+        raise ConfigError([f"dist.ds_config: file not found: {path}"]) from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError([f"dist.ds_config: {path}:{exc.lineno}: not valid JSON: {exc.msg}"]) from None
+
+
+def _scheduler(cfg: Config) -> dict[str, Any] | None:
+    o, steps = cfg.optim, cfg.train.max_steps
+    if o.scheduler == "constant":
+        if o.warmup_steps == 0:
+            return None  # the optimizer's LR, untouched
+        params = {"warmup_min_lr": 0.0, "warmup_max_lr": o.lr, "warmup_num_steps": o.warmup_steps}
+        return {"type": "WarmupLR", "params": {**params, "warmup_type": "linear"}}
+    if o.scheduler == "linear":
+        params = {"total_num_steps": steps, "warmup_min_lr": 0.0, "warmup_max_lr": o.lr,
+                  "warmup_num_steps": o.warmup_steps}
+        return {"type": "WarmupDecayLR", "params": {**params, "warmup_type": "linear"}}
+    params = {"total_num_steps": steps, "warmup_min_ratio": 0.0, "warmup_num_steps": o.warmup_steps,
+              "cos_min_ratio": 0.0}
+    return {"type": "WarmupCosineLR", "params": {**params, "warmup_type": "linear"}}
+
+
+def derived_values(cfg: Config, world_size: int) -> dict[str, Any]:
+    """Dotted DS keys whose values our config decides."""
+    dtype = cfg.model.compute_dtype
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum(world_size),
+        "train_batch_size": cfg.train.global_batch_size,
+        "gradient_clipping": cfg.optim.max_grad_norm,
+        "bf16.enabled": dtype == "bfloat16",
+        "fp16.enabled": dtype == "float16",
+    }
+
+
+def _set_checked(ds: dict[str, Any], dotted: str, value: Any, source: str, problems: list[str]) -> None:
+    *parents, leaf = dotted.split(".")
+    node = ds
+    for p in parents:
+        node = node.setdefault(p, {})
+    current = node.get(leaf, "auto")
+    if current != "auto" and current != value:
+        problems.append(f"{source}: {dotted} is {current!r} but our config gives {value!r}; "
+                        f"set it to \"auto\" or change the config")
+    node[leaf] = value
+
+
+def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    raw, source = read_ds_config(cfg.dist.ds_config)
+    ds, problems = copy.deepcopy(raw), []
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            problems.append(f"{source}: remove {key!r}: the {key} comes from our config (optim.*)")
+    for dotted, value in derived_values(cfg, world_size).items():
+        _set_checked(ds, dotted, value, source, problems)
+    if problems:
+        raise ConfigError(problems)
+    sched = _scheduler(cfg)
+    if sched:
+        ds["scheduler"] = sched
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer")
+    if offload and not torch.cuda.is_available():
+        offload["pin_memory"] = False  # pinning needs CUDA
+    return ds
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    import bitsandbytes as bnb
+
+    o = cfg.optim
+    kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    classes = {
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "adamw_32bit": bnb.optim.AdamW32bit,
+        "adamw_torch": torch.optim.AdamW,
+    }
+    return classes[o.name](params, **kwargs)
+
+
+def initialize(cfg: Config, model: torch.nn.Module, world_size: int):
+    """deepspeed.initialize with our client optimizer; returns the engine, in train mode."""
+    import deepspeed
+
+    ds = build_ds_config(cfg, world_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(cfg, params),
+                                           model_parameters=params, config=ds)
+    compat.engine_train_mode(engine)
+    return engine, ds

@@ -1,0 +1,138 @@
+"""The model: a local LLaMA folder loaded in NF4 (double quant, bf16 compute), LoRA on every linear layer.
+
+Loading goes through transformers' `from_pretrained` with a `BitsAndBytesConfig`, so any HF LLaMA folder
+works, exactly as the seed's own loading code does.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import compat
+from .config import Config, ConfigError
+from .prepare import resolve_model_path
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def check_model_folder(path: Path, key: str = "model.path") -> None:
+    if not path.is_dir():
+        raise ConfigError([f"{key}: model folder not found: {path}"])
+    if not (path / "config.json").is_file():
+        raise ConfigError([f"{key}: {path} has no config.json: not a Hugging Face model folder"])
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type != "llama":
+        raise ConfigError([f"{key}: {path} holds a {model_type!r} model; qlora-dist trains LLaMA-architecture models"])
+
+
+def quantization_config(bits: int, quant_type: str = "nf4", double_quant: bool = True,
+                        compute_dtype: str = "bfloat16"):
+    """The BitsAndBytesConfig of the recipe, or None for a 16-bit base."""
+    if bits == 16:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=DTYPES[compute_dtype],
+        # ZeRO-3 partitions parameters by dtype with the rest of the model: the packed NF4 data must be
+        # stored in the model's dtype, not uint8 (../shared/STACK-NOTES.md). Same bytes, same results.
+        bnb_4bit_quant_storage=DTYPES[compute_dtype],
+    )
+
+
+def load_base(path: Path, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
+              compute_dtype: str = "bfloat16", attn_implementation: str = "sdpa", device=None):
+    """The frozen base model, quantized on load unless bits == 16."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_folder(path)
+    kwargs = {}
+    if device is not None and device.type == "cuda":
+        kwargs["device_map"] = {"": device.index}
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=DTYPES[compute_dtype], attn_implementation=attn_implementation,
+        quantization_config=quantization_config(bits, quant_type, double_quant, compute_dtype), **kwargs)
+    compat.disable_cpu_weight_repacking(model)
+    model.requires_grad_(False)
+    return model
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        # Padding positions are masked (attention and labels), so any id will do; reusing EOS avoids
+        # resizing the embeddings, which would change the base model.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def lora_target_names(model: torch.nn.Module) -> list[str]:
+    """Names (last component) of every linear layer but lm_head, found by type, not by name."""
+    import bitsandbytes as bnb
+
+    linear_types = (torch.nn.Linear, bnb.nn.Linear4bit)
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, linear_types) and not name.endswith("lm_head")}
+    return sorted(names)
+
+
+def add_lora(model: torch.nn.Module, cfg: Config, seed: int):
+    """Wrap the base in a PEFT LoRA model; LoRA init is seeded so every rank starts identical."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora.target_modules
+    if targets == ["all-linear"]:
+        targets = lora_target_names(model)
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(seed)
+    return get_peft_model(model, lora)
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: Path, trainable: bool):
+    """A base with a saved PEFT adapter on top (its own adapter_config decides r, alpha, targets)."""
+    from peft import PeftModel
+
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise ConfigError([f"adapter folder {adapter_dir} has no adapter_config.json (not a PEFT adapter)"])
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def prepare_for_training(model: torch.nn.Module, cfg: Config) -> None:
+    """What peft's prepare_model_for_kbit_training does, minus its fp32 upcast of the base's 16-bit
+    weights (that upcast doubles their memory and breaks ZeRO-3's already partitioned parameters)."""
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    # LoRA weights in one dtype, the model's: ZeRO-3 needs it, and the engine keeps fp32 masters.
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            param.data = param.data.to(DTYPES[cfg.model.compute_dtype])
+    if cfg.model.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+
+
+def build_model(cfg: Config, device=None):
+    """Base + LoRA (fresh, or from train.resume_from) ready for the engine; and its tokenizer."""
+    path = resolve_model_path(cfg.model.path)
+    base = load_base(path, cfg.quantization.bits, cfg.quantization.quant_type, cfg.quantization.double_quant,
+                     cfg.model.compute_dtype, cfg.model.attn_implementation, device)
+    if cfg.train.resume_from:
+        model = load_adapter(base, Path(cfg.train.resume_from), trainable=True)
+    else:
+        model = add_lora(base, cfg, cfg.train.seed)
+    prepare_for_training(model, cfg)
+    return model, load_tokenizer(path)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

@@ -1,0 +1,51 @@
+"""Shared fixtures: the built-in models in the repo-local cache, and a helper that runs the real CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Everything a run caches stays inside the repository (a fresh CI machine has nothing else).
+os.environ.setdefault("QLORA_DIST_CACHE", str(REPO / ".cache" / "models"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Small, fast settings for the tiny random LLaMA; tests add their own on top.
+TINY = ["model.path=tiny-llama", "lora.r=8", "lora.alpha=16", "lora.dropout=0.1", "optim.lr=3e-3",
+        "train.global_batch_size=8", "train.micro_batch_size=4", "data.num_train=64", "data.num_eval=8",
+        "eval.at_end=false", "eval.max_new_tokens=4", "train.seed=7"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from qlora_dist.prepare import resolve_model_path
+
+    return resolve_model_path("tiny-llama")
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m qlora_dist ARGS` in a fresh process, as a user would run it."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "qlora_dist", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"qlora-dist {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def load_adapter_tensors(adapter_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))

@@ -1,0 +1,111 @@
+from pathlib import Path
+
+import pytest
+
+from qlora_dist import recipe
+from qlora_dist.config import ConfigError, config_from_dict, load_config
+
+
+def test_defaults_are_the_recipe():
+    cfg = load_config()
+    assert (cfg.lora.r, cfg.lora.alpha) == (64, 16)
+    assert cfg.optim.beta2 == 0.999 and cfg.optim.max_grad_norm == 0.3 and cfg.optim.scheduler == "constant"
+    assert cfg.optim.name == "paged_adamw_32bit"
+    assert (cfg.quantization.bits, cfg.quantization.quant_type, cfg.quantization.double_quant) == (4, "nf4", True)
+    assert cfg.model.compute_dtype == "bfloat16" and cfg.model.gradient_checkpointing
+
+
+@pytest.mark.parametrize("name,batch,lr,steps,src,tgt,dropout", [
+    ("7b-all", 16, 2e-4, 10000, 384, 128, 0.1),
+    ("13b-oasst1", 16, 2e-4, 1875, 384, 512, 0.1),  # no source length in the table: the default stays
+    ("33b-hh-rlhf", 32, 1e-4, 5000, 384, 768, 0.05),
+    ("65b-all", 64, 1e-4, 2500, 384, 128, 0.05),
+    ("65b-longform", 32, 1e-4, 2343, 512, 1024, 0.05),
+])
+def test_paper_presets(name, batch, lr, steps, src, tgt, dropout):
+    values = recipe.PRESETS[name]
+    assert values["train.global_batch_size"] == batch and values["optim.lr"] == lr
+    assert values["train.max_steps"] == steps and values["data.target_max_len"] == tgt
+    assert values["lora.dropout"] == dropout and values["lora.r"] == 64 and values["lora.alpha"] == 16
+    assert values.get("data.source_max_len", 384) == src
+    assert len([p for p in recipe.PRESETS if p != "demo"]) == 16
+
+
+def test_paper_preset_needs_a_model_folder():
+    with pytest.raises(ConfigError, match="model.path: required"):
+        load_config(preset="7b-all")
+    cfg = load_config(preset="7b-all", overrides=["model.path=/models/llama-7b"])
+    assert cfg.train.global_batch_size == 16 and cfg.preset == "7b-all"
+
+
+def test_precedence_preset_then_yaml_then_overrides(tmp_path: Path):
+    f = tmp_path / "run.yaml"
+    f.write_text("train:\n  max_steps: 7\n  seed: 3\nlora:\n  r: 8\n")
+    cfg = load_config(f, "demo", ["train.seed=11", "optim.lr=2e-4"])
+    assert cfg.train.max_steps == 7  # YAML over preset
+    assert cfg.train.seed == 11  # override over YAML
+    assert cfg.optim.lr == 2e-4  # '2e-4' is a string to YAML 1.1: still a float here
+    assert cfg.lora.r == 8 and cfg.lora.alpha == 32  # YAML over preset; untouched preset value stays
+
+
+def test_all_problems_reported_at_once_with_their_keys():
+    with pytest.raises(ConfigError) as exc:
+        load_config(overrides=["lora.r=-1", "optim.lr=0", "lora.dropout=1.5", "optim.scheduler=step"])
+    text = str(exc.value)
+    assert len(exc.value.problems) == 4
+    for key in ("lora.r", "optim.lr", "lora.dropout", "optim.scheduler"):
+        assert key in text
+    assert "constant, linear, cosine" in text  # the allowed values are named
+
+
+def test_unknown_keys_and_groups_are_named_with_a_suggestion():
+    with pytest.raises(ConfigError) as exc:
+        load_config(overrides=["train.max_step=5", "trian.seed=1", "oops"])
+    problems = exc.value.problems
+    assert any("unknown key 'train.max_step'" in p and "train.max_steps" in p for p in problems)
+    assert any("unknown group 'trian'" in p and "'train'" in p for p in problems)
+    assert any("expected key=value" in p for p in problems)
+
+
+def test_type_errors_name_the_expected_type():
+    with pytest.raises(ConfigError) as exc:
+        load_config(overrides=["train.max_steps=many", "model.gradient_checkpointing=maybe"])
+    text = str(exc.value)
+    assert "train.max_steps: expected an integer" in text
+    assert "model.gradient_checkpointing: expected true or false" in text
+
+
+def test_yaml_errors_name_file_and_line(tmp_path: Path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  seed: 1\n  max_stepz: 3\nlora:\n  r: abc\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(f)
+    text = str(exc.value)
+    assert f"{f}:3: unknown key 'train.max_stepz'" in text
+    assert f"{f}:5: lora.r: expected an integer" in text
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="did you mean '7b-all'"):
+        load_config(preset="7b-al")
+
+
+def test_grad_accum_keeps_the_global_batch():
+    cfg = load_config(overrides=["train.global_batch_size=16", "train.micro_batch_size=2"])
+    assert [cfg.train.grad_accum(w) for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    with pytest.raises(ConfigError, match="not divisible"):
+        cfg.train.grad_accum(3)
+
+
+def test_saved_config_round_trips():
+    cfg = load_config(preset="demo", overrides=["train.seed=5"])
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg
+
+
+def test_ds_config_choice_is_validated():
+    with pytest.raises(ConfigError, match="dist.ds_config: unknown 'zero9'"):
+        load_config(overrides=["dist.ds_config=zero9"])
+    assert load_config(overrides=["dist.ds_config=zero3"]).dist.ds_config == "zero3"

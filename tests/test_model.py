@@ -1,0 +1,54 @@
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from qlora_dist.config import ConfigError, load_config
+from qlora_dist.model import add_lora, check_model_folder, load_base, lora_target_names, prepare_for_training
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir):
+    return load_base(tiny_model_dir, bits=4)
+
+
+def test_base_is_nf4_with_double_quant_and_bf16_compute(base):
+    layers = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7  # 2 decoder layers x (q, k, v, o, gate, up, down)
+    for layer in layers:
+        state = layer.weight.quant_state
+        assert state.quant_type == "nf4"
+        assert state.nested  # double quantization: the absmax constants are quantized too
+        assert layer.compute_dtype == torch.bfloat16
+        assert layer.weight.numel() * layer.weight.element_size() == layer.in_features * layer.out_features // 2  # 4 bits each
+    assert not isinstance(base.lm_head, bnb.nn.Linear4bit)  # lm_head stays 16-bit, as in the recipe
+    assert all(not p.requires_grad for p in base.parameters())
+
+
+def test_lora_targets_every_linear_layer_but_lm_head_found_by_type(base):
+    assert lora_target_names(base) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def test_lora_wraps_every_linear_layer_and_only_lora_trains(tiny_model_dir):
+    cfg = load_config(overrides=["model.path=tiny-llama", "lora.r=4", "lora.alpha=8"])
+    model = add_lora(load_base(tiny_model_dir, bits=4), cfg, seed=0)
+    prepare_for_training(model, cfg)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 7 * 2  # lora_A and lora_B of every linear layer
+    assert all("lora_" in n for n in trainable)
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if p.requires_grad)
+    assert model.base_model.model.lm_head.weight.requires_grad is False
+    again = add_lora(load_base(tiny_model_dir, bits=4), cfg, seed=0)
+    a = dict(model.named_parameters())
+    for n, p in again.named_parameters():
+        if "lora_A" in n:
+            assert torch.equal(p.to(torch.bfloat16), a[n])  # seeded init: every rank starts identical
+
+
+def test_missing_or_wrong_model_folder(tmp_path):
+    with pytest.raises(ConfigError, match="model folder not found"):
+        check_model_folder(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="no config.json"):
+        check_model_folder(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ConfigError, match="'gpt2' model"):
+        check_model_folder(tmp_path)
