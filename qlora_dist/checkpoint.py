@@ -46,6 +46,7 @@ class Progress:
     seed: int
     world_size: int
     global_batch_size: int
+    zero_stage: int
     loss: float | None = None
     saved_at: float = 0.0
 
@@ -211,11 +212,21 @@ def read_completed(output_dir: Path, max_steps: int, resume_from: Path | None) -
 # ---------------------------------------------------------------------------------------------------
 # Loading
 
-def load(engine, ckpt: Path, rank: int) -> Progress:
-    """Restore the engine (LoRA weights, fp32 masters, optimizer, LR schedule) and this rank's RNG."""
-    load_path, _ = engine.load_checkpoint(str(ckpt), tag="engine", load_module_strict=compat.LOAD_MODULE_STRICT,
-                                          load_optimizer_states=True, load_lr_scheduler_states=True)
-    if load_path is None:
-        raise RuntimeError(f"{ckpt}/engine: DeepSpeed could not load this checkpoint")
+def load(engine, ckpt: Path, rank: int, world_size: int) -> Progress:
+    """Restore the engine (LoRA weights, fp32 masters, optimizer, LR schedule) and this rank's RNG.
+    On the checkpoint's own world size DeepSpeed loads it (bitwise); on another, reshard does."""
+    progress = read_progress(ckpt)
+    if progress.world_size == world_size and progress.zero_stage == engine.zero_optimization_stage():
+        load_path, _ = engine.load_checkpoint(str(ckpt), tag="engine", load_module_strict=compat.LOAD_MODULE_STRICT,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"{ckpt}/engine: DeepSpeed could not load this checkpoint")
+    else:
+        from . import reshard
+
+        dist.log(f"{ckpt.name} was saved by {progress.world_size} rank(s) under ZeRO-{progress.zero_stage}; this "
+                 f"run has {world_size} under ZeRO-{engine.zero_optimization_stage()}: resharding the LoRA "
+                 "weights and optimizer states")
+        reshard.restore(engine, ckpt)
     _restore_rng(ckpt, rank)
-    return read_progress(ckpt)
+    return progress

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .compat import quiet_bitsandbytes, set_library_env
+from .compat import quiet_known_warnings, set_library_env
 from .config import ConfigError
 
 
@@ -45,6 +45,8 @@ def _cmd_generate(ns) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-dist", description="Distributed QLoRA fine-tuning on DeepSpeed")
+    # The `deepspeed` launcher puts --local_rank=N before the subcommand; LOCAL_RANK carries the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune (continues from the newest checkpoint in train.output_dir)")
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     set_library_env()
-    quiet_bitsandbytes()
+    quiet_known_warnings()
     ns = build_parser().parse_args(argv)
     try:
         ns.func(ns)

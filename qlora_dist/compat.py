@@ -25,6 +25,16 @@ def set_library_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def quiet_known_warnings() -> None:
+    # torch 2.13 deprecates all_gather_into_tensor / reduce_scatter_tensor, which deepspeed 0.19.8
+    # calls on every ZeRO step: one warning per rank per call site, nothing for a user to act on.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
+    # transformers 5.24 renamed gradient checkpointing to activation checkpointing; peft 0.21 still
+    # calls the old names.
+    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated")
+    quiet_bitsandbytes()
+
+
 def quiet_bitsandbytes() -> None:
     # bitsandbytes 0.50.2 logs "Failed to load CPU gemm_4bit_forward from kernels-community" on every
     # import when the optional `kernels` package is absent; its own CPU kernels are used instead.
@@ -41,6 +51,20 @@ def disable_cpu_weight_repacking(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def release_freed_memory() -> None:
+    """glibc keeps freed per-layer buffers in its arenas unless told to return them: without this a
+    rank's resident memory grew ~25 MB per layer while loading instead of its ~3.5 MB shard
+    (../shared/STACK-NOTES.md). CUDA memory goes back to PyTorch's cache, which reuses it anyway."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:  # not glibc (e.g. musl): nothing to trim
+            pass
 
 
 def paged_optimizer_note() -> str | None:

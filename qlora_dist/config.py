@@ -42,6 +42,9 @@ class ModelConfig:
     compute_dtype: str = choice("bfloat16", ("bfloat16", "float16", "float32"))
     gradient_checkpointing: bool = opt(True, "recompute activations in backward (saves memory)")
     attn_implementation: str = choice("sdpa", ("sdpa", "eager"))
+    loader: str = choice("auto", ("auto", "hf", "layerwise"),
+                         "hf: transformers from_pretrained; layerwise: quantize and partition layer by layer "
+                         "(auto: layerwise under ZeRO-3, so no rank ever holds the whole model)")
 
     def check(self) -> list[str]:
         if not self.path:

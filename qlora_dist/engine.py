@@ -119,13 +119,12 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.opti
     return classes[o.name](params, **kwargs)
 
 
-def initialize(cfg: Config, model: torch.nn.Module, world_size: int):
+def initialize(cfg: Config, model: torch.nn.Module, ds: dict[str, Any]):
     """deepspeed.initialize with our client optimizer; returns the engine, in train mode."""
     import deepspeed
 
-    ds = build_ds_config(cfg, world_size)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(cfg, params),
                                            model_parameters=params, config=ds)
     compat.engine_train_mode(engine)
-    return engine, ds
+    return engine

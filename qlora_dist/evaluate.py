@@ -11,10 +11,15 @@ from .tasks import TaskItem, exact_match, majority_baseline
 
 def builtin_accuracy(model, tokenizer, items: list[TaskItem], batch_size: int, max_new_tokens: int,
                      rank: int = 0, world_size: int = 1, synced_gpus: bool = False) -> dict[str, dict]:
-    """{task: {accuracy, correct, n, majority_baseline}} plus 'mean'; identical on every rank."""
+    """{task: {accuracy, correct, n, majority_baseline}} plus 'mean'; identical on every rank.
+    Each question is answered by exactly one rank. Under ZeRO-3 every rank must run the same number of
+    forward passes (each one gathers parameters collectively), so shorter shards are padded with a
+    repeat whose answer is then dropped."""
     mine = items[rank::world_size]
-    texts = generate_texts(model, tokenizer, [guanaco_turn(i.prompt) for i in mine], max_new_tokens,
-                           batch_size, synced_gpus=synced_gpus)
+    per_rank = -(-len(items) // world_size)
+    prompts = [guanaco_turn(i.prompt) for i in mine]
+    prompts += prompts[:1] * (per_rank - len(mine)) if prompts else [guanaco_turn(items[0].prompt)] * per_rank
+    texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, synced_gpus=synced_gpus)
     local = [(i.task, exact_match(cut_answer(t, first_line=True), i.answer)) for i, t in zip(mine, texts)]
     correct: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)

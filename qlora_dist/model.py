@@ -120,11 +120,33 @@ def prepare_for_training(model: torch.nn.Module, cfg: Config) -> None:
     model.config.use_cache = False
 
 
-def build_model(cfg: Config, device=None):
+def use_layerwise(cfg: Config, zero_stage: int) -> bool:
+    return cfg.model.loader == "layerwise" or (cfg.model.loader == "auto" and zero_stage == 3)
+
+
+def load_base_layerwise(path: Path, cfg: Config, device=None, ds_config: dict | None = None):
+    """The base through our layer-wise loader (partitioned while loading when ds_config is ZeRO-3)."""
+    from transformers import AutoConfig
+
+    from .loader import SafetensorsSource, load_layerwise
+
+    check_model_folder(path)
+    q = cfg.quantization
+    return load_layerwise(AutoConfig.from_pretrained(path), SafetensorsSource(path), q.bits, q.quant_type,
+                          q.double_quant, cfg.model.compute_dtype, device, ds_config, cfg.model.attn_implementation)
+
+
+def build_model(cfg: Config, device=None, ds_config: dict | None = None):
     """Base + LoRA (fresh, or from train.resume_from) ready for the engine; and its tokenizer."""
+    from .engine import zero_stage
+
     path = resolve_model_path(cfg.model.path)
-    base = load_base(path, cfg.quantization.bits, cfg.quantization.quant_type, cfg.quantization.double_quant,
-                     cfg.model.compute_dtype, cfg.model.attn_implementation, device)
+    stage = zero_stage(ds_config or {})
+    if use_layerwise(cfg, stage):
+        base = load_base_layerwise(path, cfg, device, ds_config if stage == 3 else None)
+    else:
+        base = load_base(path, cfg.quantization.bits, cfg.quantization.quant_type, cfg.quantization.double_quant,
+                         cfg.model.compute_dtype, cfg.model.attn_implementation, device)
     if cfg.train.resume_from:
         model = load_adapter(base, Path(cfg.train.resume_from), trainable=True)
     else:
@@ -134,5 +156,8 @@ def build_model(cfg: Config, device=None):
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    """(trainable, total) element counts; ZeRO-3 partitioned parameters count whole (ds_numel)."""
+    def numel(p):
+        return getattr(p, "ds_numel", p.numel())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(numel(p) for p in model.parameters())

@@ -10,7 +10,7 @@ from . import checkpoint, compat, dist
 from .checkpoint import Progress
 from .config import Config
 from .data import BatchSchedule, builtin_examples, collate, tokenize_all
-from .engine import initialize, zero_stage
+from .engine import build_ds_config, initialize, zero_stage
 from .evaluate import builtin_accuracy, format_report
 from .model import build_model, count_parameters
 from .runlog import RunLog
@@ -31,9 +31,10 @@ class Trainer:
         self.completed = checkpoint.read_completed(self.out, cfg.train.max_steps, self.resume_from)
         if self.completed:
             return
-        self.model, self.tokenizer = build_model(cfg, self.device)
+        ds = build_ds_config(cfg, self.info.world_size)
+        self.model, self.tokenizer = build_model(cfg, self.device, ds)
         self.rows, self.held_out = self._setup_data()
-        self.engine, ds = initialize(cfg, self.model, self.info.world_size)
+        self.engine = initialize(cfg, self.model, ds)
         self.zero_stage = zero_stage(ds)
         self.schedule = BatchSchedule(len(self.rows), cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                       self.info.rank, self.info.world_size, cfg.train.seed)
@@ -49,14 +50,18 @@ class Trainer:
         return checkpoint.find_resume(self.out, self.cfg)
 
     def _setup_data(self):
-        examples, held_out = builtin_examples(self.cfg)
-        return tokenize_all(examples, self.tokenizer, self.cfg), held_out
+        """Examples are generated and tokenized once, on rank 0, and shared with the other ranks."""
+        data = None
+        if self.info.is_main:
+            examples, held_out = builtin_examples(self.cfg)
+            data = (tokenize_all(examples, self.tokenizer, self.cfg), held_out)
+        return dist.broadcast_object(data)
 
     def _restore(self) -> int:
         if self.resume_from is None:
             torch.manual_seed(self.cfg.train.seed + self.info.rank)  # each rank its own dropout stream
             return 0
-        progress = checkpoint.load(self.engine, self.resume_from, self.info.rank)
+        progress = checkpoint.load(self.engine, self.resume_from, self.info.rank, self.info.world_size)
         dist.log(f"resuming from {self.resume_from} (step {progress.step}, {progress.samples_seen} samples seen)")
         return progress.step
 
@@ -124,7 +129,7 @@ class Trainer:
         progress = Progress(step=self.step, samples_seen=self.step * self.cfg.train.global_batch_size,
                             epoch=self.schedule.epoch_of(self.step), seed=self.cfg.train.seed,
                             world_size=self.info.world_size, global_batch_size=self.cfg.train.global_batch_size,
-                            loss=getattr(self, "last_loss", None))
+                            zero_stage=self.zero_stage, loss=getattr(self, "last_loss", None))
         path = checkpoint.save(self.engine, self.cfg, progress, self.out, self.info.rank, self.zero_stage)
         self.log.note(f"saved {path}")
         return path

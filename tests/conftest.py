@@ -41,6 +41,27 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600, check: bool
     return proc
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(nproc: int, *args: str, script: str | None = None, timeout: int = 600,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N -m qlora_dist ARGS` (or a test worker script): real ranks over gloo."""
+    target = [script] if script else ["-m", "qlora_dist"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", *target, *args]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun x{nproc} {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 

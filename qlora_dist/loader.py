@@ -1,0 +1,152 @@
+"""Layer-by-layer loading: quantize each layer as it is read and (under ZeRO-3) partition it at once.
+
+transformers does not use `deepspeed.zero.Init` for quantized models, so `from_pretrained` puts the
+whole 4-bit model on every rank before ZeRO-3 partitions it (a 65B model then never fits GPUs smaller
+than its NF4 size). Here the model skeleton is built on the `meta` device, and for each piece in turn —
+embeddings, every decoder layer, the final norm, `lm_head` — its tensors are read (safetensors), its
+linear layers become NF4 `Linear4bit`s quantized on the spot, and `zero.Init(module=piece)` partitions
+it before the next piece is read. A rank's peak is then about its share of the model plus one layer.
+(The layer-wise quantize-while-loading idea comes from AnswerDotAI's fsdp_qlora, done for DeepSpeed.)
+
+Every rank reads and quantizes each layer: `zero.Init` broadcasts rank 0's packed data, but the
+quantization constants (`quant_state`) are a plain attribute that stays whole on every rank (~3% of the
+NF4 bytes), and each rank computes the same ones from the same weights.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import zlib
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from . import compat
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class TensorSource(Protocol):
+    def get(self, name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor: ...
+
+
+class SafetensorsSource:
+    """Tensors of a Hugging Face folder (one model.safetensors or shards with an index)."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.folder / "model.safetensors").is_file():
+            weight_map = None
+        else:
+            raise FileNotFoundError(f"{self.folder}: no model.safetensors or model.safetensors.index.json "
+                                    "(the layer-wise loader reads safetensors checkpoints)")
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        self.handles = {f: safe_open(str(self.folder / f), framework="pt") for f in files}
+        self.where = weight_map or {k: "model.safetensors" for k in self.handles["model.safetensors"].keys()}
+
+    def get(self, name, shape, dtype, device):
+        if name not in self.where:
+            raise KeyError(f"{self.folder}: tensor {name!r} not found in the checkpoint")
+        tensor = self.handles[self.where[name]].get_tensor(name)
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{self.folder}/{self.where[name]}: {name} has shape {tuple(tensor.shape)}, "
+                             f"the config expects {tuple(shape)}")
+        return tensor.to(device=device, dtype=dtype)
+
+
+class RandomSource:
+    """Random weights of the right shapes, made on the target device (benchmarks of real shapes, e.g.
+    the 65B, without 130 GB of files). Deterministic per tensor name; norms start at one."""
+
+    def __init__(self, seed: int = 0, std: float = 0.02):
+        self.seed, self.std = seed, std
+
+    def get(self, name, shape, dtype, device):
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, dtype=dtype, device=device)
+        gen = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * self.std).to(dtype)
+
+
+def _pieces(model) -> list[tuple[str, torch.nn.Module]]:
+    """The units loaded (and partitioned) one at a time, in forward order."""
+    inner = model.model
+    pieces = [("model.embed_tokens", inner.embed_tokens)]
+    pieces += [(f"model.layers.{i}", layer) for i, layer in enumerate(inner.layers)]
+    pieces += [("model.norm", inner.norm), ("lm_head", model.lm_head)]
+    return pieces
+
+
+def _linear4bit(linear: torch.nn.Linear, weight: torch.Tensor, quant: dict, device) -> torch.nn.Module:
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, device="meta",
+                              compute_dtype=quant["compute_dtype"], compress_statistics=quant["double_quant"],
+                              quant_type=quant["quant_type"], quant_storage=quant["compute_dtype"])
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=quant["double_quant"],
+                                     quant_type=quant["quant_type"], quant_storage=quant["compute_dtype"],
+                                     module=layer).to(device)  # .to() quantizes
+    return layer
+
+
+def _materialize(piece: torch.nn.Module, prefix: str, source: TensorSource, quant: dict | None,
+                 dtype: torch.dtype, device) -> None:
+    """Give one meta piece real (and, for linear layers, quantized) weights."""
+    for name, child in list(piece.named_modules()):
+        full = f"{prefix}.{name}" if name else prefix
+        if quant and isinstance(child, torch.nn.Linear) and child.bias is None and prefix != "lm_head":
+            weight = source.get(f"{full}.weight", child.weight.shape, dtype, device)
+            new = _linear4bit(child, weight, quant, device)
+            del weight
+            if name:
+                parent_name, _, attr = name.rpartition(".")
+                setattr(piece.get_submodule(parent_name) if parent_name else piece, attr, new)
+            continue
+        for pname, param in list(child.named_parameters(recurse=False)):
+            if param.device.type == "meta":
+                value = source.get(f"{full}.{pname}", param.shape, dtype, device)
+                child._parameters[pname] = torch.nn.Parameter(value, requires_grad=False)
+
+
+def load_layerwise(config, source: TensorSource, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
+                   compute_dtype: str = "bfloat16", device=None, ds_config: dict | None = None,
+                   attn_implementation: str = "sdpa", on_piece=None):
+    """A LlamaForCausalLM built piece by piece; partitioned as it goes when ds_config is ZeRO-3."""
+    import deepspeed
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    device = torch.device(device or "cpu")
+    dtype = DTYPES[compute_dtype]
+    config._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    quant = None if bits == 16 else {"compute_dtype": dtype, "quant_type": quant_type, "double_quant": double_quant}
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for prefix, piece in _pieces(model):
+        if prefix == "lm_head" and tied:
+            model.lm_head.weight = model.model.embed_tokens.weight  # already loaded (and partitioned)
+            continue
+        _materialize(piece, prefix, source, quant, dtype, device)
+        if ds_config is not None:
+            deepspeed.zero.Init(module=piece, config_dict_or_path=ds_config)
+        gc.collect()
+        compat.release_freed_memory()
+        if on_piece:
+            on_piece(prefix)
+    with torch.device(device):  # the rotary buffers were made on meta: rebuild them for real
+        model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    if quant:
+        model.config.quantization_config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+        model.is_loaded_in_4bit = True  # what peft checks to wrap Linear4bit layers with 4-bit LoRA
+    compat.disable_cpu_weight_repacking(model)
+    model.requires_grad_(False)
+    model.eval()
+    return model

@@ -1,0 +1,146 @@
+"""Real DeepSpeed ranks over gloo on CPU (2 and 4 processes, torchrun and the deepspeed launcher)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, free_port, load_adapter_tensors, read_metrics, run_cli, run_torchrun
+
+pytestmark = pytest.mark.slow
+
+# Dropout off: ranks draw different dropout masks than one process does, so only then can the curves of
+# different world sizes be compared. Micro batch 2, global batch 8: accumulation 4 / 2 / 1 on 1 / 2 / 4 ranks.
+SAME_BATCH = [*TINY, "lora.dropout=0", "train.micro_batch_size=2", "train.global_batch_size=8"]
+
+
+def _losses(out: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(out) if "loss" in r]
+
+
+def _relative_difference(a: Path, b: Path) -> float:
+    ta, tb = load_adapter_tensors(a), load_adapter_tensors(b)
+    num = sum(((ta[k].float() - tb[k].float()) ** 2).sum() for k in ta) ** 0.5
+    return float(num / sum((ta[k].float() ** 2).sum() for k in ta) ** 0.5)
+
+
+def test_one_rank_zero2_and_zero3_agree(tmp_path):
+    args = [*SAME_BATCH, "train.max_steps=20", "train.save_steps=20"]
+    run_cli("train", *args, f"train.output_dir={tmp_path / 'one'}")
+    run_torchrun(2, "train", *args, "dist.ds_config=zero2", f"train.output_dir={tmp_path / 'z2'}")
+    run_torchrun(2, "train", *args, "dist.ds_config=zero3", f"train.output_dir={tmp_path / 'z3'}")
+    one = _losses(tmp_path / "one")
+    assert len(one) == 20 and one[-1] < one[0]
+    for other in ("z2", "z3"):
+        losses = _losses(tmp_path / other)
+        assert max(abs(x - y) for x, y in zip(one, losses)) < 1e-3, (other, one, losses)
+        # bf16 weights: a few units in the last place of a 20-step drift; 1% of the adapter's norm.
+        assert _relative_difference(tmp_path / "one" / "adapter_model", tmp_path / other / "adapter_model") < 1e-2
+
+
+def test_zero3_four_ranks_exports_only_lora_and_peft_reproduces_logits(tmp_path, tiny_model_dir):
+    out = tmp_path / "z3x4"
+    run_torchrun(4, str(out), *SAME_BATCH, "train.max_steps=6", "train.save_steps=6", "dist.ds_config=zero3",
+                 script=str(REPO / "tests" / "workers" / "zero3_export.py"))
+    gathered = json.loads((out / "gathered.json").read_text())
+    assert gathered["world_size"] == 4 and gathered["zero_stage"] == 3
+    # Saving a checkpoint gathered the LoRA weights once and not one byte of the frozen base.
+    assert gathered["gathered_bytes"] == gathered["lora_bytes"] < gathered["base_bytes"]
+    tensors = load_adapter_tensors(out / "adapter_model")
+    assert len(tensors) == 28 and all(t.numel() > 0 and t.abs().sum() > 0 for n, t in tensors.items() if "lora_A" in n)
+
+    from test_adapter_logits import _seed_loading_code
+
+    from qlora_dist import compat
+
+    saved = torch.load(out / "trained_logits.pt")
+    model = _seed_loading_code(tiny_model_dir, out / "adapter_model").eval()
+    compat.disable_cpu_weight_repacking(model)
+    batch = saved["batch"]
+    with torch.no_grad():
+        got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    mask = batch["attention_mask"].bool()
+    want = saved["logits"]
+    assert (got - want)[mask].abs().max() <= 0.01 * want[mask].abs().max()
+
+
+@pytest.mark.parametrize("stage,before,after", [("zero2", 2, 1), ("zero3", 4, 2), ("zero3", 2, 2)])
+def test_resume_on_another_world_size_is_exact(tmp_path, stage, before, after):
+    """A checkpoint of N ranks continued on M ranks ends with the same adapter as the uninterrupted
+    N-rank run: the LoRA weights, fp32 masters, optimizer moments and data position all carried over."""
+    args = [*SAME_BATCH, "train.max_steps=10", "train.save_steps=5", "checkpoint.keep_last=0",
+            f"dist.ds_config={stage}"]
+    if before == after:
+        args[args.index("lora.dropout=0")] = "lora.dropout=0.1"  # same world: RNG states carry over too
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_torchrun(before, "train", *args, f"train.output_dir={full}")
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-5", resumed / "checkpoint-5")
+    proc = run_torchrun(after, "train", *args, f"train.output_dir={resumed}")
+    if before != after:
+        assert f"saved by {before} rank(s)" in proc.stderr and "resharding" in proc.stderr
+    a, b = load_adapter_tensors(full / "adapter_model"), load_adapter_tensors(resumed / "adapter_model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(resumed) == _losses(full)[5:]
+
+
+@pytest.mark.parametrize("form", [["--module", "qlora_dist"], [str(REPO / "launcher" / "train.py")]],
+                         ids=["module", "script"])
+def test_deepspeed_launcher_runs_the_same_entry_point(tmp_path, form):
+    out = tmp_path / "ds"
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           *form, "train", *SAME_BATCH, "train.max_steps=3", "train.save_steps=3",
+           f"train.output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "checkpoint-3" / "progress.json").read_text())["world_size"] == 2
+    assert len(_losses(out)) == 3
+
+
+def test_a_killed_rank_fails_the_job_within_two_minutes(tmp_path):
+    import psutil
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "qlora_dist", "train", *SAME_BATCH, "train.max_steps=100000", "train.save_steps=100000",
+           f"train.output_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    victim = next(c for c in psutil.Process(proc.pid).children(recursive=True)
+                  if c.environ().get("RANK") == "1" and "qlora_dist" in " ".join(c.cmdline()))
+    victim.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    try:
+        output, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the job was still running 2 minutes after one of its ranks was killed")
+    assert proc.returncode != 0
+    assert time.time() - killed_at < 120
+    assert "rank      : 1" in output and "SIGKILL" in output  # the launcher names the dead rank
+    assert not _still_running(str(out))  # the other rank is gone too
+
+
+def _still_running(marker: str) -> list[int]:
+    import psutil
+
+    alive = []
+    for p in psutil.process_iter():
+        try:
+            if marker in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return alive
