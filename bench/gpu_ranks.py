@@ -48,6 +48,21 @@ def _peak() -> int:
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 
 
+def _allocated() -> int:
+    import torch
+
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+
+
+def _planned(cfg, size: str, batch: int) -> dict:
+    """The planner's items for this very run (GB), to print beside what the allocator saw."""
+    from qlora_dist import memory
+
+    shape = memory.Shape.from_hf(_llama_config(size))
+    plan = memory.make_plan(memory.setup_from_config(cfg, 1, shape, micro_batch=batch, on_gpu=True))
+    return {"total_gb": plan.total / 1e9, **{k: v / 1e9 for k, v in plan.items.items()}}
+
+
 def _llama_config(size: str):
     from transformers import LlamaConfig
 
@@ -59,10 +74,10 @@ def _llama_config(size: str):
                        max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
 
 
-def _cfg(batch: int, stage: str):
+def _cfg(batch: int, stage: str, size: str = "7b"):
     from qlora_dist.config import load_config
 
-    return load_config(preset="7b-all", overrides=[
+    return load_config(preset=f"{size if size in ('7b', '13b', '33b', '65b') else '7b'}-all", overrides=[
         "model.path=random", f"train.global_batch_size={batch}", f"train.micro_batch_size={batch}",
         f"dist.ds_config={stage}", "train.max_steps=100"])
 
@@ -76,16 +91,18 @@ def case_train(size: str, batch: int, stage: str, steps: int = 6, warmup: int = 
     from qlora_dist.model import add_lora, prepare_for_training
 
     compat.quiet_known_warnings()
-    cfg = _cfg(batch, stage)
+    cfg = _cfg(batch, stage, size)
     dist.init()
     ds = build_ds_config(cfg, 1)
     t0 = time.time()
     model = load_layerwise(_llama_config(size), RandomSource(), device=_device(),
                            ds_config=ds if stage.startswith("zero3") else None)
     load_s = time.time() - t0
+    after_load = _allocated()
     model = add_lora(model, cfg, seed=0)
     prepare_for_training(model, cfg)
     engine = initialize(cfg, model, ds)
+    after_init = _allocated()
     gen = torch.Generator(device=_device()).manual_seed(0)
     times, losses = [], []
     for step in range(warmup + steps):
@@ -103,6 +120,8 @@ def case_train(size: str, batch: int, stage: str, steps: int = 6, warmup: int = 
     return {"case": f"train {size} {batch}x{SEQ} {stage}", "tokens_per_s": batch * SEQ / median,
             "step_s": median, "peak_gb": _peak() / 1e9, "load_s": load_s,
             "loss_first": losses[0], "loss_last": losses[-1], "ref": REFERENCE.get((size, batch)),
+            "allocated_after_load_gb": after_load / 1e9, "allocated_after_init_gb": after_init / 1e9,
+            "allocated_after_steps_gb": _allocated() / 1e9, "planned": _planned(cfg, size, batch),
             "probe": DS_PROBE.get((size, batch, stage))}
 
 

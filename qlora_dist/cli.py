@@ -36,6 +36,29 @@ def _cmd_prepare_model(ns) -> None:
     print(ensure_builtin(ns.name, ns.out))
 
 
+def _cmd_plan(ns) -> None:
+    import json
+
+    from . import memory
+    from .config import load_config
+
+    path, overrides = _split_config_args(ns.args)
+    size = (ns.shape or (ns.preset or "").split("-")[0]) or None
+    if size and not any(o.startswith("model.path=") for o in overrides):
+        overrides = [f"model.path=llama-{size}", *overrides]  # the shape alone: no weights are read
+    cfg = load_config(path, ns.preset, overrides)
+    shape = memory.Shape.llama(size) if ns.shape else None
+    cap = memory.parse_size(ns.gpu_memory) if ns.gpu_memory else None
+    plan = memory.make_plan(memory.setup_from_config(cfg, ns.world_size, shape, on_gpu=True), cap)
+    fix = memory.suggest(plan.setup, cap) if cap and not plan.fits else None
+    if ns.json:
+        print(json.dumps({**plan.to_json(), "suggestion": fix}, indent=2))
+        return
+    print(memory.format_plan(plan))
+    if fix:
+        print("  to fit: " + "; then ".join(fix))
+
+
 def _cmd_generate(ns) -> None:
     from .generate import answer, load_for_inference
 
@@ -63,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=["smollm2", "tiny-llama"])
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_prepare_model)
+
+    p = sub.add_parser("plan", help="per-rank GPU memory plan of a run, and whether it fits a cap")
+    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value]")
+    p.add_argument("--preset", help="a recipe preset; a paper preset alone gives the LLaMA shape")
+    p.add_argument("--shape", choices=["7b", "13b", "33b", "65b"], help="plan this LLaMA shape")
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--gpu-memory", help="cap per GPU, e.g. 24GB or 40GiB")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("generate", help="answer a prompt in the Guanaco format")
     p.add_argument("--base", required=True, help="HF folder, or smollm2 / tiny-llama")

@@ -136,15 +136,33 @@ class TrainConfig:
     save_steps: int = opt(50, "checkpoint every N optimizer steps (and at the end)")
     seed: int = opt(42)
     global_batch_size: int = opt(16, "sequences per optimizer step, whatever the world size")
-    micro_batch_size: int = opt(4, "sequences per rank per forward pass")
+    micro_batch_size: int | str = opt(4, "sequences per rank per forward pass, or 'auto': the fastest micro "
+                                         "batch (and checkpointing choice) under train.max_memory_per_gpu")
+    max_memory_per_gpu: str | None = opt(None, "cap per GPU, e.g. 24000MB or 40GiB: planned before loading, "
+                                               "enforced on every rank")
     logging_steps: int = opt(1)
     resume_from: str | None = opt(None, "a PEFT adapter folder to start from (weights only, fresh optimizer)")
 
     def check(self) -> list[str]:
         errs = []
-        for key in ("max_steps", "save_steps", "global_batch_size", "micro_batch_size", "logging_steps"):
-            if getattr(self, key) <= 0:
+        auto = self.micro_batch_size == "auto"
+        if isinstance(self.micro_batch_size, str) and not auto:
+            errs.append(f"train.micro_batch_size: a positive integer or 'auto' (got {self.micro_batch_size!r})")
+        keys = ("max_steps", "save_steps", "global_batch_size", "logging_steps") + (() if auto else ("micro_batch_size",))
+        for key in keys:
+            if not isinstance(getattr(self, key), str) and getattr(self, key) <= 0:
                 errs.append(f"train.{key}: must be > 0 (got {getattr(self, key)})")
+        if self.max_memory_per_gpu is not None:
+            from .memory import parse_size
+
+            try:
+                parse_size(self.max_memory_per_gpu)
+            except ValueError as exc:
+                errs.append(f"train.max_memory_per_gpu: {exc}")
+        elif auto:
+            errs.append("train.micro_batch_size: 'auto' needs train.max_memory_per_gpu (the cap to fit under)")
+        if isinstance(self.micro_batch_size, str):
+            return errs
         if self.global_batch_size > 0 and self.micro_batch_size > 0 and self.global_batch_size % self.micro_batch_size:
             errs.append(
                 f"train.global_batch_size: {self.global_batch_size} is not a multiple of "
@@ -282,7 +300,13 @@ def _coerce(value: Any, typ: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        return _coerce(value, next(a for a in args if a is not type(None)))
+        expected = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg)
+            except TypeError as exc:
+                expected.append(str(exc))
+        raise TypeError(" or ".join(expected))
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

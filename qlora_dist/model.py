@@ -156,8 +156,10 @@ def build_model(cfg: Config, device=None, ds_config: dict | None = None):
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) element counts; ZeRO-3 partitioned parameters count whole (ds_numel)."""
+    """(trainable, total) weight counts: ZeRO-3 partitioned parameters count whole (ds_numel), packed
+    4-bit parameters count their weights (quant_state.shape), not their storage elements."""
     def numel(p):
-        return getattr(p, "ds_numel", p.numel())
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        return shape.numel() if shape is not None else getattr(p, "ds_numel", p.numel())
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     return trainable, sum(numel(p) for p in model.parameters())

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, compat, dist
+from . import checkpoint, compat, dist, memory
 from .checkpoint import Progress
-from .config import Config
+from .config import Config, ConfigError
 from .data import BatchSchedule, builtin_examples, collate, tokenize_all
 from .engine import build_ds_config, initialize, zero_stage
 from .evaluate import builtin_accuracy, format_report
@@ -27,6 +27,7 @@ class Trainer:
         cfg = self.cfg
         self.info = dist.init(cfg.dist.backend, cfg.dist.timeout_s)
         self.device = dist.device_for(self.info)
+        self._setup_memory()
         self.resume_from = self._setup_output()
         self.completed = checkpoint.read_completed(self.out, cfg.train.max_steps, self.resume_from)
         if self.completed:
@@ -41,6 +42,32 @@ class Trainer:
         self.step = self._restore()
         self.log = RunLog(self.out, self.step, cfg.train.max_steps)
         self._describe(ds)
+
+    def _setup_memory(self) -> None:
+        """With train.max_memory_per_gpu: pick an 'auto' micro batch, refuse a plan over the cap before
+        anything is loaded, and cap each rank's CUDA allocator."""
+        cfg = self.cfg
+        if not cfg.train.max_memory_per_gpu:
+            return
+        cap, world = memory.parse_size(cfg.train.max_memory_per_gpu), self.info.world_size
+        if cfg.train.micro_batch_size == "auto":
+            chosen = memory.choose_micro_batch(cfg, world, cap)
+            if chosen is None:
+                cfg.train.micro_batch_size, cfg.model.gradient_checkpointing = 1, True  # the smallest plan, shown
+            else:
+                cfg.train.micro_batch_size, cfg.model.gradient_checkpointing = chosen.micro_batch, chosen.checkpointing
+                dist.log(f"train.micro_batch_size=auto: micro batch {chosen.micro_batch}, activation "
+                         f"checkpointing {'on' if chosen.checkpointing else 'off'} (the fastest that fits the cap)")
+        plan = memory.make_plan(memory.setup_from_config(cfg, world), cap)
+        if not plan.fits:
+            fix = memory.suggest(plan.setup, cap)
+            raise ConfigError([f"train.max_memory_per_gpu: {cfg.train.max_memory_per_gpu} cannot hold this run "
+                               f"(planned {plan.total / memory.GB:.2f} GB per rank)", memory.format_plan(plan),
+                               "to fit: " + ("; then ".join(fix) if fix else "no single change found; see `qlora-dist plan`")])
+        dist.log(f"memory plan: {plan.total / memory.GB:.2f} GB per rank under the cap of {cap / memory.GB:.2f} GB")
+        if torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), self.device)
 
     def _setup_output(self) -> Path | None:
         """Checks the output folder before anything heavy is loaded; the checkpoint to resume, if any."""

@@ -1,0 +1,342 @@
+"""The memory planner: what one rank holds, item by item, before anything is loaded.
+
+Weights, LoRA weights, gradients and optimizer states are counted exactly as our trainer lays them out
+(packed NF4 in the model dtype, ZeRO partitions with DeepSpeed's padding, fp32 masters and gradients);
+tests compare them with the real tensors. Activations follow a per-token model of what autograd saves
+for one decoder layer, fitted on the real modules (NF4 linear + LoRA, SDPA, RMSNorm, SwiGLU) with
+`torch.autograd.graph.saved_tensors_hooks`, plus the logits and loss buffers and the transients of the
+backward pass; the GPU check (bench/gpu_memory.py) compares the total with the allocator's peak.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+GB = 1e9
+NF4_BLOCK = 64  # bitsandbytes' default 4-bit blocksize
+NESTED_BLOCK = 256  # blocksize of the double quantization of the absmax constants
+DS_BUCKET = 50_000_000  # ds_configs/*.json reduce_bucket_size (elements)
+CUDA_OVERHEAD = 0.25 * GB  # workspace (cuBLAS, NCCL) and allocator rounding, beside the items
+
+
+def parse_size(text: str) -> int:
+    """'24000MB', '40GiB', '48GB', '1.5TB' -> bytes (MB/GB decimal, MiB/GiB binary)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?i?B)\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"not a memory size: {text!r} (e.g. 24000MB, 40GiB)")
+    unit = m.group(2).upper()
+    power = "BKMGT".index(unit[0]) if unit != "B" else 0
+    return int(float(m.group(1)) * (1024 if "I" in unit else 1000) ** power)
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool = False
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden // self.heads * self.kv_heads
+
+    def linears(self) -> list[tuple[int, int]]:
+        """(in, out) of each linear layer of one decoder layer: q, k, v, o, gate, up, down."""
+        h, i, kv = self.hidden, self.intermediate, self.kv_dim
+        return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+
+    @classmethod
+    def from_hf(cls, config) -> "Shape":
+        return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+                   config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+                   or config.num_attention_heads, config.vocab_size, bool(getattr(config, "tie_word_embeddings", False)))
+
+    @classmethod
+    def from_folder(cls, path: Path) -> "Shape":
+        from types import SimpleNamespace
+
+        return cls.from_hf(SimpleNamespace(**json.loads((Path(path) / "config.json").read_text())))
+
+    @classmethod
+    def llama(cls, size: str) -> "Shape":
+        from .recipe import LLAMA_SHAPES
+
+        s = LLAMA_SHAPES[size]
+        return cls(s.hidden, s.intermediate, s.layers, s.heads, s.heads, s.vocab)
+
+
+@dataclass(frozen=True)
+class Setup:
+    shape: Shape
+    world_size: int = 1
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    micro_batch: int = 1
+    seq_len: int = 512
+    checkpointing: bool = True
+    bits: int = 4
+    double_quant: bool = True
+    lora_r: int = 64
+    lora_dropout: bool = True
+    optimizer: str = "paged_adamw_32bit"
+    on_gpu: bool = True  # paged optimizer states live in CUDA unified memory only on a GPU
+
+
+@dataclass
+class Plan:
+    setup: Setup
+    items: dict[str, int] = field(default_factory=dict)  # bytes one rank's allocator holds at peak
+    outside: dict[str, int] = field(default_factory=dict)  # on the GPU's behalf but not in its allocator
+    host_peak_load: int = 0  # peak host RAM per rank while loading
+    cap: int | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.items.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.cap is None or self.total <= self.cap
+
+    def to_json(self) -> dict:
+        return {"fits": self.fits, "cap_bytes": self.cap, "per_rank_bytes": {"total": self.total, **self.items},
+                "outside_allocator_bytes": self.outside, "host_peak_load_bytes_per_rank": self.host_peak_load,
+                "setup": {k: v for k, v in asdict(self.setup).items() if k != "shape"},
+                "shape": asdict(self.setup.shape)}
+
+
+def _part(numel: int, n: int) -> int:
+    """One ZeRO-3 rank's slice of one parameter (each parameter is padded to a multiple of n)."""
+    return math.ceil(numel / n)
+
+
+def quant_constant_bytes(numel: int, double_quant: bool) -> int:
+    """A Linear4bit's quant_state: absmax per 64 weights (uint8 + nested fp32 absmax per 256 blocks with
+    double quant, else fp32), its NF4 code (16 fp32) and, nested, a 256-entry fp32 code and an offset."""
+    blocks = math.ceil(numel / NF4_BLOCK)
+    if not double_quant:
+        return blocks * 4 + 16 * 4
+    return blocks + math.ceil(blocks / NESTED_BLOCK) * 4 + 16 * 4 + 256 * 4 + 4
+
+
+def weight_items(s: Setup) -> dict[str, int]:
+    n3 = s.world_size if s.zero_stage == 3 else 1
+    sh = s.shape
+    nf4 = consts = linear16 = 0
+    for fan_in, fan_out in sh.linears():
+        numel = fan_in * fan_out
+        if s.bits == 4:
+            nf4 += _part(numel // 4, n3) * 2  # 4 bits a weight, packed in bf16 storage
+            consts += quant_constant_bytes(numel, s.double_quant)
+        else:
+            linear16 += _part(numel, n3) * 2
+    tables = [sh.vocab * sh.hidden] * (1 if sh.tied else 2)
+    w16 = sum(_part(t, n3) * 2 for t in tables) + (2 * sh.layers + 1) * _part(sh.hidden, n3) * 2
+    items = {"base_nf4": nf4 * sh.layers, "quant_constants": consts * sh.layers,
+             "base_16bit": w16 + linear16 * sh.layers}
+    return {k: v for k, v in items.items() if v}
+
+
+def lora_numels(s: Setup) -> list[int]:
+    """Element counts of every LoRA matrix (A: r x in, B: out x r), in model order."""
+    one_layer = [n for fan_in, fan_out in s.shape.linears() for n in (s.lora_r * fan_in, fan_out * s.lora_r)]
+    return one_layer * s.shape.layers
+
+
+def _flat_partition(total: int, n: int) -> int:
+    """ZeRO-1/2 flatten all LoRA weights into one buffer padded to 2 x world size, split in n."""
+    return math.ceil(total / (2 * n)) * 2
+
+
+def lora_items(s: Setup) -> tuple[dict[str, int], dict[str, int]]:
+    """(allocator items, items outside the allocator) of LoRA weights, grads, masters, optimizer."""
+    numels = lora_numels(s)
+    n = s.world_size
+    if s.zero_stage == 3:
+        weights = sum(_part(x, n) for x in numels) * 2
+        shard = sum(_part(x, n) for x in numels)
+    else:
+        weights = sum(numels) * 2
+        shard = _flat_partition(sum(numels), n)
+    master = shard * 4
+    grads = shard * 4  # accumulated and reduced in fp32 (ds_configs: grad_accum_dtype fp32)
+    states = shard * (2 if "8bit" in s.optimizer else 8)
+    items = {"lora_weights": weights}
+    outside: dict[str, int] = {}
+    on_host = outside if s.offload_optimizer else items  # offload keeps masters and fp32 grads in CPU memory
+    on_host["lora_grads_fp32"] = grads
+    on_host["master_weights_fp32"] = master
+    paged = "paged" in s.optimizer and s.on_gpu
+    if s.offload_optimizer:
+        outside["optimizer_states (host)"] = states
+    elif paged:
+        outside["optimizer_states (paged, unified memory)"] = states
+    else:
+        items["optimizer_states"] = states
+    return items, outside
+
+
+def layer_activation_bytes_per_token(s: Setup) -> int:
+    """What autograd keeps of one decoder layer per token (bf16): fitted on the real modules on CPU
+    (tests/test_memory.py re-measures it): 16 B per hidden unit, 8 per MLP unit, 4 per key/value unit, and
+    LoRA dropout's copies and masks (20 per hidden, 2 per MLP unit) when dropout is on."""
+    sh = s.shape
+    per = 16 * sh.hidden + 8 * sh.intermediate + 4 * sh.kv_dim + 120
+    if s.lora_dropout:
+        per += 20 * sh.hidden + 2 * sh.intermediate
+    return per
+
+
+def activation_items(s: Setup) -> dict[str, int]:
+    sh, tokens = s.shape, s.micro_batch * s.seq_len
+    layer = layer_activation_bytes_per_token(s) * tokens
+    # Logits in bf16 for the output, fp32 for the loss (saved log-softmax), and the fp32 and bf16
+    # gradients of the backward's first step: about 10 bytes per vocabulary entry per token at peak.
+    logits = 10 * sh.vocab * tokens
+    # Backward of one layer: gradients of its widest activations, and its weight dequantized to bf16.
+    widest = max(fan_in * fan_out for fan_in, fan_out in sh.linears())
+    backward = (4 * sh.intermediate + 8 * sh.hidden) * tokens + 2 * widest
+    if s.checkpointing:
+        kept = sh.layers * 2 * sh.hidden * tokens  # each layer's input, bf16
+        peak_phase = max(logits, layer + backward)
+        return {"activations_checkpointed": kept, "activations_peak_phase": peak_phase}
+    return {"activations": sh.layers * layer, "activations_peak_phase": max(logits, backward)}
+
+
+def framework_items(s: Setup) -> dict[str, int]:
+    items = {"cuda_workspace": int(CUDA_OVERHEAD) if s.on_gpu else 0}
+    if s.zero_stage in (1, 2):
+        items["zero_buckets"] = min(DS_BUCKET, sum(lora_numels(s))) * 4  # contiguous fp32 grad bucket
+    return {k: v for k, v in items.items() if v}
+
+
+def host_peak_load(s: Setup, loader: str = "layerwise") -> int:
+    """Peak host RAM per rank while loading: layer-wise reading keeps one layer in 16 bit (plus the
+    embedding table); transformers' from_pretrained materializes each checkpoint shard."""
+    sh = s.shape
+    layer16 = sum(a * b for a, b in sh.linears()) * 2
+    embed16 = sh.vocab * sh.hidden * 2
+    if loader == "layerwise":
+        return max(layer16, embed16) + int(0.5 * GB)
+    return 5 * GB + max(layer16, embed16)  # one 5 GB safetensors shard, as HF checkpoints are cut
+
+
+def make_plan(s: Setup, cap: int | None = None) -> Plan:
+    plan = Plan(setup=s, cap=cap)
+    plan.items.update(weight_items(s))
+    lora, outside = lora_items(s)
+    plan.items.update(lora)
+    plan.outside.update(outside)
+    plan.items.update(activation_items(s))
+    plan.items.update(framework_items(s))
+    plan.host_peak_load = host_peak_load(s, "layerwise" if s.zero_stage == 3 else "hf")
+    return plan
+
+
+def cheaper_changes(s: Setup, cap: int) -> list[tuple[str, Setup]]:
+    """Candidate changes, cheapest in speed first."""
+    out: list[tuple[str, Setup]] = []
+    if not s.checkpointing:
+        out.append(("turn activation checkpointing on (model.gradient_checkpointing=true)",
+                    replace(s, checkpointing=True)))
+    if s.micro_batch > 1:
+        half = s.micro_batch // 2
+        out.append((f"micro batch {half} with twice the accumulation (train.micro_batch_size={half})",
+                    replace(s, micro_batch=half)))
+    if s.zero_stage < 3:
+        out.append(("partition the NF4 base across ranks (dist.ds_config=zero3)", replace(s, zero_stage=3)))
+    if not s.offload_optimizer:
+        out.append(("offload optimizer states to CPU memory (dist.ds_config=zero3_offload)",
+                    replace(s, zero_stage=3, offload_optimizer=True)))
+    out.append((f"more ranks ({2 * s.world_size})", replace(s, world_size=2 * s.world_size)))
+    return out
+
+
+def suggest(s: Setup, cap: int, depth: int = 3) -> list[str] | None:
+    """The shortest sequence of cheap changes that makes the plan fit the cap (None if none found)."""
+    frontier: list[tuple[list[str], Setup]] = [([], s)]
+    for _ in range(depth):
+        nxt = []
+        for steps, cur in frontier:
+            for text, changed in cheaper_changes(cur, cap):
+                if make_plan(changed, cap).fits:
+                    return steps + [text]
+                nxt.append((steps + [text], changed))
+        frontier = nxt[:64]
+    return None
+
+
+def format_plan(plan: Plan) -> str:
+    s = plan.setup
+    head = (f"per-rank memory plan: {s.shape.layers} layers x {s.shape.hidden} hidden, {s.bits}-bit base, "
+            f"ZeRO-{s.zero_stage}{' + optimizer offload' if s.offload_optimizer else ''}, {s.world_size} rank(s), "
+            f"micro batch {s.micro_batch} x {s.seq_len} tokens, checkpointing {'on' if s.checkpointing else 'off'}")
+    lines = [head]
+    lines += [f"  {k:<44}{v / GB:>9.2f} GB" for k, v in plan.items.items()]
+    lines.append(f"  {'total on the GPU':<44}{plan.total / GB:>9.2f} GB")
+    if plan.outside:
+        lines.append("  outside the GPU allocator:")
+        lines += [f"    {k:<42}{v / GB:>9.2f} GB" for k, v in plan.outside.items()]
+    lines.append(f"  {'host RAM per rank while loading':<44}{plan.host_peak_load / GB:>9.2f} GB")
+    if plan.cap is not None:
+        lines.append(f"  cap {plan.cap / GB:.2f} GB per GPU: {'fits' if plan.fits else 'DOES NOT FIT'}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# From a run's config: the plan `train` checks before loading, and `train.micro_batch_size=auto`.
+
+def shape_for(cfg) -> Shape:
+    """The model's shape from its config.json, or, for a paper preset without a model, the LLaMA size."""
+    from .prepare import BUILTIN_MODELS, resolve_model_path
+
+    path = cfg.model.path
+    if path and (path in BUILTIN_MODELS or (Path(path) / "config.json").is_file()):
+        return Shape.from_folder(resolve_model_path(path))
+    if cfg.preset and cfg.preset.split("-")[0] in ("7b", "13b", "33b", "65b"):
+        return Shape.llama(cfg.preset.split("-")[0])
+    from .config import ConfigError
+
+    raise ConfigError([f"model.path: cannot read the model's shape from {path!r} (no config.json); "
+                       "the plan needs the model folder or a paper preset such as 65b-all"])
+
+
+def setup_from_config(cfg, world_size: int, shape: Shape | None = None, micro_batch: int | None = None,
+                      checkpointing: bool | None = None, on_gpu: bool | None = None) -> Setup:
+    import torch
+
+    from .engine import read_ds_config, zero_stage
+
+    ds, _ = read_ds_config(cfg.dist.ds_config)
+    return Setup(
+        shape=shape or shape_for(cfg), world_size=world_size, zero_stage=zero_stage(ds),
+        offload_optimizer="offload_optimizer" in ds.get("zero_optimization", {}),
+        micro_batch=micro_batch or int(cfg.train.micro_batch_size),
+        seq_len=cfg.data.source_max_len + cfg.data.target_max_len,
+        checkpointing=cfg.model.gradient_checkpointing if checkpointing is None else checkpointing,
+        bits=cfg.quantization.bits, double_quant=cfg.quantization.double_quant, lora_r=cfg.lora.r,
+        lora_dropout=cfg.lora.dropout > 0, optimizer=cfg.optim.name,
+        on_gpu=torch.cuda.is_available() if on_gpu is None else on_gpu)
+
+
+def relative_speed(s: Setup) -> float:
+    """Tokens/s, relative, for choosing among setups that fit: larger micro batches fill the GPU better
+    (the reference's 4/16/32 x 512 runs: 3,443 / 5,452 / 5,604 tokens/s), and recomputing activations
+    costs ~1/3 (7B 8 x 512 without: 7,012 tokens/s, ../shared/RECIPE.md)."""
+    return s.micro_batch / (s.micro_batch + 3) * (1.0 if s.checkpointing else 1.4)
+
+
+def choose_micro_batch(cfg, world_size: int, cap: int, shape: Shape | None = None) -> Setup | None:
+    """The fastest (micro batch, checkpointing) whose plan fits the cap; None when nothing fits."""
+    per_rank = cfg.train.global_batch_size // world_size
+    sizes = [m for m in range(1, per_rank + 1) if per_rank % m == 0]
+    shape = shape or shape_for(cfg)
+    fitting = [s for m in sizes for ckpt in (False, True)
+               if make_plan(s := setup_from_config(cfg, world_size, shape, m, ckpt), cap).fits]
+    return max(fitting, key=relative_speed) if fitting else None
