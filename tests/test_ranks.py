@@ -41,9 +41,13 @@ def test_one_rank_zero2_and_zero3_agree(tmp_path):
     assert len(one) == 20 and one[-1] < one[0]
     for other in ("z2", "z3"):
         losses = _losses(tmp_path / other)
-        assert max(abs(x - y) for x, y in zip(one, losses)) < 1e-3, (other, one, losses)
+        gap = max(abs(x - y) for x, y in zip(one, losses))
+        print(f"1 rank vs 2 ranks {other}: max loss difference {gap:.3g}")
+        assert gap < 1e-3, (other, one, losses)
         # bf16 weights: a few units in the last place of a 20-step drift; 1% of the adapter's norm.
-        assert _relative_difference(tmp_path / "one" / "adapter_model", tmp_path / other / "adapter_model") < 1e-2
+        rel = _relative_difference(tmp_path / "one" / "adapter_model", tmp_path / other / "adapter_model")
+        print(f"1 rank vs 2 ranks {other}: adapter relative difference {rel:.3g}")
+        assert rel < 1e-2
 
 
 def test_zero3_four_ranks_exports_only_lora_and_peft_reproduces_logits(tmp_path, tiny_model_dir):
