@@ -59,6 +59,30 @@ def _cmd_plan(ns) -> None:
         print("  to fit: " + "; then ".join(fix))
 
 
+def _cmd_launch_plan(ns) -> None:
+    import shlex
+
+    from .dist import planned_ranks
+
+    command = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
+    ranks = planned_ranks()
+    print(f"rendezvous: {ranks[0]['MASTER_ADDR']}:{ranks[0]['MASTER_PORT']}, {len(ranks)} ranks")
+    for r in ranks:
+        env = " ".join(f"{k}={r[k]}" for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+        print(f"{r['host']}: {env} {shlex.join(command)}")
+
+
+def _cmd_submit(ns) -> None:
+    from .submit import submit
+
+    path, overrides = _split_config_args(ns.args)
+    job = submit(ns, overrides, path)
+    print(f"submitted job {job.job_id} ({job.paths.folder})", flush=True)
+    if ns.wait:
+        job.results()  # one result per task; raises with the job's error if a task failed
+        print(f"job {job.job_id} finished")
+
+
 def _cmd_generate(ns) -> None:
     from .generate import answer, load_for_inference
 
@@ -95,6 +119,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", help="cap per GPU, e.g. 24GB or 40GiB")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("submit", help="submit a training run with submitit (Slurm, or this machine)")
+    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value]")
+    p.add_argument("--preset")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="one rank per GPU")
+    p.add_argument("--tasks-per-node", type=int, help="ranks per node (default: --gpus-per-node, or 1)")
+    p.add_argument("--cpus-per-task", type=int, default=1)
+    p.add_argument("--cluster", choices=["auto", "slurm", "local"], default="auto", help="auto: slurm if present")
+    p.add_argument("--partition")
+    p.add_argument("--timeout-min", type=int, default=24 * 60)
+    p.add_argument("--signal-delay-s", type=int, default=120, help="warning before the time limit")
+    p.add_argument("--wait", action="store_true", help="wait for the job and fail if it fails")
+    p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser("launch-plan", help="print each rank's command and rendezvous for this Slurm job "
+                                           "(what slurm/*.sh do with DRY_RUN=1)")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_launch_plan)
 
     p = sub.add_parser("generate", help="answer a prompt in the Guanaco format")
     p.add_argument("--base", required=True, help="HF folder, or smollm2 / tiny-llama")

@@ -42,7 +42,64 @@ def read_env() -> DistInfo:
     )
 
 
+def expand_hostlist(spec: str) -> list[str]:
+    """Slurm's compressed node list, e.g. 'gpu[01-03,07],login2' -> gpu01 gpu02 gpu03 gpu07 login2."""
+    hosts, i = [], 0
+    while i < len(spec):
+        j = i
+        while j < len(spec) and spec[j] not in ",[":
+            j += 1
+        prefix = spec[i:j]
+        if j < len(spec) and spec[j] == "[":
+            end = spec.index("]", j)
+            for part in spec[j + 1:end].split(","):
+                lo, _, hi = part.partition("-")
+                hosts += [f"{prefix}{n:0{len(lo)}d}" for n in range(int(lo), int(hi or lo) + 1)]
+            j = end + 1
+        elif prefix:
+            hosts.append(prefix)
+        i = j + 1 if j < len(spec) and spec[j] == "," else j
+    return hosts
+
+
+def rendezvous_port(job_id: str) -> int:
+    """A port every rank of a Slurm job derives alike from its job id, in the unprivileged range."""
+    return 20000 + int(job_id) % 20000
+
+
+def slurm_env(environ=os.environ) -> dict[str, str] | None:
+    """The launcher environment of a task that `srun` started (None outside a Slurm job step): rank
+    from SLURM_PROCID, rendezvous at the first host of the step's node list on a port from the job id."""
+    if "SLURM_STEP_ID" not in environ or "SLURM_PROCID" not in environ:
+        return None
+    nodes = expand_hostlist(environ.get("SLURM_STEP_NODELIST") or environ["SLURM_JOB_NODELIST"])
+    world = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS", "1")
+    per_node = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE", "1")
+    return {"RANK": environ["SLURM_PROCID"], "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+            "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": per_node.split("(")[0].split(",")[0],
+            "NODE_RANK": environ.get("SLURM_NODEID", "0"), "MASTER_ADDR": nodes[0],
+            "MASTER_PORT": environ.get("MASTER_PORT") or str(rendezvous_port(environ["SLURM_JOB_ID"]))}
+
+
+def planned_ranks(environ=os.environ) -> list[dict[str, str]]:
+    """Every task's launcher environment for the job `environ` describes (what srun will give each task,
+    as slurm_env reads it): for printing a job's plan without starting it."""
+    nodes = expand_hostlist(environ["SLURM_JOB_NODELIST"])
+    per_node = int((environ.get("SLURM_NTASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE", "1"))
+                   .split("(")[0].split(",")[0])
+    ranks = []
+    for rank in range(int(environ.get("SLURM_NTASKS", per_node * len(nodes)))):
+        task = {**environ, "SLURM_STEP_ID": "0", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank % per_node),
+                "SLURM_NODEID": str(rank // per_node), "SLURM_STEP_NODELIST": environ["SLURM_JOB_NODELIST"],
+                "SLURM_STEP_NUM_TASKS": str(len(nodes) * per_node), "SLURM_STEP_TASKS_PER_NODE": str(per_node)}
+        ranks.append({"host": nodes[rank // per_node], **slurm_env(task)})
+    return ranks
+
+
 def _single_process_env() -> None:
+    # A task started by srun: Slurm's own variables say where it stands (nothing extra on the nodes).
+    if "RANK" not in os.environ and (env := slurm_env()):
+        os.environ.update(env)
     # DeepSpeed 0.19.8 without launcher env tries MPI discovery and fails importing mpi4py
     # (../shared/STACK-NOTES.md): a world of one gets the env a launcher would have set.
     if "RANK" not in os.environ:

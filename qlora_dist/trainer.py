@@ -13,6 +13,7 @@ from .data import BatchSchedule, builtin_examples, collate, tokenize_all
 from .engine import build_ds_config, initialize, zero_stage
 from .evaluate import builtin_accuracy, format_report
 from .model import build_model, count_parameters
+from .preempt import StopRequest
 from .runlog import RunLog
 
 
@@ -26,6 +27,7 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         self.info = dist.init(cfg.dist.backend, cfg.dist.timeout_s)
+        self.stop = StopRequest()
         self.device = dist.device_for(self.info)
         self._setup_memory()
         self.resume_from = self._setup_output()
@@ -113,11 +115,22 @@ class Trainer:
             self.evaluate("before training")
         while self.step < cfg.train.max_steps:
             self._train_step()
-            if self.step % cfg.train.save_steps == 0 or self.step == cfg.train.max_steps:
-                self.save()
+            self._save_or_stop()
             if cfg.eval.steps and self.step % cfg.eval.steps == 0 and self.step < cfg.train.max_steps:
                 self.evaluate(f"step {self.step}")
         self._finish()
+
+    def _save_or_stop(self) -> None:
+        """Checkpoint on schedule; on a preemption or time-limit signal (agreed by all ranks, so every
+        rank stops at this same step) make sure of a checkpoint, then hand over to the requeue."""
+        saved = self.step % self.cfg.train.save_steps == 0 or self.step == self.cfg.train.max_steps
+        if saved:
+            self.save()
+        if signum := self.stop.agreed():
+            if not saved:
+                self.save()
+            self.log.close()
+            self.stop.finish(signum)
 
     def _train_step(self) -> None:
         """One optimizer step: the engine accumulates over this rank's micro-batches, then steps."""
@@ -182,6 +195,8 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- cleanup
     def cleanup(self) -> None:
+        if getattr(self, "stop", None):
+            self.stop.restore()
         if getattr(self, "log", None):
             self.log.close()
         dist.shutdown()

@@ -102,8 +102,9 @@ def test_activation_model_matches_what_autograd_saves(shape, dropout):
 
 CASES = [("tiny-llama", "zero2", 1), ("tiny-llama", "zero2", 2), ("tiny-llama", "zero2", 4),
          ("tiny-llama", "zero3", 1), ("tiny-llama", "zero3", 2), ("tiny-llama", "zero3", 4),
-         ("smollm2", "zero2", 1), ("smollm2", "zero2", 2), ("smollm2", "zero2", 4),
-         ("smollm2", "zero3", 1), ("smollm2", "zero3", 2), ("smollm2", "zero3", 4)]
+         # SmolLM2 (tied embeddings, grouped-query attention): both stages and 1, 2, 4 ranks among them;
+         # the other two pairs passed too but cost a minute of the suite's 20.
+         ("smollm2", "zero2", 1), ("smollm2", "zero2", 4), ("smollm2", "zero3", 2), ("smollm2", "zero3", 4)]
 
 
 @pytest.mark.slow

@@ -1,0 +1,63 @@
+"""Submitting a run through submitit (`qlora-dist submit`): to Slurm, or to this machine (`--cluster local`).
+
+The submitted object is a checkpointable `TrainJob`. Each task submitit starts (one per GPU) turns
+submitit's job environment into the launcher variables our ranks read, then runs the ordinary trainer.
+On a time-limit or preemption signal the trainer saves a checkpoint at a step boundary agreed by all
+ranks and hands over to submitit's handler, which pickles the job and requeues it; the requeued job runs
+the same config and continues from the newest checkpoint in train.output_dir.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import submitit
+
+
+@dataclass
+class TrainJob(submitit.helpers.Checkpointable):
+    config_path: str | None = None
+    preset: str | None = None
+    overrides: list[str] = field(default_factory=list)
+
+    def __call__(self) -> str:
+        from .cli import main
+
+        env = submitit.JobEnvironment()
+        host = env.hostnames[0] if env.cluster == "slurm" else "127.0.0.1"
+        from .dist import rendezvous_port
+
+        os.environ.update(RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.num_tasks),
+                          LOCAL_WORLD_SIZE=str(env.num_tasks // max(env.num_nodes, 1)), MASTER_ADDR=host,
+                          MASTER_PORT=str(rendezvous_port("".join(c for c in str(env.job_id) if c.isdigit()) or "0")))
+        args = ["train", *([self.config_path] if self.config_path else []),
+                *(["--preset", self.preset] if self.preset else []), *self.overrides]
+        code = main(args)
+        if code:
+            raise RuntimeError(f"qlora-dist {' '.join(args)} exited with {code}")
+        return "done"
+
+
+def executor_for(cluster: str, folder: Path, nodes: int, tasks_per_node: int, gpus_per_node: int,
+                 cpus_per_task: int, timeout_min: int, partition: str | None, signal_delay_s: int):
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=None if cluster == "auto" else cluster)
+    params = dict(nodes=nodes, tasks_per_node=tasks_per_node, cpus_per_task=cpus_per_task, timeout_min=timeout_min,
+                  name="qlora-dist")
+    if gpus_per_node:
+        params["gpus_per_node"] = gpus_per_node
+    if executor.cluster == "slurm":
+        params.update(slurm_signal_delay_s=signal_delay_s, **({"slurm_partition": partition} if partition else {}))
+    executor.update_parameters(**params)
+    return executor
+
+
+def submit(ns, overrides: list[str], config_path: str | None):
+    from .config import load_config
+
+    cfg = load_config(config_path, ns.preset, overrides)  # validate here, before anything is queued
+    folder = Path(cfg.train.output_dir) / "submitit"
+    tasks = ns.tasks_per_node or max(ns.gpus_per_node, 1)
+    executor = executor_for(ns.cluster, folder, ns.nodes, tasks, ns.gpus_per_node, ns.cpus_per_task,
+                            ns.timeout_min, ns.partition, ns.signal_delay_s)
+    return executor.submit(TrainJob(config_path, ns.preset, list(overrides)))
