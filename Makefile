@@ -5,6 +5,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # Caches stay inside the checkout: the converted SmolLM2 folder, the tiny test model, DeepSpeed's JIT op.
 export QLORA_DIST_CACHE ?= $(CURDIR)/.cache/models
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export HF_DATASETS_CACHE ?= $(CURDIR)/.cache/hf_datasets
 
 .PHONY: install demo test
 

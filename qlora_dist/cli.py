@@ -90,6 +90,17 @@ def _cmd_generate(ns) -> None:
     print(answer(model, tokenizer, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p))
 
 
+def _cmd_data_preview(ns) -> None:
+    from .config import load_config
+    from .corpus import preview
+    from .model import load_tokenizer
+    from .prepare import resolve_model_path
+
+    path, overrides = _split_config_args(ns.args)
+    cfg = load_config(path, ns.preset, [f"data.dataset={ns.dataset}", *overrides])
+    print(preview(cfg, load_tokenizer(resolve_model_path(cfg.model.path)), ns.n))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-dist", description="Distributed QLoRA fine-tuning on DeepSpeed")
     # The `deepspeed` launcher puts --local_rank=N before the subcommand; LOCAL_RANK carries the same.
@@ -138,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(what slurm/*.sh do with DRY_RUN=1)")
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_launch_plan)
+
+    p = sub.add_parser("data", help="inspect a dataset before training on it")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("preview", help="the first rows as the model sees them, token counts, skip counts")
+    p.add_argument("dataset", help="a dataset name, file or folder (data.dataset)")
+    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value]", help="e.g. data.format=chip2")
+    p.add_argument("--preset", help="a recipe preset (its lengths and model)")
+    p.add_argument("--n", type=int, default=3, help="examples to show")
+    p.set_defaults(func=_cmd_data_preview)
 
     p = sub.add_parser("generate", help="answer a prompt in the Guanaco format")
     p.add_argument("--base", required=True, help="HF folder, or smollm2 / tiny-llama")

@@ -81,27 +81,59 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("builtin", "'builtin' (the checkable built-in tasks)")
+    dataset: str = opt("builtin", "'builtin' (checkable built-in tasks), a dataset name (alpaca, alpaca-clean, "
+                                  "chip2, hh-rlhf, unnatural-instructions, longform, self-instruct, flan-v2, "
+                                  "oasst1: read from the HF datasets cache), or a local file or folder")
+    format: str | None = opt(None, "how to map records to source/target; default: from the name or columns")
     tasks: list[str] = opt(["sort_digits", "add", "uppercase"], "built-in tasks to train on")
     num_train: int = opt(1200, "built-in tasks: training examples per task")
     num_eval: int = opt(60, "built-in tasks: held-out examples per task")
     source_max_len: int = opt(384, "tokens kept of the source (prompt)")
     target_max_len: int = opt(128, "tokens kept of the target (answer)")
     train_on_source: bool = opt(False, "also train on the source tokens")
+    group_by_length: bool = opt(False, "micro-batches of similar lengths (less padding)")
+    packing: bool = opt(False, "several examples per sequence, no attention across them")
+    pack_length: int = opt(0, "tokens per packed sequence (0: source_max_len + target_max_len)")
+    strict: bool = opt(False, "stop at the first bad row (naming file, line, field) instead of skipping it")
+    max_row_chars: int = opt(200_000, "rows longer than this (source + target characters) are bad rows")
+    max_examples: int = opt(0, "use only the first N examples (0: all)")
+    cache_dir: str | None = opt(None, "tokenized-data cache (default: train.output_dir/data-cache); must be "
+                                      "visible to every rank")
 
     def check(self) -> list[str]:
-        from .tasks import TASKS  # local import: tasks imports nothing from config
+        from .formats import FORMATS  # local imports: these modules import config
+        from .tasks import TASKS
 
         errs = []
-        if self.dataset != "builtin":
-            errs.append(f"data.dataset: unknown dataset {self.dataset!r}; available: builtin")
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             errs.append(f"data.tasks: unknown task(s) {unknown}; available: {sorted(TASKS)}")
-        for key in ("num_train", "num_eval", "source_max_len", "target_max_len"):
+        if self.format is not None and self.format not in FORMATS:
+            errs.append(f"data.format: unknown {self.format!r}; choose one of {', '.join(FORMATS)}")
+        elif self.dataset != "builtin":
+            errs += self._check_source()
+        for key in ("num_train", "num_eval", "source_max_len", "target_max_len", "max_row_chars"):
             if getattr(self, key) <= 0:
                 errs.append(f"data.{key}: must be > 0 (got {getattr(self, key)})")
+        for key in ("pack_length", "max_examples"):
+            if getattr(self, key) < 0:
+                errs.append(f"data.{key}: must be >= 0 (got {getattr(self, key)})")
+        if self.pack_length and self.pack_length < self.source_max_len + self.target_max_len:
+            errs.append(f"data.pack_length: {self.pack_length} is shorter than one example can be "
+                        f"(source_max_len + target_max_len = {self.source_max_len + self.target_max_len})")
+        if self.packing and self.group_by_length:
+            errs.append("data.group_by_length: has no use with data.packing=true (packed rows are all about "
+                        "pack_length long); set one of them")
         return errs
+
+    def _check_source(self) -> list[str]:
+        from .records import resolve
+
+        try:
+            resolve(self.dataset, self.format)
+        except ConfigError as exc:
+            return exc.problems
+        return []
 
 
 @dataclass
@@ -414,7 +446,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 # the next optimizer step computes. Everything else must match (see checkpoint.check_compatible).
 RESUMABLE_CHANGES = (
     "train.output_dir", "train.max_steps", "train.save_steps", "train.logging_steps", "train.micro_batch_size",
-    "train.resume_from", "eval.", "checkpoint.", "dist.", "preset",
+    "train.resume_from", "eval.", "checkpoint.", "dist.", "preset", "data.cache_dir",
 )
 
 

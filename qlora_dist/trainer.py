@@ -9,7 +9,8 @@ import torch
 from . import checkpoint, compat, dist, memory
 from .checkpoint import Progress
 from .config import Config, ConfigError
-from .data import BatchSchedule, builtin_examples, collate, tokenize_all
+from .corpus import prepare as prepare_corpus
+from .data import BatchSchedule, collate
 from .engine import build_ds_config, initialize, zero_stage
 from .evaluate import builtin_accuracy, format_report
 from .model import build_model, count_parameters
@@ -36,14 +37,13 @@ class Trainer:
             return
         ds = build_ds_config(cfg, self.info.world_size)
         self.model, self.tokenizer = build_model(cfg, self.device, ds)
-        self.rows, self.held_out = self._setup_data()
+        self.rows, self.held_out, data_report = prepare_corpus(cfg, self.tokenizer, self.info)
         self.engine = initialize(cfg, self.model, ds)
         self.zero_stage = zero_stage(ds)
-        self.schedule = BatchSchedule(len(self.rows), cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                                      self.info.rank, self.info.world_size, cfg.train.seed)
+        self.schedule = self._setup_schedule()
         self.step = self._restore()
         self.log = RunLog(self.out, self.step, cfg.train.max_steps)
-        self._describe(ds)
+        self._describe(ds, data_report)
 
     def _setup_memory(self) -> None:
         """With train.max_memory_per_gpu: pick an 'auto' micro batch, refuse a plan over the cap before
@@ -78,13 +78,14 @@ class Trainer:
         dist.barrier()
         return checkpoint.find_resume(self.out, self.cfg)
 
-    def _setup_data(self):
-        """Examples are generated and tokenized once, on rank 0, and shared with the other ranks."""
-        data = None
-        if self.info.is_main:
-            examples, held_out = builtin_examples(self.cfg)
-            data = (tokenize_all(examples, self.tokenizer, self.cfg), held_out)
-        return dist.broadcast_object(data)
+    def _setup_schedule(self) -> BatchSchedule:
+        cfg = self.cfg
+        if len(self.rows) < cfg.train.global_batch_size:
+            raise ConfigError([f"data.dataset: {len(self.rows)} training rows, fewer than one global batch "
+                               f"(train.global_batch_size={cfg.train.global_batch_size})"])
+        lengths = self.rows.lengths() if cfg.data.group_by_length else None
+        return BatchSchedule(len(self.rows), cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                             self.info.rank, self.info.world_size, cfg.train.seed, lengths)
 
     def _restore(self) -> int:
         if self.resume_from is None:
@@ -94,7 +95,10 @@ class Trainer:
         dist.log(f"resuming from {self.resume_from} (step {progress.step}, {progress.samples_seen} samples seen)")
         return progress.step
 
-    def _describe(self, ds: dict) -> None:
+    def _describe(self, ds: dict, data_report: dict | None) -> None:
+        if data_report:
+            self.log.write({"event": "data", **data_report})
+            dist.log(f"{data_report['summary']}; {data_report['rows']:,} training rows (cache {data_report['cache']})")
         trainable, total = count_parameters(self.model)
         note = compat.paged_optimizer_note() if "paged" in self.cfg.optim.name else None
         dist.log(f"model {self.cfg.model.path}: {trainable:,} trainable LoRA parameters of {total:,}; "
@@ -136,13 +140,13 @@ class Trainer:
         """One optimizer step: the engine accumulates over this rank's micro-batches, then steps."""
         start, losses, tokens = time.perf_counter(), [], 0
         for micro in self.schedule.micro_batches(self.step):
-            batch = {k: v.to(self.device) for k, v in collate([self.rows[i] for i in micro],
-                                                              self.tokenizer.pad_token_id).items()}
+            rows = [self.rows[i] for i in micro]
+            batch = {k: v.to(self.device) for k, v in collate(rows, self.tokenizer.pad_token_id).items()}
             loss = self.engine(**batch).loss
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.item())
-            tokens += int(batch["attention_mask"].sum())
+            tokens += sum(len(r.input_ids) for r in rows)  # real tokens, padding excluded
         self.step += 1
         loss_sum, token_sum = dist.all_reduce_sum([sum(losses) / len(losses), tokens])
         self.last_loss = loss_sum / self.info.world_size

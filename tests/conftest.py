@@ -15,6 +15,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # Everything a run caches stays inside the repository (a fresh CI machine has nothing else).
 os.environ.setdefault("QLORA_DIST_CACHE", str(REPO / ".cache" / "models"))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+os.environ.setdefault("HF_DATASETS_CACHE", str(REPO / ".cache" / "hf_datasets"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

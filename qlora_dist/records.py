@@ -1,0 +1,204 @@
+"""Raw records of a dataset, each with where it came from (file:line, or file row N), read offline.
+
+Sources: a named dataset (see formats.DATASETS) from the HF datasets cache; a local file (.json with a
+JSON array, .json/.jsonl JSON lines, optionally .gz; .csv; .tsv; .parquet); a local folder (a
+`save_to_disk` folder, or a folder of such files).
+
+JSON lines are read here line by line rather than through `datasets`' json builder: that builder
+(datasets 5.2) turns one non-UTF-8 or malformed line into a pyarrow error for the whole file, with no
+line number, where we must skip and count that line. Everything else goes through `datasets`.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .config import ConfigError
+from .formats import DATASETS, HEADERLESS_COLUMNS, RowError
+
+TABLE_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+
+
+@dataclass(frozen=True)
+class Record:
+    where: str  # "file:line" or "file row N": what an error message names
+    data: dict | RowError  # the parsed record, or why it could not be read
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved dataset: what to read, and how (kind: jsonl | json-array | table | hub | disk)."""
+    name: str
+    kind: str
+    paths: tuple[Path, ...]
+    format: str | None  # known from the dataset name, else detected from the columns
+    headerless: tuple[str, ...] | None = None
+
+    def fingerprint(self) -> str:
+        """Changes whenever the data could have: content hash of small files, size+mtime of large ones."""
+        h = hashlib.sha256(f"{self.name}|{self.kind}".encode())
+        for p in self.paths:
+            for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
+                if not f.is_file():
+                    continue
+                st = f.stat()
+                h.update(f"{f}|{st.st_size}|".encode())
+                if st.st_size <= 256 * 2**20:
+                    h.update(hashlib.sha256(f.read_bytes()).digest())
+                else:
+                    h.update(str(st.st_mtime_ns).encode())
+        return h.hexdigest()[:16]
+
+
+def datasets_lib():
+    """The `datasets` module, without its per-call progress bars (rank 0's tqdm bar is the run's one)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return next((s for s in (".jsonl.gz", ".json.gz") if name.endswith(s)), path.suffix.lower())
+
+
+def _is_json_array(path: Path) -> bool:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        head = fh.read(4096).lstrip()
+    return head.startswith(b"[")
+
+
+def resolve(dataset: str, data_format: str | None, key: str = "data.dataset") -> Source:
+    """Where `data.dataset` points: a named dataset, a file or a folder."""
+    path = Path(dataset).expanduser()
+    headerless = HEADERLESS_COLUMNS.get(data_format or "")
+    if path.is_file():
+        suffix = _suffix(path)
+        if suffix in JSON_SUFFIXES:
+            kind = "json-array" if _is_json_array(path) else "jsonl"
+        elif suffix in TABLE_SUFFIXES:
+            kind = "table"
+        else:
+            raise ConfigError([f"{key}: {path}: unsupported file type {suffix!r}; use .json, .jsonl, .json.gz, "
+                               ".jsonl.gz, .csv, .tsv, .parquet or a folder"])
+        return Source(str(path), kind, (path,), data_format, headerless)
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+            return Source(str(path), "disk", (path,), data_format)
+        files = sorted(f for f in path.iterdir() if f.is_file() and _suffix(f) in (*JSON_SUFFIXES, *TABLE_SUFFIXES))
+        if not files:
+            raise ConfigError([f"{key}: folder {path} holds no .json/.jsonl/.csv/.tsv/.parquet file"])
+        kinds = {("json-array" if _is_json_array(f) else "jsonl") if _suffix(f) in JSON_SUFFIXES else "table"
+                 for f in files}
+        if len(kinds) > 1:
+            raise ConfigError([f"{key}: folder {path} mixes file kinds ({', '.join(sorted(kinds))}); use one"])
+        return Source(str(path), kinds.pop(), tuple(files), data_format, headerless)
+    if dataset in DATASETS:
+        return Source(dataset, "hub", (), data_format or DATASETS[dataset][1])
+    raise ConfigError([f"{key}: {dataset!r} is neither a file, a folder nor a known dataset "
+                       f"({', '.join(sorted(DATASETS))})"])
+
+
+def read(source: Source) -> Iterator[Record]:
+    """Every record of the source, in order; unreadable ones carry a RowError instead of data."""
+    readers = {"jsonl": _read_jsonl, "json-array": _read_json_array, "table": _read_table}
+    if source.kind in readers:
+        for path in source.paths:
+            yield from readers[source.kind](path, source.headerless)
+        return
+    dataset = _load_hub(source) if source.kind == "hub" else _load_disk(source.paths[0])
+    for i, row in enumerate(dataset):
+        yield Record(f"{source.name} row {i + 1}", dict(row))
+
+
+def _read_jsonl(path: Path, _headerless=None) -> Iterator[Record]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield Record(where, RowError("non_utf8", None, f"byte {exc.start} is not UTF-8"))
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield Record(where, RowError("bad_json", None, exc.msg))
+                continue
+            yield Record(where, value if isinstance(value, dict) else RowError("wrong_type", None, "not a JSON object"))
+
+
+def _read_json_array(path: Path, _headerless=None) -> Iterator[Record]:
+    """A JSON array file is parsed whole: a syntax error stops the run, naming the line."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        rows = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError([f"{path}:{line}: not UTF-8 (byte {exc.start}); a JSON array file cannot skip rows"])
+    except json.JSONDecodeError as exc:
+        raise ConfigError([f"{path}:{exc.lineno}: not valid JSON: {exc.msg}"])
+    if not isinstance(rows, list):
+        raise ConfigError([f"{path}: expected a JSON array of records or JSON lines"])
+    for i, value in enumerate(rows):
+        where = f"{path} record {i + 1}"
+        yield Record(where, value if isinstance(value, dict) else RowError("wrong_type", None, "not a JSON object"))
+
+
+def _read_table(path: Path, headerless: tuple[str, ...] | None) -> Iterator[Record]:
+    datasets = datasets_lib()
+    builder = TABLE_SUFFIXES[path.suffix.lower()]
+    kwargs = {}
+    if path.suffix.lower() == ".tsv":
+        kwargs["delimiter"] = "\t"
+    if headerless and builder == "csv":
+        kwargs.update(column_names=list(headerless), header=None)
+    elif path.suffix.lower() == ".tsv" and not headerless:
+        raise ConfigError([f"{path}: .tsv files are read with data.format=flan-cot (no header); for a table "
+                           "with a header use .csv"])
+    table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    first_data_line = 1 if headerless or builder != "csv" else 2
+    for i, row in enumerate(table):
+        where = f"{path}:{i + first_data_line}" if builder == "csv" else f"{path} row {i + 1}"
+        yield Record(where, dict(row))
+
+
+def _load_hub(source: Source):
+    """A named dataset from the HF datasets cache; never the network (this is read offline)."""
+    datasets = datasets_lib()
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    hub_id = DATASETS[source.name][0]
+    kwargs = {"data_files": "unified_chip2.jsonl"} if source.name == "chip2" else {}
+    try:
+        return datasets.load_dataset(hub_id, split="train", **kwargs)
+    except Exception as exc:  # datasets raises several types for "not cached"; all mean the same here
+        raise ConfigError([f"data.dataset: {source.name!r} ({hub_id}) is not in the HF datasets cache and this "
+                           f"run is offline ({type(exc).__name__}); point data.dataset at a local file or "
+                           "folder of it instead"]) from None
+
+
+def _load_disk(path: Path):
+    datasets = datasets_lib()
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise ConfigError([f"data.dataset: {path} has splits {list(loaded)} and no 'train'"])
+        loaded = loaded["train"]
+    return loaded
+
+
+def columns_of(first: dict | None) -> set[str]:
+    return set(first) if isinstance(first, dict) else set()

@@ -1,0 +1,368 @@
+"""The seed's dataset formats: exact mapping of real rows (../shared/data) and of files written in each
+published schema, bad rows counted by reason, strict mode, the tokenized-data cache, packing, preview."""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, SHARED_DATA, run_cli
+from qlora_dist.config import ConfigError, load_config
+from qlora_dist.corpus import cached_rows, fingerprint, read_examples, tokenize_examples
+from qlora_dist.data import IGNORE_INDEX, BatchSchedule, collate, pack, padding_fraction, tokenize_all
+from qlora_dist.dist import DistInfo
+from qlora_dist.formats import ALPACA_PROMPT_NO_INPUT, Example
+
+needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} (real dataset samples) is absent")
+
+
+def examples_of(dataset, *overrides: str) -> tuple[list[Example], object]:
+    return read_examples(load_config(overrides=[f"data.dataset={dataset}", *overrides]))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from qlora_dist.model import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
+
+
+# ------------------------------------------------------------------------------ real rows, exact strings
+ALPACA_INPUT_SOURCE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+    "response that appropriately completes the request.\n\n### Instruction:\nIdentify the odd one out.\n\n"
+    "### Input:\nTwitter, Instagram, Telegram\n\n### Response: ")
+REAL = [  # (file, format override, records, examples, an exact (source, target) among the examples)
+    ("alpaca/alpaca_tiny.json", None, 100, 100, (ALPACA_INPUT_SOURCE, "Telegram")),
+    ("alpaca/alpaca_tiny.json", None, 100, 100, (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nFind the capital of Spain.\n\n### Response: ", "The capital of Spain is Madrid.")),
+    ("hh-rlhf/harmless-base/test.jsonl.gz", None, 2312, 2312, ("", "\n\nHuman: Hey you!\n\nAssistant: Do you need help?")),
+    ("self_instruct/seed_tasks.jsonl", None, 175, 175, ("Find the four smallest perfect numbers.\n\n", "6, 28, 496, and 8128")),
+    ("self_instruct/user_oriented_instructions.jsonl", None, 252, 252, (
+        "Answer the following question.\n\nHow do you say \"good evening\" in French.\n\n", "bonsoir")),
+    ("longform/longform_train.json", None, 17, 17, (
+        "\"Describe Brugnens.\" Respond in 11 words.",
+        " Brugnens is a commune in the Gers department in southwestern France.")),
+    ("oasst_guanaco/oa_questions.jsonl", None, 953, 953, ("### Human: ¿123 x 3567? ### Assistant:", "438,741")),
+    ("flan_v2/qasc_train.tsv", "flan-cot", 1084, 1084, (
+        "Mussels have what?\nOptions:\n- (A) seaweed\n- (B) arms\n- (C) Energy\n- (D) a shell\n- (E) warmth\n"
+        "- (F) bacteria\n- (G) Length\n- (H) legs\nLet's think step by step.",
+        "Most mollusks have shells. Mussels are bivalve mollusks. Mussels have shells. So the answer is (D).")),
+]
+
+
+@needs_shared
+@pytest.mark.parametrize("path,fmt,n_records,n_examples,pair", REAL, ids=[f"{r[0]}-{i}" for i, r in enumerate(REAL)])
+def test_real_rows_map_to_the_exact_strings(path, fmt, n_records, n_examples, pair):
+    examples, report = examples_of(SHARED_DATA / path, *([f"data.format={fmt}"] if fmt else []))
+    assert (report.records, report.examples, sum(report.skipped.values())) == (n_records, n_examples, 0)
+    assert Example(*pair) in examples
+
+
+@needs_shared
+def test_alpaca_rows_use_the_template_with_and_without_input():
+    raw = json.loads((SHARED_DATA / "alpaca/alpaca_tiny.json").read_text())
+    examples, report = examples_of(SHARED_DATA / "alpaca/alpaca_tiny.json")
+    assert report.format == "alpaca"
+    for row, ex in zip(raw, examples):
+        assert ex.target == row["output"]
+        assert ("### Input:\n" + row["input"] in ex.source) == (row["input"] != "")
+    assert examples[0].source == ALPACA_PROMPT_NO_INPUT.format(instruction=raw[0]["instruction"])
+
+
+# ------------------------------------------------------------------------- files in published schemas
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+SCHEMAS = [  # (file name, rows, format it is detected as, expected examples)
+    ("chip2.jsonl", [{"text": "<human>: What is 2+2?\n<bot>: 4", "metadata": {"source": "unified_chip2"}}],
+     "chip2", [("What is 2+2?", "4")]),
+    ("guanaco.jsonl", [{"text": "### Human: Hi there### Assistant: Hello! How can I help?"}],
+     "oasst1", [("", "### Human: Hi there### Assistant: Hello! How can I help?")]),
+    ("self_instruct.jsonl", [{"prompt": "Make a list of 3 colors.\n\nOutput:", "completion": " red, green, blue"}],
+     "self-instruct", [("Make a list of 3 colors.\n\nOutput:", " red, green, blue")]),
+    ("unnatural.jsonl", [{"instruction": "Add the numbers.", "instances": [
+        {"instruction_with_input": "Add the numbers. 2, 3", "input": "2, 3", "output": "5", "constraints": "None."},
+        {"instruction_with_input": "Add the numbers. 1, 1", "input": "1, 1", "output": "2", "constraints": "None."}],
+        "reformulations": []}],
+     "unnatural-instructions", [("Add the numbers. 2, 3", "5"), ("Add the numbers. 1, 1", "2")]),
+    ("flan.jsonl", [{"inputs": "Translate to German: cat", "targets": "Katze", "task": "wmt16_translate"}],
+     "flan-v2", [("Translate to German: cat", "Katze")]),
+    ("hh.jsonl", [{"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}],
+     "hh-rlhf", [("", "\n\nHuman: hi\n\nAssistant: hello")]),
+    ("generic.jsonl", [{"input": "Q: 1+1?", "output": "2", "id": 7}], "input-output", [("Q: 1+1?", "2")]),
+]
+
+
+@pytest.mark.parametrize("name,rows,fmt,expected", SCHEMAS, ids=[s[2] for s in SCHEMAS])
+def test_published_schemas_map_exactly(tmp_path, name, rows, fmt, expected):
+    examples, report = examples_of(write_jsonl(tmp_path / name, rows))
+    assert report.format == fmt
+    assert examples == [Example(*e) for e in expected]
+    # The same with the format named explicitly, as data.format=... does for ambiguous files.
+    assert examples_of(tmp_path / name, f"data.format={fmt}")[0] == examples
+
+
+def test_tables_folders_and_saved_datasets_load_through_datasets(tmp_path):
+    import datasets
+
+    rows = [{"input": f"question {i}", "output": f"answer {i}"} for i in range(5)]
+    expected = [Example(r["input"], r["output"]) for r in rows]
+    table = datasets.Dataset.from_list(rows)
+    table.to_csv(str(tmp_path / "d.csv"), index=False)
+    table.to_parquet(str(tmp_path / "d.parquet"))
+    table.save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "folder").mkdir()
+    write_jsonl(tmp_path / "folder" / "a.jsonl", rows[:2])
+    write_jsonl(tmp_path / "folder" / "b.jsonl", rows[2:])
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows))
+    for source in ("d.csv", "d.parquet", "saved", "folder", "d.jsonl.gz"):
+        assert examples_of(tmp_path / source)[0] == expected, source
+
+
+def test_unclear_or_missing_sources_are_named(tmp_path):
+    write_jsonl(tmp_path / "plain.jsonl", [{"text": "just some text"}])
+    with pytest.raises(ConfigError, match="data.format: cannot tell the format.*'text'"):
+        examples_of(tmp_path / "plain.jsonl")
+    with pytest.raises(ConfigError, match="neither a file, a folder nor a known dataset"):
+        load_config(overrides=[f"data.dataset={tmp_path / 'nope.json'}"])
+    with pytest.raises(ConfigError, match="data.format: unknown 'alpacca'"):
+        load_config(overrides=["data.dataset=alpaca", "data.format=alpacca"])
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(ConfigError, match="unsupported file type '.txt'"):
+        load_config(overrides=[f"data.dataset={tmp_path / 'd.txt'}"])
+
+
+def test_a_named_dataset_missing_from_the_offline_cache_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="'alpaca' \\(tatsu-lab/alpaca\\) is not in the HF datasets cache"):
+        examples_of("alpaca")
+
+
+# ------------------------------------------------------------------------------------------ bad rows
+def corrupted_file(path: Path) -> tuple[Path, int]:
+    """1,000 rows; every 20th (lines 20, 40, ..., 1000: 50 rows, 5%) is bad in one of five ways, in turn.
+    Returns the path and the first bad line."""
+    kinds = ["missing", "type", "empty", "utf8", "long"]
+    lines, bad = [], 0
+    for i in range(1000):
+        row = {"instruction": f"Repeat {i}.", "input": "", "output": f"{i}"}
+        if i % 20 == 19:
+            kind, bad = kinds[bad % 5], bad + 1
+            if kind == "missing":
+                del row["output"]
+            elif kind == "type":
+                row["instruction"] = ["not", "a", "string"]
+            elif kind == "empty":
+                row["output"] = "  "
+            elif kind == "long":
+                row["input"] = "x" * 5000
+            if kind == "utf8":
+                lines.append(json.dumps(row).encode().replace(b"Repeat", b"R\xff\xfepeat"))
+                continue
+        lines.append(json.dumps(row).encode())
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path, 20
+
+
+def test_bad_rows_are_skipped_and_counted_per_reason(tmp_path):
+    path, _ = corrupted_file(tmp_path / "alpaca_bad.jsonl")
+    examples, report = examples_of(path, "data.max_row_chars=4000")
+    print(report.summary())
+    assert report.records == 1000 and report.examples == 950 == len(examples)
+    assert report.skipped == {"bad_json": 0, "non_utf8": 10, "missing_field": 10, "wrong_type": 10,
+                              "empty_output": 10, "too_long": 10}
+    assert report.first_skip.startswith(f"{path}:20: missing_field in field 'output'")
+
+
+def test_strict_mode_stops_at_the_first_bad_line_naming_file_line_and_field(tmp_path):
+    path, first_bad = corrupted_file(tmp_path / "alpaca_bad.jsonl")
+    with pytest.raises(ConfigError) as err:
+        examples_of(path, "data.strict=true")
+    assert f"{path}:{first_bad}: missing_field in field 'output'" in str(err.value)
+    # And from the command line: exit code 2, the same message, nothing trained or written.
+    out = tmp_path / "run"
+    proc = run_cli("train", "model.path=tiny-llama", f"data.dataset={path}", "data.strict=true",
+                   f"train.output_dir={out}", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"alpaca_bad.jsonl:{first_bad}: missing_field in field 'output'" in proc.stderr
+    assert not list(out.glob("checkpoint-*"))
+
+
+# ------------------------------------------------------------------------------ tokenization, masking
+def test_labels_mask_the_source_token_by_token_on_a_real_format(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Name a fruit.", "input": "", "output": "An apple."}])
+    for on_source in (False, True):
+        cfg = load_config(overrides=[f"data.dataset={path}", f"data.train_on_source={str(on_source).lower()}"])
+        examples, _ = read_examples(cfg)
+        row = tokenize_all(examples, tokenizer, cfg)[0]
+        source = tokenizer(tokenizer.bos_token + examples[0].source, add_special_tokens=False)["input_ids"]
+        target = tokenizer("An apple." + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        assert row.input_ids == source + target
+        for position, (token, label) in enumerate(zip(row.input_ids, row.labels)):
+            trained = on_source or position >= len(source)
+            assert label == (token if trained else IGNORE_INDEX), position
+
+
+def test_packing_keeps_each_examples_tokens_and_labels(tokenizer):
+    examples = [Example(f"question {i} " * (i + 1), f" answer {i}") for i in range(12)]
+    rows = [r for r in tokenize_all(examples, tokenizer, load_config(overrides=["data.train_on_source=true"]))]
+    packed = pack(rows, 64, seed=3)
+    assert len(packed) < len(rows) and all(len(p.input_ids) <= 64 for p in packed)
+    pieces = []
+    for p in packed:  # split each packed row where its position ids restart
+        starts = [i for i, pos in enumerate(p.position_ids) if pos == 0] + [len(p.input_ids)]
+        pieces += [(p.input_ids[a:b], p.labels[a:b]) for a, b in zip(starts, starts[1:])]
+    originals = sorted((r.input_ids, [IGNORE_INDEX] + r.labels[1:]) for r in rows)
+    assert sorted(pieces) == originals
+
+
+def test_packed_examples_give_the_logits_they_give_alone(tmp_path, tiny_model_dir, tokenizer):
+    from qlora_dist.model import load_base
+
+    model = load_base(tiny_model_dir, bits=16, compute_dtype="float32").eval()
+    examples = [Example("The sky is", " blue"), Example("One two three", " four five"),
+                Example("### Human: hi ### Assistant:", " hello there, friend")]
+    rows = tokenize_all(examples, tokenizer, load_config())
+    packed = pack(rows, sum(len(r.input_ids) for r in rows), seed=0)
+    assert len(packed) == 1
+    batch = collate(packed, tokenizer.pad_token_id)
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        # use_cache=False as in training: transformers looks for packed sequences only without a KV cache.
+        together = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        # Control: the same row as one causal sequence (attention across examples) must differ.
+        crossing = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
+        starts = [i for i, p in enumerate(packed[0].position_ids) if p == 0] + [len(packed[0].input_ids)]
+        worst, worst_crossing = 0.0, 0.0
+        for a, b in zip(starts, starts[1:]):
+            alone = model(input_ids=batch["input_ids"][:, a:b]).logits[0]
+            worst = max(worst, float((together[a:b] - alone).abs().max()))
+            worst_crossing = max(worst_crossing, float((crossing[a:b] - alone).abs().max()))
+    scale = float(together.abs().max())
+    print(f"packed vs alone: max |diff| {worst:.2e} (logit scale {scale:.2f}); without position ids "
+          f"{worst_crossing:.2e}")
+    assert worst <= 1e-5 * max(scale, 1.0)  # fp32: summation order only
+    assert worst_crossing > 1e-3
+
+
+@needs_shared
+def test_padding_fraction_on_alpaca_at_the_7b_preset_lengths():
+    """Reported in the closing note: the SmolLM2 tokenizer (the LLaMA tokenizer is not on this machine)."""
+    from qlora_dist.model import load_tokenizer
+    from qlora_dist.prepare import resolve_model_path
+
+    tok = load_tokenizer(resolve_model_path("smollm2"))
+    base = ["model.path=smollm2", f"data.dataset={SHARED_DATA / 'alpaca/alpaca_tiny.json'}"]
+    cfg = load_config(preset="7b-all", overrides=base)
+    micro = 16  # the paper's 7B batch as one micro-batch: padding only matters above micro batch 1
+    examples, _ = read_examples(cfg)
+    plain = tokenize_examples(examples, tok, cfg)
+    packed = tokenize_examples(examples, tok, load_config(preset="7b-all", overrides=[*base, "data.packing=true"]))
+
+    def fraction(rows, lengths=None):
+        schedule = BatchSchedule(len(rows), micro, micro, 0, 1, seed=0, lengths=lengths)
+        steps = len(rows) // micro
+        return padding_fraction([[rows[i] for i in schedule.global_indices(s)] for s in range(steps)])
+
+    f_plain, f_grouped, f_packed = fraction(plain), fraction(plain, [len(r.input_ids) for r in plain]), fraction(packed)
+    print(f"alpaca_tiny at source/target {cfg.data.source_max_len}/{cfg.data.target_max_len}, micro batch {micro}: "
+          f"padding {100 * f_plain:.1f}% plain, {100 * f_grouped:.1f}% group_by_length, {100 * f_packed:.1f}% "
+          f"packed ({len(plain)} rows -> {len(packed)} packed rows)")
+    assert f_packed < f_plain / 4 and f_grouped < f_plain
+
+
+def test_group_by_length_batches_similar_lengths_and_still_uses_every_example():
+    lengths = [(i * 37) % 101 + 1 for i in range(320)]
+    grouped = BatchSchedule(320, 16, 4, 0, 1, seed=1, lengths=lengths)
+    plain = BatchSchedule(320, 16, 4, 0, 1, seed=1)
+    epoch = [i for s in range(20) for i in grouped.global_indices(s)]
+    assert sorted(epoch) == list(range(320))
+
+    def spread(schedule):
+        return sum(max(lengths[i] for i in mb) - min(lengths[i] for i in mb)
+                   for s in range(20) for mb in schedule.micro_batches(s))
+    assert spread(grouped) < spread(plain) / 4
+
+
+# ----------------------------------------------------------------------------------------------- cache
+def test_the_cache_is_built_once_and_keyed_by_data_tokenizer_and_settings(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"input": f"q{i}", "output": f"a{i}"} for i in range(20)])
+    over = [f"data.dataset={path}", f"data.cache_dir={tmp_path / 'cache'}"]
+    cfg = load_config(overrides=over)
+    info = DistInfo(0, 0, 1)
+    rows, report = cached_rows(cfg, tokenizer, info)
+    stamp = (Path(report["cache"]) / "report.json").stat().st_mtime_ns
+    again, report2 = cached_rows(cfg, tokenizer, info)
+    assert report2["cache"] == report["cache"] and (Path(report["cache"]) / "report.json").stat().st_mtime_ns == stamp
+    assert [again[i] for i in range(len(again))] == tokenize_examples(read_examples(cfg)[0], tokenizer, cfg)
+    others = [load_config(overrides=[*over, "data.source_max_len=7"]), load_config(overrides=[*over, "data.packing=true"])]
+    prints = {fingerprint(c, tokenizer) for c in [cfg, *others]}
+    write_jsonl(path, [{"input": f"q{i}", "output": f"b{i}"} for i in range(20)])  # the data changed
+    prints.add(fingerprint(cfg, tokenizer))
+    assert len(prints) == 4
+    assert not list((tmp_path / "cache").glob(".tmp-*"))
+
+
+# ----------------------------------------------------------------------------------- preview, training
+def test_preview_prints_mapped_rows_token_counts_and_skips(tmp_path):
+    path, _ = corrupted_file(tmp_path / "alpaca_bad.jsonl")
+    out = run_cli("data", "preview", str(path), "model.path=tiny-llama", "data.max_row_chars=4000", "--n", "2").stdout
+    assert out.count("--- example") == 2 and "[source] 'Below is an instruction" in out and "[target] '0'" in out
+    assert "masked labels" in out
+    assert "1,000 records -> 950 examples; skipped: non_utf8 10, missing_field 10, wrong_type 10, empty_output 10, " \
+           "too_long 10" in out
+
+
+@needs_shared
+@pytest.mark.slow
+def test_a_few_steps_on_each_real_sample_give_finite_losses(tmp_path):
+    import subprocess
+
+    samples = [f"{name}={SHARED_DATA / p}" for name, p in [
+        ("alpaca", "alpaca/alpaca_tiny.json"), ("hh-rlhf", "hh-rlhf/harmless-base/test.jsonl.gz"),
+        ("self-instruct-seed", "self_instruct/seed_tasks.jsonl"),
+        ("self-instruct-user", "self_instruct/user_oriented_instructions.jsonl"),
+        ("longform", "longform/longform_train.json"), ("oasst-questions", "oasst_guanaco/oa_questions.jsonl")]]
+    samples.append(f"flan-cot={SHARED_DATA / 'flan_v2/qasc_train.tsv'}@flan-cot")
+    settings = ["model.path=tiny-llama", "lora.r=8", "train.global_batch_size=4", "train.micro_batch_size=2",
+                "train.max_steps=3", "train.save_steps=3", "eval.at_end=false", "data.source_max_len=96",
+                "data.target_max_len=96", "data.max_examples=48", "data.packing=true"]
+    proc = subprocess.run([sys.executable, str(REPO / "tests/workers/train_samples.py"), str(tmp_path), *samples,
+                           "--", *settings], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    print({k: [round(x, 3) for x in v] for k, v in losses.items()})
+    assert len(losses) == 7
+    for name, curve in losses.items():
+        assert len(curve) == 3 and all(math.isfinite(x) and x > 0 for x in curve), name
+        assert (tmp_path / name / "adapter_model" / "adapter_model.safetensors").is_file(), name
+
+
+@pytest.mark.slow
+def test_two_ranks_share_one_cache_built_by_rank_zero(tmp_path):
+    from conftest import read_metrics, run_torchrun
+
+    path, _ = corrupted_file(tmp_path / "alpaca_bad.jsonl")
+    out = tmp_path / "run"
+    run_torchrun(2, "train", "model.path=tiny-llama", "lora.r=8", f"data.dataset={path}", "data.max_row_chars=4000",
+                 "data.group_by_length=true", "train.global_batch_size=8", "train.micro_batch_size=2",
+                 "train.max_steps=3", "train.save_steps=3", "eval.at_end=false", f"train.output_dir={out}")
+    caches = [p for p in (out / "data-cache").iterdir()]
+    assert len(caches) == 1 and caches[0].is_dir(), caches  # one build, nothing half-written left
+    report = json.loads((caches[0] / "report.json").read_text())
+    assert report["built_by"]["rank"] == 0 and report["examples"] == report["rows"] == 950
+    event = next(r for r in read_metrics(out) if r.get("event") == "data")
+    assert event["skipped"]["non_utf8"] == 10 and event["cache"] == str(caches[0])
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3]
