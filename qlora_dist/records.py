@@ -177,17 +177,28 @@ def _read_table(path: Path, headerless: tuple[str, ...] | None) -> Iterator[Reco
 
 
 def _load_hub(source: Source):
-    """A named dataset from the HF datasets cache; never the network (this is read offline)."""
+    """A named dataset, offline: from the HF datasets cache (a earlier `load_dataset` of it), else from a
+    downloaded copy of its hub repository in the HF hub cache (`huggingface-cli download --repo-type
+    dataset ...`). Never the network."""
     datasets = datasets_lib()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     hub_id = DATASETS[source.name][0]
     kwargs = {"data_files": "unified_chip2.jsonl"} if source.name == "chip2" else {}
     try:
         return datasets.load_dataset(hub_id, split="train", **kwargs)
-    except Exception as exc:  # datasets raises several types for "not cached"; all mean the same here
-        raise ConfigError([f"data.dataset: {source.name!r} ({hub_id}) is not in the HF datasets cache and this "
-                           f"run is offline ({type(exc).__name__}); point data.dataset at a local file or "
-                           "folder of it instead"]) from None
+    except Exception:  # datasets raises several types for "not cached"; all mean: try the hub cache
+        pass
+    from huggingface_hub import snapshot_download
+
+    try:
+        # HF_HUB_CACHE read now, not when huggingface_hub was imported (transformers imports it early).
+        folder = snapshot_download(hub_id, repo_type="dataset", local_files_only=True,
+                                   cache_dir=os.environ.get("HF_HUB_CACHE"))
+    except Exception as exc:
+        raise ConfigError([f"data.dataset: {source.name!r} ({hub_id}) is neither in the HF datasets cache nor in "
+                           f"the HF hub cache, and this run is offline ({type(exc).__name__}); point "
+                           "data.dataset at a local file or folder of it instead"]) from None
+    return datasets.load_dataset(folder, split="train", **kwargs)
 
 
 def _load_disk(path: Path):

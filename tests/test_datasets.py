@@ -146,8 +146,29 @@ def test_a_named_dataset_missing_from_the_offline_cache_says_what_to_do(tmp_path
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(ConfigError, match="'alpaca' \\(tatsu-lab/alpaca\\) is not in the HF datasets cache"):
+    with pytest.raises(ConfigError, match="'alpaca' \\(tatsu-lab/alpaca\\) is neither in the HF datasets cache"):
         examples_of("alpaca")
+
+
+@needs_shared
+def test_a_named_dataset_loads_from_a_downloaded_hub_repository(tmp_path, monkeypatch):
+    """The layout `huggingface-cli download --repo-type dataset tatsu-lab/alpaca` leaves in the hub cache,
+    holding the real Alpaca rows of ../shared/data."""
+    import datasets
+
+    repo = tmp_path / "hub" / "datasets--tatsu-lab--alpaca"
+    (repo / "snapshots" / "0123abc" / "data").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    rows = json.loads((SHARED_DATA / "alpaca/alpaca_tiny.json").read_text())
+    datasets.Dataset.from_list(rows).to_parquet(str(repo / "snapshots/0123abc/data/train-00000-of-00001.parquet"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    examples, report = examples_of("alpaca")
+    assert report.format == "alpaca" and report.records == 100
+    assert examples == examples_of(SHARED_DATA / "alpaca/alpaca_tiny.json")[0]
 
 
 # ------------------------------------------------------------------------------------------ bad rows
