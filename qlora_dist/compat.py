@@ -85,3 +85,15 @@ def engine_train_mode(engine) -> None:
 # DeepSpeed 0.19.8 load_checkpoint of a 4-bit PEFT model: the Params4bit quant-state keys are
 # 'unexpected' to a strict load, and exclude_frozen_parameters saves only the LoRA weights anyway.
 LOAD_MODULE_STRICT = False
+
+
+def force_hub_offline() -> None:
+    """Named datasets are read offline only. datasets 5.2 and huggingface_hub read HF_HUB_OFFLINE /
+    HF_DATASETS_OFFLINE once, at import (transformers imports both early), so setting the variable later
+    changes nothing and `load_dataset` of an uncached name retries the network for ~20 s before failing."""
+    import datasets
+    from huggingface_hub import constants
+
+    os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    constants.HF_HUB_OFFLINE = True

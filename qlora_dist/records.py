@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from . import compat
 from .config import ConfigError
 from .formats import DATASETS, HEADERLESS_COLUMNS, RowError
 
@@ -181,7 +182,7 @@ def _load_hub(source: Source):
     downloaded copy of its hub repository in the HF hub cache (`huggingface-cli download --repo-type
     dataset ...`). Never the network."""
     datasets = datasets_lib()
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    compat.force_hub_offline()
     hub_id = DATASETS[source.name][0]
     kwargs = {"data_files": "unified_chip2.jsonl"} if source.name == "chip2" else {}
     try:
