@@ -249,10 +249,11 @@ def test_packing_keeps_each_examples_tokens_and_labels(tokenizer):
     assert sorted(pieces) == originals
 
 
-def test_packed_examples_give_the_logits_they_give_alone(tmp_path, tiny_model_dir, tokenizer):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_examples_give_the_logits_they_give_alone(tmp_path, tiny_model_dir, tokenizer, attention):
     from qlora_dist.model import load_base
 
-    model = load_base(tiny_model_dir, bits=16, compute_dtype="float32").eval()
+    model = load_base(tiny_model_dir, bits=16, compute_dtype="float32", attn_implementation=attention).eval()
     examples = [Example("The sky is", " blue"), Example("One two three", " four five"),
                 Example("### Human: hi ### Assistant:", " hello there, friend")]
     rows = tokenize_all(examples, tokenizer, load_config())
@@ -272,7 +273,7 @@ def test_packed_examples_give_the_logits_they_give_alone(tmp_path, tiny_model_di
             worst = max(worst, float((together[a:b] - alone).abs().max()))
             worst_crossing = max(worst_crossing, float((crossing[a:b] - alone).abs().max()))
     scale = float(together.abs().max())
-    print(f"packed vs alone: max |diff| {worst:.2e} (logit scale {scale:.2f}); without position ids "
+    print(f"{attention}: packed vs alone: max |diff| {worst:.2e} (logit scale {scale:.2f}); without position ids "
           f"{worst_crossing:.2e}")
     assert worst <= 1e-5 * max(scale, 1.0)  # fp32: summation order only
     assert worst_crossing > 1e-3
