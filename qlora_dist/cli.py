@@ -83,11 +83,84 @@ def _cmd_submit(ns) -> None:
         print(f"job {job.job_id} finished")
 
 
+def _join_ranks():
+    """torchrun / deepspeed ranks join the process group; a plain process is a world of one without one
+    (and without importing deepspeed)."""
+    import contextlib
+    import os
+
+    from . import dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return dist.read_env()
+    # deepspeed 0.19.8 prints "... deepspeed_shm_comm_op built successfully" to stdout on CPU: keep
+    # stdout for results (`--json`).
+    with contextlib.redirect_stdout(sys.stderr):
+        return dist.init()
+
+
 def _cmd_generate(ns) -> None:
+    from . import dist
     from .generate import answer, load_for_inference
 
-    model, tokenizer = load_for_inference(ns.base, ns.adapter, ns.bits)
-    print(answer(model, tokenizer, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p))
+    if ns.prompt is not None:
+        model, tokenizer = load_for_inference(ns.base, ns.adapter, ns.bits)
+        print(answer(model, tokenizer, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p))
+        return
+    from pathlib import Path
+
+    from .generate import answer_questions, answer_records, read_prompt_file, write_jsonl_atomic
+
+    if not ns.out:
+        raise ConfigError(["--out: required with --prompts (the answer file to write)"])
+    if ns.batch_size <= 0:
+        raise ConfigError([f"--batch-size: must be > 0 (got {ns.batch_size})"])
+    schema, questions = read_prompt_file(ns.prompts)  # bad input fails before the model loads
+    info = _join_ranks()
+    try:
+        import torch
+
+        torch.manual_seed(ns.seed + info.rank)  # sampling only; greedy answers do not depend on it
+        model, tokenizer = load_for_inference(ns.base, ns.adapter, ns.bits)
+        answers = answer_questions(model, tokenizer, questions, ns.max_new_tokens, ns.temperature, ns.top_p,
+                                   ns.batch_size, info.rank, info.world_size)
+        if info.is_main:
+            model_id = ns.model_id or Path(ns.adapter or ns.base).name
+            write_jsonl_atomic(Path(ns.out), answer_records(schema, questions, answers, model_id))
+            dist.log(f"{len(questions)} answers ({schema} schema) written to {ns.out}")
+    finally:
+        dist.shutdown()
+
+
+def _cmd_eval_mmlu(ns) -> None:
+    import json
+    import time
+
+    from . import dist, mmlu
+    from .generate import load_for_inference
+
+    if ns.batch_size <= 0 or ns.max_questions < 0:
+        raise ConfigError([f"--batch-size: must be > 0 (got {ns.batch_size}); --max-questions: must be >= 0 "
+                           f"(got {ns.max_questions})"])
+    questions = mmlu.read_questions(ns.data, ns.shots, ns.split, ns.max_questions)  # before the model loads
+    info = _join_ranks()
+    try:
+        model, tokenizer = load_for_inference(ns.base, ns.adapter, ns.bits)
+        start = time.perf_counter()
+        report = mmlu.evaluate(model, tokenizer, questions, ns.batch_size, info.rank, info.world_size)
+        report.update(world_size=info.world_size, seconds=round(time.perf_counter() - start, 2))
+        if info.is_main:
+            title = (f"MMLU {ns.data} ({len(questions)} questions, {info.world_size} rank(s), "
+                     f"{report['seconds']:.1f} s):")
+            print(json.dumps(report) if ns.json else mmlu.format_report(report, title), flush=True)
+    finally:
+        dist.shutdown()
+
+
+def _cmd_merge(ns) -> None:
+    from .merge import merge
+
+    print(merge(ns.base, ns.adapter, ns.out, ns.dtype))
 
 
 def _cmd_data_preview(ns) -> None:
@@ -163,11 +236,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="HF folder, or smollm2 / tiny-llama")
     p.add_argument("--adapter", help="a PEFT adapter folder, e.g. OUTPUT/adapter_model")
     p.add_argument("--bits", type=int, choices=[4, 16], default=4)
-    p.add_argument("--prompt", required=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt", help="one prompt: its answer is printed")
+    which.add_argument("--prompts", help="a FastChat question.jsonl (llm_judge `turns` or eval-table `text` "
+                                         "schema): answers go to --out in the matching answer schema")
+    p.add_argument("--out", help="with --prompts: the answer .jsonl to write")
+    p.add_argument("--model-id", help="model_id in the answer file (default: the adapter's or base's folder name)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (rank r uses seed + r)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("eval", help="evaluate a base (and adapter) on a benchmark")
+    eval_sub = p.add_subparsers(dest="eval_command", required=True)
+    p = eval_sub.add_parser("mmlu", help="MMLU accuracy per subject and mean (runs under torchrun too)")
+    p.add_argument("--base", required=True, help="HF folder, or smollm2 / tiny-llama")
+    p.add_argument("--adapter", help="a PEFT adapter folder")
+    p.add_argument("--bits", type=int, choices=[4, 16], default=4)
+    p.add_argument("--data", required=True, help="a hendrycks MMLU folder (dev/ val/ test/ CSVs) or a JSON-lines "
+                                                 "file like qlora's data/mmlu/zero_shot_mmlu_val.json")
+    p.add_argument("--shots", type=int, choices=[0, 5], default=5, help="hendrycks folder only")
+    p.add_argument("--split", choices=["val", "test"], default="val", help="hendrycks folder only")
+    p.add_argument("--max-questions", type=int, default=0, help="evenly spaced subset (0: all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="the whole report, predictions included, as JSON")
+    p.set_defaults(func=_cmd_eval_mmlu)
+
+    p = sub.add_parser("merge", help="merge an adapter into the dequantized NF4 base: a plain 16-bit HF folder")
+    p.add_argument("--base", required=True, help="HF folder, or smollm2 / tiny-llama")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True, help="a new (or empty) folder")
+    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    p.set_defaults(func=_cmd_merge)
     return parser
 
 

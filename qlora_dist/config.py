@@ -45,6 +45,12 @@ class ModelConfig:
     loader: str = choice("auto", ("auto", "hf", "layerwise"),
                          "hf: transformers from_pretrained; layerwise: quantize and partition layer by layer "
                          "(auto: layerwise under ZeRO-3, so no rank ever holds the whole model)")
+    fused_loss: bool = opt(True, "loss through lm_head by chunks of tokens, never the full fp32 logits "
+                                 "(qlora_dist/fastpath.py); false: transformers' own loss")
+    fused_lora: bool = opt(True, "LoRA's product, scaling and sum in one matmul (qlora_dist/fastpath.py); "
+                                 "false: peft's own forward")
+    compile_kernels: bool = opt(False, "torch.compile RMSNorm, SwiGLU and the rotary embedding into fused "
+                                       "kernels (the first steps compile; qlora_dist/fastpath.py)")
 
     def check(self) -> list[str]:
         if not self.path:
@@ -220,11 +226,31 @@ class EvalConfig:
     steps: int = opt(0, "also every N steps (0: never)")
     batch_size: int = opt(32)
     max_new_tokens: int = opt(16)
+    mmlu_data: str | None = opt(None, "MMLU questions: a hendrycks folder (dev/ val/ test/ CSVs) or a JSON-lines "
+                                      "file like qlora's data/mmlu/*.json; None: no MMLU")
+    mmlu_split: str = choice("val", ("val", "test"), "hendrycks folder: the split asked")
+    mmlu_shots: int = choice(5, (0, 5), "hendrycks folder: dev examples per prompt (JSON lines carry their own)")
+    mmlu_steps: int = opt(0, "MMLU every N steps (0: never)")
+    mmlu_at_end: bool = opt(True, "MMLU after training (when eval.mmlu_data is set)")
+    mmlu_max_questions: int = opt(0, "evenly spaced subset of this many questions (0: all)")
+    mmlu_batch_size: int = opt(8, "questions per forward pass")
 
     def check(self) -> list[str]:
-        errs = [f"eval.{k}: must be > 0 (got {getattr(self, k)})" for k in ("batch_size", "max_new_tokens") if getattr(self, k) <= 0]
-        if self.steps < 0:
-            errs.append(f"eval.steps: must be >= 0 (got {self.steps})")
+        keys = ("batch_size", "max_new_tokens", "mmlu_batch_size")
+        errs = [f"eval.{k}: must be > 0 (got {getattr(self, k)})" for k in keys if getattr(self, k) <= 0]
+        for key in ("steps", "mmlu_steps", "mmlu_max_questions"):
+            if getattr(self, key) < 0:
+                errs.append(f"eval.{key}: must be >= 0 (got {getattr(self, key)})")
+        if self.mmlu_data is None:
+            if self.mmlu_steps:
+                errs.append("eval.mmlu_steps: needs eval.mmlu_data (an MMLU folder or JSON-lines file)")
+            return errs
+        from .mmlu import read_questions  # local import: mmlu imports config
+
+        try:
+            read_questions(self.mmlu_data, self.mmlu_shots, self.mmlu_split)
+        except ConfigError as exc:
+            errs += [f"eval.mmlu_data: {p}" for p in exc.problems]
         return errs
 
 

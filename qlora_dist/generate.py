@@ -1,13 +1,20 @@
 """Inference: batched generation in the Guanaco prompt format, base in 4-bit (default) or 16-bit."""
 from __future__ import annotations
 
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import dist
+from .config import ConfigError
 from .model import load_adapter, load_base, load_tokenizer
 from .prepare import resolve_model_path
-from .prompts import cut_answer, guanaco_inference
+from .prompts import cut_answer, guanaco_conversation, guanaco_inference
 
 
 def _encode_left_padded(tokenizer, texts: list[str], device) -> dict[str, torch.Tensor]:
@@ -43,7 +50,7 @@ def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int = 128
 def load_for_inference(base: str, adapter: str | None = None, bits: int = 4):
     """Base (4- or 16-bit) plus an optional PEFT adapter, in eval mode; and its tokenizer."""
     path = resolve_model_path(base)
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else None
+    device = dist.device_for(dist.read_env()) if torch.cuda.is_available() else None  # this rank's GPU
     model = load_base(path, bits=bits, device=device)
     if adapter:
         model = load_adapter(model, Path(adapter), trainable=False)
@@ -56,3 +63,93 @@ def answer(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperature
     """One prompt in the released models' inference format; the assistant's reply."""
     text = generate_texts(model, tokenizer, [guanaco_inference(prompt)], max_new_tokens, 1, temperature, top_p)[0]
     return cut_answer(text)
+
+
+# ------------------------------------------------------------------------------------ prompt files
+# FastChat's two question-file schemas, and the answer schema that goes with each:
+#   llm_judge (fastchat/llm_judge/data/*/question.jsonl): {question_id, category, turns: [...]}
+#     -> {question_id, answer_id, model_id, choices: [{index: 0, turns: [answer per turn]}], tstamp}
+#   old eval table (fastchat/eval/table/question.jsonl): {question_id, text, category}
+#     -> {question_id, text (the answer), answer_id, model_id, metadata: {}}
+SHORTUUID_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"  # shortuuid's default
+
+
+@dataclass(frozen=True)
+class Question:
+    question_id: object
+    turns: list[str]
+
+
+def read_prompt_file(path: str | Path) -> tuple[str, list[Question]]:
+    """('llm_judge' or 'eval_table', questions) of a FastChat question.jsonl; one schema per file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"--prompts: {path}: file not found"])
+    problems, questions, schemas = [], [], set()
+    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{path}:{line}: not valid JSON ({exc.msg})")
+            continue
+        turns = record.get("turns") if isinstance(record, dict) else None
+        if isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns):
+            schemas.add("llm_judge")
+        elif isinstance(record, dict) and isinstance(record.get("text"), str):
+            schemas.add("eval_table")
+            turns = [record["text"]]
+        else:
+            problems.append(f"{path}:{line}: expected {{question_id, turns: [...]}} (llm_judge) or "
+                            "{question_id, text} (FastChat eval table)")
+            continue
+        questions.append(Question(record.get("question_id", line), turns))
+    if len(schemas) > 1:
+        problems.append(f"{path}: mixes the llm_judge (turns) and eval-table (text) schemas")
+    if not questions and not problems:
+        problems.append(f"{path}: no questions")
+    if problems:
+        raise ConfigError(problems)
+    return schemas.pop(), questions
+
+
+def random_answer_id() -> str:
+    """A 22-character id like FastChat's shortuuid.uuid()."""
+    return "".join(secrets.choice(SHORTUUID_ALPHABET) for _ in range(22))
+
+
+def answer_questions(model, tokenizer, questions: list[Question], max_new_tokens: int = 256,
+                     temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8, rank: int = 0,
+                     world_size: int = 1) -> list[list[str]]:
+    """Each question's answers, one per turn, in question order on every rank. Question i is answered by
+    rank i % world_size (each rank holds the whole model, so ranks need not run equal counts); turn k
+    of a conversation is answered with the earlier turns and answers in the prompt."""
+    mine = list(range(rank, len(questions), world_size))
+    answers: dict[int, list[str]] = {i: [] for i in mine}
+    for turn in range(max((len(questions[i].turns) for i in mine), default=0)):
+        todo = [i for i in mine if len(questions[i].turns) > turn]
+        prompts = [guanaco_conversation(questions[i].turns[:turn + 1], answers[i]) for i in todo]
+        texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p)
+        for i, text in zip(todo, texts):
+            answers[i].append(cut_answer(text))
+    merged: dict[int, list[str]] = {}
+    for part in dist.gather_objects(answers):
+        merged.update(part)
+    return [merged[i] for i in range(len(questions))]
+
+
+def answer_records(schema: str, questions: list[Question], answers: list[list[str]], model_id: str) -> list[dict]:
+    """Rows of FastChat's answer file for the question file's schema (see the table above)."""
+    if schema == "eval_table":
+        return [{"question_id": q.question_id, "text": a[0], "answer_id": random_answer_id(), "model_id": model_id,
+                 "metadata": {}} for q, a in zip(questions, answers)]
+    return [{"question_id": q.question_id, "answer_id": random_answer_id(), "model_id": model_id,
+             "choices": [{"index": 0, "turns": a}], "tstamp": time.time()} for q, a in zip(questions, answers)]
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)

@@ -86,6 +86,7 @@ class Setup:
     lora_dropout: bool = True
     optimizer: str = "paged_adamw_32bit"
     on_gpu: bool = True  # paged optimizer states live in CUDA unified memory only on a GPU
+    fused_loss: bool = True  # model.fused_loss: the loss by chunks of tokens (qlora_dist/fastpath.py)
 
 
 @dataclass
@@ -193,12 +194,23 @@ def layer_activation_bytes_per_token(s: Setup) -> int:
     return per
 
 
+def logits_bytes(s: Setup) -> int:
+    """Peak bytes of the loss. transformers' path: logits in bf16 for the output, fp32 for the loss (saved
+    log-softmax), and the fp32 and bf16 gradients of the backward's first step: about 10 bytes per
+    vocabulary entry per token. The fused loss: one chunk's fp32 logits and its bf16 product and softmax
+    (8 bytes per entry), plus the labelled hidden states and their gradient, kept for the backward."""
+    sh, tokens = s.shape, s.micro_batch * s.seq_len
+    if not s.fused_loss:
+        return 10 * sh.vocab * tokens
+    from .fastpath import chunk_tokens
+
+    return 8 * sh.vocab * min(tokens, chunk_tokens(sh.vocab)) + 4 * sh.hidden * tokens
+
+
 def activation_items(s: Setup) -> dict[str, int]:
     sh, tokens = s.shape, s.micro_batch * s.seq_len
     layer = layer_activation_bytes_per_token(s) * tokens
-    # Logits in bf16 for the output, fp32 for the loss (saved log-softmax), and the fp32 and bf16
-    # gradients of the backward's first step: about 10 bytes per vocabulary entry per token at peak.
-    logits = 10 * sh.vocab * tokens
+    logits = logits_bytes(s)
     # Backward of one layer: gradients of its widest activations, and its weight dequantized to bf16.
     widest = max(fan_in * fan_out for fan_in, fan_out in sh.linears())
     backward = (4 * sh.intermediate + 8 * sh.hidden) * tokens + 2 * widest
@@ -322,7 +334,7 @@ def setup_from_config(cfg, world_size: int, shape: Shape | None = None, micro_ba
         checkpointing=cfg.model.gradient_checkpointing if checkpointing is None else checkpointing,
         bits=cfg.quantization.bits, double_quant=cfg.quantization.double_quant, lora_r=cfg.lora.r,
         lora_dropout=cfg.lora.dropout > 0, optimizer=cfg.optim.name,
-        on_gpu=torch.cuda.is_available() if on_gpu is None else on_gpu)
+        on_gpu=torch.cuda.is_available() if on_gpu is None else on_gpu, fused_loss=cfg.model.fused_loss)
 
 
 def relative_speed(s: Setup) -> float:
@@ -332,11 +344,12 @@ def relative_speed(s: Setup) -> float:
     return s.micro_batch / (s.micro_batch + 3) * (1.0 if s.checkpointing else 1.4)
 
 
-def choose_micro_batch(cfg, world_size: int, cap: int, shape: Shape | None = None) -> Setup | None:
+def choose_micro_batch(cfg, world_size: int, cap: int, shape: Shape | None = None,
+                       on_gpu: bool | None = None) -> Setup | None:
     """The fastest (micro batch, checkpointing) whose plan fits the cap; None when nothing fits."""
     per_rank = cfg.train.global_batch_size // world_size
     sizes = [m for m in range(1, per_rank + 1) if per_rank % m == 0]
     shape = shape or shape_for(cfg)
     fitting = [s for m in sizes for ckpt in (False, True)
-               if make_plan(s := setup_from_config(cfg, world_size, shape, m, ckpt), cap).fits]
+               if make_plan(s := setup_from_config(cfg, world_size, shape, m, ckpt, on_gpu), cap).fits]
     return max(fitting, key=relative_speed) if fitting else None

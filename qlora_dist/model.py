@@ -118,6 +118,14 @@ def prepare_for_training(model: torch.nn.Module, cfg: Config) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
+    from . import fastpath
+
+    if cfg.model.fused_loss:
+        fastpath.install_fused_loss(model)  # needs lm_head frozen, as just set
+    if cfg.model.fused_lora:
+        fastpath.install_fused_lora(model)
+    if cfg.model.compile_kernels:
+        fastpath.install_compiled_kernels(model)
 
 
 def use_layerwise(cfg: Config, zero_stage: int) -> bool:

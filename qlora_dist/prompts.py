@@ -24,6 +24,14 @@ def guanaco_inference(prompt: str) -> str:
     return f"{GUANACO_SYSTEM}\n{guanaco_turn(prompt)}"
 
 
+def guanaco_conversation(turns: list[str], answers: list[str]) -> str:
+    """A multi-turn inference prompt: system line, each earlier human turn with the assistant's answer,
+    then the last human turn, ending where the assistant answers it. One turn: guanaco_inference."""
+    assert len(answers) == len(turns) - 1, (len(turns), len(answers))
+    earlier = "".join(f"{guanaco_turn(t)} {a} " for t, a in zip(turns, answers))
+    return f"{GUANACO_SYSTEM}\n{earlier}{guanaco_turn(turns[-1])}"
+
+
 def cut_answer(generated: str, first_line: bool = False) -> str:
     """The assistant's answer from generated text: stop where the model starts the next turn
     (and, for one-line answers, at the first line break)."""

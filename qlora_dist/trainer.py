@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, compat, dist, memory
+from . import checkpoint, compat, dist, memory, mmlu
 from .checkpoint import Progress
 from .config import Config, ConfigError
 from .corpus import prepare as prepare_corpus
@@ -38,6 +38,8 @@ class Trainer:
         ds = build_ds_config(cfg, self.info.world_size)
         self.model, self.tokenizer = build_model(cfg, self.device, ds)
         self.rows, self.held_out, data_report = prepare_corpus(cfg, self.tokenizer, self.info)
+        self.mmlu_questions = (mmlu.read_questions(cfg.eval.mmlu_data, cfg.eval.mmlu_shots, cfg.eval.mmlu_split,
+                                                   cfg.eval.mmlu_max_questions) if cfg.eval.mmlu_data else [])
         self.engine = initialize(cfg, self.model, ds)
         self.zero_stage = zero_stage(ds)
         self.schedule = self._setup_schedule()
@@ -122,6 +124,8 @@ class Trainer:
             self._save_or_stop()
             if cfg.eval.steps and self.step % cfg.eval.steps == 0 and self.step < cfg.train.max_steps:
                 self.evaluate(f"step {self.step}")
+            if cfg.eval.mmlu_steps and self.step % cfg.eval.mmlu_steps == 0 and self.step < cfg.train.max_steps:
+                self.evaluate_mmlu(f"step {self.step}")
         self._finish()
 
     def _save_or_stop(self) -> None:
@@ -168,6 +172,18 @@ class Trainer:
         self.log.note(format_report(report, f"held-out exact match, {when} (step {self.step}):"))
         return report
 
+    def evaluate_mmlu(self, when: str) -> dict | None:
+        """MMLU accuracy into metrics.jsonl, as the original's MMLU callback does every eval.mmlu_steps."""
+        if not self.mmlu_questions:
+            return None
+        self.engine.eval()
+        report = mmlu.evaluate(self.engine.module, self.tokenizer, self.mmlu_questions, self.cfg.eval.mmlu_batch_size,
+                               self.info.rank, self.info.world_size)
+        compat.engine_train_mode(self.engine)
+        self.log.write({"event": "mmlu", "step": self.step, "when": when, "mmlu": report})
+        self.log.note(mmlu.format_report(report, f"MMLU, {when} (step {self.step}):", per_subject=False))
+        return report
+
     # ------------------------------------------------------------------------------------------- save
     def save(self) -> Path:
         progress = Progress(step=self.step, samples_seen=self.step * self.cfg.train.global_batch_size,
@@ -183,9 +199,11 @@ class Trainer:
         if not (final / "progress.json").is_file():  # resumed past the end: save what we have
             final = self.save()
         after = self.evaluate("after training") if self.cfg.eval.at_end else None
+        mmlu_after = self.evaluate_mmlu("after training") if self.cfg.eval.mmlu_at_end else None
         if self.info.is_main:
             self.log.plot()
-            checkpoint.publish_final(self.out, final, {"step": self.step, "after": after})
+            mmlu_summary = mmlu_after and {k: mmlu_after[k] for k in ("accuracy", "loss", "n")}
+            checkpoint.publish_final(self.out, final, {"step": self.step, "after": after, "mmlu": mmlu_summary})
             self._summary()
 
     def _summary(self) -> None:

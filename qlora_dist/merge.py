@@ -1,0 +1,97 @@
+"""Merge a LoRA adapter into its base: a plain 16-bit Hugging Face folder, no quantization config.
+
+The adapter was trained against the NF4-quantized base, not the original 16-bit weights, so the merge
+starts from the same thing: the base loaded in NF4 exactly as training loads it (model.load_base, the
+recipe's quantization), each Linear4bit weight dequantized with bitsandbytes.functional.dequantize_4bit,
+then LoRA merged into those (W + alpha/r * B @ A, peft's merge_and_unload). Merging into the original
+weights instead would add the quantization error back on top of what the adapter learned to correct.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+from .model import load_adapter, load_base, load_tokenizer
+from .prepare import resolve_model_path
+
+MERGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+COMPUTE_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def check_out_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError([f"--out: {out} exists and is not an empty folder; refusing to overwrite it "
+                           "(remove it or choose another --out)"])
+
+
+def dequantized_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's weights in `dtype`: Linear4bit weights dequantized, everything else cast."""
+    import bitsandbytes as bnb
+
+    state = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            state[f"{prefix}weight"] = weight.to(dtype)
+            if module.bias is not None:
+                state[f"{prefix}bias"] = module.bias.data.to(dtype)
+            continue
+        if isinstance(getattr(module, "weight", None), bnb.nn.Params4bit):
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            state[f"{prefix}{pname}"] = param.data.to(dtype)
+    return state
+
+
+def dequantized_base(path: Path, dtype: torch.dtype):
+    """A plain 16-bit LlamaForCausalLM holding the dequantized NF4 base (no quantization_config)."""
+    from transformers import AutoModelForCausalLM
+
+    quantized = load_base(path, bits=4, compute_dtype=COMPUTE_DTYPE_NAMES[_name(dtype)])
+    state = dequantized_state_dict(quantized, dtype)
+    config = quantized.config
+    del quantized
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    with torch.device("meta"):  # no random init of weights that are overwritten next
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"dequantized state dict does not fit the model: missing {missing}, unexpected {unexpected}")
+    plain.tie_weights()
+    plain.model.rotary_emb = type(plain.model.rotary_emb)(config)  # its buffers were made on meta
+    return plain.eval()
+
+
+def _name(dtype: torch.dtype) -> str:
+    return next(k for k, v in MERGE_DTYPES.items() if v == dtype)
+
+
+def merge(base: str, adapter: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
+    """Write base + adapter merged, in `dtype`, with the tokenizer, to `out` (atomically)."""
+    out, adapter = Path(out), Path(adapter)
+    check_out_dir(out)
+    if dtype not in MERGE_DTYPES:
+        raise ConfigError([f"--dtype: {dtype!r} is not allowed; choose one of {', '.join(MERGE_DTYPES)}"])
+    path = resolve_model_path(base)
+    model = load_adapter(dequantized_base(path, MERGE_DTYPES[dtype]), adapter, trainable=False)
+    merged = model.merge_and_unload()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        merged.save_pretrained(tmp)
+        load_tokenizer(path).save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
