@@ -180,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    _add_training_commands(sub)
+    _add_cluster_commands(sub)
+    _add_data_and_model_commands(sub)
+    return parser
+
+
+def _add_training_commands(sub) -> None:
     p = sub.add_parser("train", help="fine-tune (continues from the newest checkpoint in train.output_dir)")
     p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value]",
                    help="a YAML config and/or overrides such as train.max_steps=100")
@@ -204,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_plan)
 
+
+def _add_cluster_commands(sub) -> None:
     p = sub.add_parser("submit", help="submit a training run with submitit (Slurm, or this machine)")
     p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value]")
     p.add_argument("--preset")
@@ -223,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_launch_plan)
 
+
+def _add_data_and_model_commands(sub) -> None:
     p = sub.add_parser("data", help="inspect a dataset before training on it")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("preview", help="the first rows as the model sees them, token counts, skip counts")
@@ -270,7 +281,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="a new (or empty) folder")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     p.set_defaults(func=_cmd_merge)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
