@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import compat, dist
+from . import atomic, compat, dist
 from .config import RESUMABLE_CHANGES, Config, ConfigError, flat
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -150,9 +150,7 @@ def _restore_rng(ckpt: Path, rank: int) -> None:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".part")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(data, indent=2))
 
 
 def save(engine, cfg: Config, progress: Progress, output_dir: Path, rank: int, zero_stage: int) -> Path:
@@ -190,13 +188,8 @@ def _prune(output_dir: Path, keep_last: int) -> None:
 
 def publish_final(output_dir: Path, ckpt: Path, info: dict) -> None:
     """Rank 0 at the end: OUTPUT/adapter_model (a copy of the last adapter) and the `completed` mark."""
-    target = output_dir / "adapter_model"
-    tmp = output_dir / ".tmp-adapter_model"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(ckpt / "adapter_model", tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    with atomic.folder(output_dir / "adapter_model", replace=True) as tmp:
+        shutil.copytree(ckpt / "adapter_model", tmp, dirs_exist_ok=True)
     _write_json_atomic(output_dir / COMPLETED, {**info, "checkpoint": ckpt.name, "finished_at": time.time()})
 
 

@@ -109,7 +109,7 @@ def _cmd_generate(ns) -> None:
         return
     from pathlib import Path
 
-    from .generate import answer_questions, answer_records, read_prompt_file, write_jsonl_atomic
+    from .generate import answer_questions, answer_records, read_prompt_file, write_jsonl
 
     if not ns.out:
         raise ConfigError(["--out: required with --prompts (the answer file to write)"])
@@ -126,7 +126,7 @@ def _cmd_generate(ns) -> None:
                                    ns.batch_size, info.rank, info.world_size)
         if info.is_main:
             model_id = ns.model_id or Path(ns.adapter or ns.base).name
-            write_jsonl_atomic(Path(ns.out), answer_records(schema, questions, answers, model_id))
+            write_jsonl(Path(ns.out), answer_records(schema, questions, answers, model_id))
             dist.log(f"{len(questions)} answers ({schema} schema) written to {ns.out}")
     finally:
         dist.shutdown()

@@ -11,13 +11,12 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import dist, records
+from . import atomic, dist, records
 from .config import Config, ConfigError
 from .data import TokenizedExample, builtin_examples, pack, tokenize_all
 from .formats import FORMATS, SKIP_REASONS, Example, RowError, detect
@@ -149,13 +148,11 @@ def _build_cache(cfg: Config, tokenizer, path: Path) -> None:
     """Write the cache folder atomically: a temporary folder renamed into place when complete."""
     examples, report = read_examples(cfg)
     rows = tokenize_examples(examples, tokenizer, cfg)
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    TokenizedRows.from_rows(rows).table.save_to_disk(str(tmp / "rows"))
-    (tmp / "report.json").write_text(json.dumps({**asdict(report), "rows": len(rows), "summary": report.summary(),
+    with atomic.folder(path) as tmp:
+        TokenizedRows.from_rows(rows).table.save_to_disk(str(tmp / "rows"))
+        (tmp / "report.json").write_text(json.dumps({**asdict(report), "rows": len(rows), "summary": report.summary(),
                                                      "built_by": {"rank": dist.read_env().rank, "pid": os.getpid()}},
                                                     indent=1))
-    os.replace(tmp, path)
 
 
 def _wait_for(path: Path, failed: Path, poll_s: float = 0.5) -> None:

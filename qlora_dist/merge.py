@@ -8,18 +8,16 @@ weights instead would add the quantization error back on top of what the adapter
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from . import atomic
 from .config import ConfigError
-from .model import load_adapter, load_base, load_tokenizer
+from .model import DTYPES, load_adapter, load_base, load_tokenizer
 from .prepare import resolve_model_path
 
-MERGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-COMPUTE_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}
+MERGE_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # --dtype -> the compute dtype name (model.DTYPES)
 
 
 def check_out_dir(out: Path) -> None:
@@ -48,11 +46,12 @@ def dequantized_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]
     return state
 
 
-def dequantized_base(path: Path, dtype: torch.dtype):
+def dequantized_base(path: Path, compute_dtype: str):
     """A plain 16-bit LlamaForCausalLM holding the dequantized NF4 base (no quantization_config)."""
     from transformers import AutoModelForCausalLM
 
-    quantized = load_base(path, bits=4, compute_dtype=COMPUTE_DTYPE_NAMES[_name(dtype)])
+    dtype = DTYPES[compute_dtype]
+    quantized = load_base(path, bits=4, compute_dtype=compute_dtype)
     state = dequantized_state_dict(quantized, dtype)
     config = quantized.config
     del quantized
@@ -70,10 +69,6 @@ def dequantized_base(path: Path, dtype: torch.dtype):
     return plain.eval()
 
 
-def _name(dtype: torch.dtype) -> str:
-    return next(k for k, v in MERGE_DTYPES.items() if v == dtype)
-
-
 def merge(base: str, adapter: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
     """Write base + adapter merged, in `dtype`, with the tokenizer, to `out` (atomically)."""
     out, adapter = Path(out), Path(adapter)
@@ -83,15 +78,7 @@ def merge(base: str, adapter: str | Path, out: str | Path, dtype: str = "bf16") 
     path = resolve_model_path(base)
     model = load_adapter(dequantized_base(path, MERGE_DTYPES[dtype]), adapter, trainable=False)
     merged = model.merge_and_unload()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic.folder(out) as tmp:  # replaces `out` only if it is empty (checked above)
         merged.save_pretrained(tmp)
         load_tokenizer(path).save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
