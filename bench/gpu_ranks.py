@@ -4,7 +4,7 @@
     AdamW 32-bit, activation checkpointing, full 512-token rows) on one rank under ZeRO-2 (and ZeRO-3)
     for a few steps; prints tokens/s and peak allocated GPU memory beside the reference stack's numbers
     measured on an H100 (../shared/RECIPE.md);
-(b) loads the LLaMA-65B shape layer by layer through qlora_dist.loader (ZeRO-3 path, one rank) and
+(b) loads the LLaMA-65B shape layer by layer through qlora_dist.model.loader (ZeRO-3 path, one rank) and
     prints the peak allocated GPU memory while loading against NF4 size + one bf16 layer + 2 GB.
 
 Each case runs in its own process so that one case's memory peak does not leak into the next.
@@ -85,10 +85,12 @@ def _cfg(batch: int, stage: str, size: str = "7b"):
 def case_train(size: str, batch: int, stage: str, steps: int = 6, warmup: int = 2) -> dict:
     import torch
 
-    from qlora_dist import compat, dist
-    from qlora_dist.engine import build_ds_config, initialize
-    from qlora_dist.loader import RandomSource, load_layerwise
-    from qlora_dist.model import add_lora, prepare_for_training
+    from qlora_dist import compat
+
+    from qlora_dist.launch import dist
+    from qlora_dist.train.engine import build_ds_config, initialize
+    from qlora_dist.model.loader import RandomSource, load_layerwise
+    from qlora_dist.model.base import add_lora, prepare_for_training
 
     compat.quiet_known_warnings()
     cfg = _cfg(batch, stage, size)
@@ -140,9 +142,10 @@ def _nf4_bytes(model) -> int:
 
 
 def case_load(size: str) -> dict:
-    from qlora_dist import compat, dist
-    from qlora_dist.engine import build_ds_config
-    from qlora_dist.loader import RandomSource, load_layerwise
+    from qlora_dist import compat
+    from qlora_dist.launch import dist
+    from qlora_dist.train.engine import build_ds_config
+    from qlora_dist.model.loader import RandomSource, load_layerwise
 
     compat.quiet_known_warnings()
     cfg = _cfg(1, "zero3")

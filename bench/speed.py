@@ -11,7 +11,7 @@
 Each side runs in its own process (a clean memory peak) at its best micro batch under the cap (the
 reference's from ../shared/RECIPE.md, ours from the planner, memory.choose_micro_batch) and at the
 reference's batch; the token batches are random ids from a seed, identical for both sides, full rows.
-The base weights are the same on both sides: a real folder (SmolLM2) or qlora_dist.loader.RandomSource
+The base weights are the same on both sides: a real folder (SmolLM2) or qlora_dist.model.loader.RandomSource
 built layer by layer (so 65B fits). Tokens/s = batch x seq / median step time after warm-up.
 
   python bench/speed.py --cpu                                   # SmolLM2-135M on this CPU, a few minutes
@@ -53,7 +53,7 @@ def llama_config(shape: str):
     from qlora_dist.recipe import LLAMA_SHAPES
 
     if shape == "smollm2":
-        from qlora_dist.prepare import resolve_model_path
+        from qlora_dist.model.builtin import resolve_model_path
 
         return AutoConfig.from_pretrained(resolve_model_path("smollm2"))
     if shape == "smoke":
@@ -126,14 +126,14 @@ def token_batch(vocab: int, batch: int, seq: int, step: int, device):
 def _base(shape: str, device):
     """The NF4 double-quant base with bf16 compute, identical for both sides."""
     from qlora_dist import compat
-    from qlora_dist.loader import RandomSource, load_layerwise
+    from qlora_dist.model.loader import RandomSource, load_layerwise
 
     if shape == "smollm2":  # the recipe's own loading: from_pretrained with a BitsAndBytesConfig
         import torch
         from transformers import AutoModelForCausalLM
 
-        from qlora_dist.model import quantization_config
-        from qlora_dist.prepare import resolve_model_path
+        from qlora_dist.precision import quantization_config
+        from qlora_dist.model.builtin import resolve_model_path
 
         kwargs = {"device_map": {"": device.index}} if device.type == "cuda" else {}
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2"), dtype=torch.bfloat16,
@@ -149,7 +149,7 @@ def build_reference(shape: str, device, lr: float, dropout: float, seed: int):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from qlora_dist.model import lora_target_names
+    from qlora_dist.model.base import lora_target_names
 
     model = prepare_model_for_kbit_training(_base(shape, device), use_gradient_checkpointing=True)
     torch.manual_seed(seed)  # the same LoRA init as ours (add_lora seeds the same way)
@@ -183,10 +183,10 @@ def build_reference(shape: str, device, lr: float, dropout: float, seed: int):
 
 def build_ours(shape: str, device, batch: int, checkpointing: bool, extra: list[str]):
     """qlora-dist's path: what Trainer.setup does (build_ds_config, build_model, initialize), one rank."""
-    from qlora_dist import dist
-    from qlora_dist.engine import build_ds_config, initialize, zero_stage
-    from qlora_dist.loader import RandomSource, load_layerwise
-    from qlora_dist.model import add_lora, build_model, prepare_for_training
+    from qlora_dist.launch import dist
+    from qlora_dist.train.engine import build_ds_config, initialize, zero_stage
+    from qlora_dist.model.loader import RandomSource, load_layerwise
+    from qlora_dist.model.base import add_lora, build_model, prepare_for_training
 
     cfg = our_config(shape, batch, checkpointing, extra=extra)
     dist.init()

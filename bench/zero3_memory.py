@@ -54,11 +54,11 @@ def worker(model_name: str) -> None:
     compat.quiet_known_warnings()
     import torch
 
-    from qlora_dist import dist
+    from qlora_dist.launch import dist
     from qlora_dist.config import load_config
-    from qlora_dist.engine import build_ds_config
-    from qlora_dist.model import load_base_layerwise
-    from qlora_dist.prepare import resolve_model_path
+    from qlora_dist.train.engine import build_ds_config
+    from qlora_dist.model.base import load_base_layerwise
+    from qlora_dist.model.builtin import resolve_model_path
     # Modules the loader imports on first use: imported now, so that "before" includes them.
     import bitsandbytes  # noqa: F401
     import deepspeed.runtime.zero.partition_parameters  # noqa: F401
@@ -106,12 +106,12 @@ def main() -> None:
     if ns.worker:
         worker(ns.model)
         return
-    from qlora_dist.prepare import resolve_model_path
+    from qlora_dist.model.builtin import resolve_model_path
 
     resolve_model_path(ns.model)
     rows = []
     for n in ns.ranks:
-        from qlora_dist.dist import _free_port
+        from qlora_dist.launch.dist import _free_port
 
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={_free_port()}",
                __file__, "--worker", "--model", ns.model]

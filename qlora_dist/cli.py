@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .compat import quiet_known_warnings, set_library_env
-from .config import ConfigError
+from qlora_dist.compat import quiet_known_warnings, set_library_env
+from qlora_dist.errors import ConfigError
 
 
 def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -17,21 +17,53 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _cmd_train(ns) -> None:
-    from .config import load_config
-    from .trainer import run
+    from qlora_dist.train.trainer import main as train
 
     path, overrides = _split_config_args(ns.args)
-    run(load_config(path, ns.preset, overrides))
+    train(path, ns.preset, overrides)
+
+
+def _world_and_cap(ns) -> tuple[int, int | None]:
+    """--world-size and --gpu-memory, checked: one line each when wrong."""
+    from qlora_dist.config import parse_size
+
+    errs = [] if ns.world_size >= 1 else [f"--world-size: must be a positive number of ranks (got {ns.world_size})"]
+    cap = None
+    if ns.gpu_memory is not None:
+        try:
+            cap = parse_size(ns.gpu_memory)
+        except ValueError as exc:
+            errs.append(f"--gpu-memory: {exc}")
+    if errs:
+        raise ConfigError(errs)
+    return ns.world_size, cap
+
+
+def _cmd_check(ns) -> None:
+    """Everything the preflight of `train` checks, without training: the problems (exit 2) or the plan."""
+    from qlora_dist import preflight
+    from qlora_dist.config import parse_config
+
+    world, cap = _world_and_cap(ns)
+    path, overrides = _split_config_args(ns.args)
+    if ns.gpu_memory:
+        overrides = [*overrides, f"train.max_memory_per_gpu={ns.gpu_memory}"]
+    cfg, problems = parse_config(path, ns.preset, overrides)
+    # A cap per GPU plans for GPUs, also when checked from a login node without one.
+    cuda = True if cap or cfg.train.max_memory_per_gpu else None
+    report = preflight.run(cfg, world, problems, cuda=cuda)
+    report.raise_if_problems()
+    print(report.format())
 
 
 def _cmd_presets(ns) -> None:
-    from .recipe import format_table
+    from qlora_dist.recipe import format_table
 
     print(format_table())
 
 
 def _cmd_prepare_model(ns) -> None:
-    from .prepare import ensure_builtin
+    from qlora_dist.model.builtin import ensure_builtin
 
     print(ensure_builtin(ns.name, ns.out))
 
@@ -39,17 +71,17 @@ def _cmd_prepare_model(ns) -> None:
 def _cmd_plan(ns) -> None:
     import json
 
-    from . import memory
-    from .config import load_config
+    from qlora_dist import memory
+    from qlora_dist.config import load_config
 
+    world, cap = _world_and_cap(ns)
     path, overrides = _split_config_args(ns.args)
     size = (ns.shape or (ns.preset or "").split("-")[0]) or None
     if size and not any(o.startswith("model.path=") for o in overrides):
         overrides = [f"model.path=llama-{size}", *overrides]  # the shape alone: no weights are read
     cfg = load_config(path, ns.preset, overrides)
     shape = memory.Shape.llama(size) if ns.shape else None
-    cap = memory.parse_size(ns.gpu_memory) if ns.gpu_memory else None
-    plan = memory.make_plan(memory.setup_from_config(cfg, ns.world_size, shape, on_gpu=True), cap)
+    plan = memory.make_plan(memory.setup_from_config(cfg, world, shape, on_gpu=True), cap)
     fix = memory.suggest(plan.setup, cap) if cap and not plan.fits else None
     if ns.json:
         print(json.dumps({**plan.to_json(), "suggestion": fix}, indent=2))
@@ -62,7 +94,7 @@ def _cmd_plan(ns) -> None:
 def _cmd_launch_plan(ns) -> None:
     import shlex
 
-    from .dist import planned_ranks
+    from qlora_dist.launch.dist import planned_ranks
 
     command = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
     ranks = planned_ranks()
@@ -73,7 +105,7 @@ def _cmd_launch_plan(ns) -> None:
 
 
 def _cmd_submit(ns) -> None:
-    from .submit import submit
+    from qlora_dist.launch.submit import submit
 
     path, overrides = _split_config_args(ns.args)
     job = submit(ns, overrides, path)
@@ -89,7 +121,7 @@ def _join_ranks():
     import contextlib
     import os
 
-    from . import dist
+    from qlora_dist.launch import dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return dist.read_env()
@@ -100,16 +132,16 @@ def _join_ranks():
 
 
 def _cmd_generate(ns) -> None:
-    from . import dist
-    from .generate import answer, load_for_inference
+    from qlora_dist.launch import dist
+    from qlora_dist.evaluate.generate import answer, load_for_inference
 
     if ns.prompt is not None:
-        model, tokenizer = load_for_inference(ns.base, ns.adapter, ns.bits)
+        model, tokenizer = load_for_inference(ns.base, ns.adapter, ns.bits, ns.compute_dtype)
         print(answer(model, tokenizer, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p))
         return
     from pathlib import Path
 
-    from .generate import answer_questions, answer_records, read_prompt_file, write_jsonl
+    from qlora_dist.evaluate.generate import answer_questions, answer_records, read_prompt_file, write_jsonl
 
     if not ns.out:
         raise ConfigError(["--out: required with --prompts (the answer file to write)"])
@@ -121,7 +153,7 @@ def _cmd_generate(ns) -> None:
         import torch
 
         torch.manual_seed(ns.seed + info.rank)  # sampling only; greedy answers do not depend on it
-        model, tokenizer = load_for_inference(ns.base, ns.adapter, ns.bits)
+        model, tokenizer = load_for_inference(ns.base, ns.adapter, ns.bits, ns.compute_dtype)
         answers = answer_questions(model, tokenizer, questions, ns.max_new_tokens, ns.temperature, ns.top_p,
                                    ns.batch_size, info.rank, info.world_size)
         if info.is_main:
@@ -136,8 +168,10 @@ def _cmd_eval_mmlu(ns) -> None:
     import json
     import time
 
-    from . import dist, mmlu
-    from .generate import load_for_inference
+    from qlora_dist.launch import dist
+
+    from qlora_dist.evaluate import mmlu
+    from qlora_dist.evaluate.generate import load_for_inference
 
     if ns.batch_size <= 0 or ns.max_questions < 0:
         raise ConfigError([f"--batch-size: must be > 0 (got {ns.batch_size}); --max-questions: must be >= 0 "
@@ -145,7 +179,7 @@ def _cmd_eval_mmlu(ns) -> None:
     questions = mmlu.read_questions(ns.data, ns.shots, ns.split, ns.max_questions)  # before the model loads
     info = _join_ranks()
     try:
-        model, tokenizer = load_for_inference(ns.base, ns.adapter, ns.bits)
+        model, tokenizer = load_for_inference(ns.base, ns.adapter, ns.bits, ns.compute_dtype)
         start = time.perf_counter()
         report = mmlu.evaluate(model, tokenizer, questions, ns.batch_size, info.rank, info.world_size)
         report.update(world_size=info.world_size, seconds=round(time.perf_counter() - start, 2))
@@ -158,16 +192,16 @@ def _cmd_eval_mmlu(ns) -> None:
 
 
 def _cmd_merge(ns) -> None:
-    from .merge import merge
+    from qlora_dist.model.merge import merge
 
-    print(merge(ns.base, ns.adapter, ns.out, ns.dtype))
+    print(merge(ns.base, ns.adapter, ns.out, ns.dtype, ns.compute_dtype))
 
 
 def _cmd_data_preview(ns) -> None:
-    from .config import load_config
-    from .corpus import preview
-    from .model import load_tokenizer
-    from .prepare import resolve_model_path
+    from qlora_dist.config import load_config
+    from qlora_dist.data.corpus import preview
+    from qlora_dist.model.base import load_tokenizer
+    from qlora_dist.model.builtin import resolve_model_path
 
     path, overrides = _split_config_args(ns.args)
     cfg = load_config(path, ns.preset, [f"data.dataset={ns.dataset}", *overrides])
@@ -193,6 +227,14 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--preset", help="a recipe preset (see `qlora-dist presets`)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by `deepspeed`
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("check", help="check a run without reading a weight: config, DeepSpeed JSON, model folder, "
+                                     "data, MMLU file, starting adapter, output folder, memory plan")
+    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value]")
+    p.add_argument("--preset", help="a recipe preset (see `qlora-dist presets`)")
+    p.add_argument("--world-size", type=int, default=1, help="ranks of the run (default 1)")
+    p.add_argument("--gpu-memory", help="cap per GPU, e.g. 24GB or 40GiB (sets train.max_memory_per_gpu)")
+    p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("presets", help="print the QLoRA recipe presets")
     p.set_defaults(func=_cmd_presets)
@@ -234,6 +276,13 @@ def _add_cluster_commands(sub) -> None:
 
 
 def _add_data_and_model_commands(sub) -> None:
+    from qlora_dist.precision import COMPUTE_DTYPES
+
+    # The same choice as training (model.compute_dtype): the machine's, not the adapter's.
+    auto_help = ("auto: bfloat16 on CUDA and on CPUs with native bf16 (avx512_bf16/amx_bf16), else float32 "
+                 "($QLORA_DIST_COMPUTE_DTYPE overrides auto)")
+    dtype_help = f"dtype the base's matmuls run in; {auto_help}"
+    bits_help = "override the base's bits (default: the adapter's qlora_dist.json, else 4)"
     p = sub.add_parser("data", help="inspect a dataset before training on it")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("preview", help="the first rows as the model sees them, token counts, skip counts")
@@ -246,7 +295,8 @@ def _add_data_and_model_commands(sub) -> None:
     p = sub.add_parser("generate", help="answer a prompt in the Guanaco format")
     p.add_argument("--base", required=True, help="HF folder, or smollm2 / tiny-llama")
     p.add_argument("--adapter", help="a PEFT adapter folder, e.g. OUTPUT/adapter_model")
-    p.add_argument("--bits", type=int, choices=[4, 16], default=4)
+    p.add_argument("--bits", type=int, choices=[4, 16], help=bits_help)
+    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="auto", help=dtype_help)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--prompt", help="one prompt: its answer is printed")
     which.add_argument("--prompts", help="a FastChat question.jsonl (llm_judge `turns` or eval-table `text` "
@@ -265,7 +315,8 @@ def _add_data_and_model_commands(sub) -> None:
     p = eval_sub.add_parser("mmlu", help="MMLU accuracy per subject and mean (runs under torchrun too)")
     p.add_argument("--base", required=True, help="HF folder, or smollm2 / tiny-llama")
     p.add_argument("--adapter", help="a PEFT adapter folder")
-    p.add_argument("--bits", type=int, choices=[4, 16], default=4)
+    p.add_argument("--bits", type=int, choices=[4, 16], help=bits_help)
+    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="auto", help=dtype_help)
     p.add_argument("--data", required=True, help="a hendrycks MMLU folder (dev/ val/ test/ CSVs) or a JSON-lines "
                                                  "file like qlora's data/mmlu/zero_shot_mmlu_val.json")
     p.add_argument("--shots", type=int, choices=[0, 5], default=5, help="hendrycks folder only")
@@ -279,7 +330,9 @@ def _add_data_and_model_commands(sub) -> None:
     p.add_argument("--base", required=True, help="HF folder, or smollm2 / tiny-llama")
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True, help="a new (or empty) folder")
-    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="dtype of the merged weights")
+    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="auto",
+                   help=f"dtype the quantized base is loaded and dequantized in; {auto_help}")
     p.set_defaults(func=_cmd_merge)
 
 
@@ -290,6 +343,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ns.func(ns)
     except ConfigError as exc:
-        print(f"qlora-dist: {exc}", file=sys.stderr)
+        _report(exc)
         return 2
     return 0
+
+
+def _report(exc: ConfigError) -> None:
+    """One line per problem, no traceback. Under a launcher every rank finds the same problems: rank 0
+    says them (a rank-specific failure is not a ConfigError and keeps its traceback)."""
+    import os
+
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        for problem in exc.problems:
+            print(f"qlora-dist: error: {problem}", file=sys.stderr)

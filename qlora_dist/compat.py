@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -23,6 +25,38 @@ def set_library_env() -> None:
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     # The tokenizers library forks worker threads that deadlock after a fork (DataLoader, launchers).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def deepspeed_cpu_op_dir() -> Path | None:
+    """The folder torch builds and caches deepspeed's CPU shared-memory op in ($TORCH_EXTENSIONS_DIR, else
+    ~/.cache/torch_extensions/py311_cpu, per torch 2.13 cpp_extension._get_build_directory, which we call
+    so the answer cannot drift from torch's); None when deepspeed was installed with the op prebuilt."""
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import _get_build_directory
+
+    if installed_ops.get(SHM_COMM_OP, False):
+        return None
+    return Path(_get_build_directory(SHM_COMM_OP, verbose=False))
+
+
+def announce_deepspeed_cpu_op_build() -> None:
+    """Call right before deepspeed.init_distributed. deepspeed 0.19.8's init_distributed creates
+    comm.torch.TorchBackend, whose __init__ calls build_shm_op(): with the CPU accelerator it JIT-compiles
+    `deepspeed_shm_comm` (OpBuilder.jit_load -> torch.utils.cpp_extension.load: g++ and ninja, ~40 s on
+    2 cores) on every CPU run, one rank or many, unless the .so is already in the extensions folder.
+    Say so (rank 0, before the process group exists) rather than leave a silent minute."""
+    if torch.cuda.is_available() or sys.platform != "linux":  # the op is CPU- and Linux-only
+        return
+    folder = deepspeed_cpu_op_dir()
+    if folder is None or (folder / f"{SHM_COMM_OP}.so").is_file():
+        return
+    from qlora_dist.launch import dist
+
+    if dist.read_env().is_main:
+        dist.log(f"building DeepSpeed's CPU communication op once (~40 s, cached in {folder})")
 
 
 def quiet_known_warnings() -> None:

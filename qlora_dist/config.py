@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,15 +17,19 @@ from typing import Any
 
 import yaml
 
-from . import recipe
+from qlora_dist import recipe
+from qlora_dist.errors import ConfigError
+from qlora_dist.precision import COMPUTE_DTYPES
 
 
-class ConfigError(ValueError):
-    """All problems of one configuration, reported together."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+def parse_size(text: str) -> int:
+    """'24000MB', '40GiB', '48GB', '1.5TB' -> bytes (MB/GB decimal, MiB/GiB binary)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?i?B)\s*", str(text), re.IGNORECASE)
+    if not m or m.group(1).count(".") > 1:
+        raise ValueError(f"not a memory size: {text!r} (e.g. 24000MB, 40GiB)")
+    unit = m.group(2).upper()
+    power = "BKMGT".index(unit[0]) if unit != "B" else 0
+    return int(float(m.group(1)) * (1024 if "I" in unit else 1000) ** power)
 
 
 def choice(default: Any, choices: tuple, help: str = "") -> Any:
@@ -39,7 +45,8 @@ def opt(default: Any, help: str = "") -> Any:
 @dataclass
 class ModelConfig:
     path: str | None = opt("smollm2", "local HF LLaMA folder, or 'smollm2' / 'tiny-llama' (built in)")
-    compute_dtype: str = choice("bfloat16", ("bfloat16", "float16", "float32"))
+    compute_dtype: str = choice("auto", COMPUTE_DTYPES, "auto: bf16 on CUDA and on CPUs with native bf16, fp32 on "
+                                                    "other CPUs (qlora_dist/precision.py); NF4 storage is unchanged")
     gradient_checkpointing: bool = opt(True, "recompute activations in backward (saves memory)")
     attn_implementation: str = choice("sdpa", ("sdpa", "eager"))
     loader: str = choice("auto", ("auto", "hf", "layerwise"),
@@ -107,8 +114,8 @@ class DataConfig:
                                       "visible to every rank")
 
     def check(self) -> list[str]:
-        from .formats import FORMATS  # local imports: these modules import config
-        from .tasks import TASKS
+        from qlora_dist.data.formats import FORMATS  # the names only; neither module imports config
+        from qlora_dist.data.tasks import TASKS
 
         errs = []
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -116,8 +123,6 @@ class DataConfig:
             errs.append(f"data.tasks: unknown task(s) {unknown}; available: {sorted(TASKS)}")
         if self.format is not None and self.format not in FORMATS:
             errs.append(f"data.format: unknown {self.format!r}; choose one of {', '.join(FORMATS)}")
-        elif self.dataset != "builtin":
-            errs += self._check_source()
         for key in ("num_train", "num_eval", "source_max_len", "target_max_len", "max_row_chars"):
             if getattr(self, key) <= 0:
                 errs.append(f"data.{key}: must be > 0 (got {getattr(self, key)})")
@@ -131,16 +136,6 @@ class DataConfig:
             errs.append("data.group_by_length: has no use with data.packing=true (packed rows are all about "
                         "pack_length long); set one of them")
         return errs
-
-    def _check_source(self) -> list[str]:
-        from .records import resolve
-
-        try:
-            resolve(self.dataset, self.format)
-        except ConfigError as exc:
-            return exc.problems
-        return []
-
 
 @dataclass
 class OptimConfig:
@@ -179,7 +174,8 @@ class TrainConfig:
     max_memory_per_gpu: str | None = opt(None, "cap per GPU, e.g. 24000MB or 40GiB: planned before loading, "
                                                "enforced on every rank")
     logging_steps: int = opt(1)
-    resume_from: str | None = opt(None, "a PEFT adapter folder to start from (weights only, fresh optimizer)")
+    init_adapter: str | None = opt(None, "a PEFT adapter folder to start from (weights only, fresh optimizer); "
+                                         "lora.* keys you did not set take its values, ones you set must match")
 
     def check(self) -> list[str]:
         errs = []
@@ -191,8 +187,6 @@ class TrainConfig:
             if not isinstance(getattr(self, key), str) and getattr(self, key) <= 0:
                 errs.append(f"train.{key}: must be > 0 (got {getattr(self, key)})")
         if self.max_memory_per_gpu is not None:
-            from .memory import parse_size
-
             try:
                 parse_size(self.max_memory_per_gpu)
             except ValueError as exc:
@@ -241,17 +235,9 @@ class EvalConfig:
         for key in ("steps", "mmlu_steps", "mmlu_max_questions"):
             if getattr(self, key) < 0:
                 errs.append(f"eval.{key}: must be >= 0 (got {getattr(self, key)})")
-        if self.mmlu_data is None:
-            if self.mmlu_steps:
-                errs.append("eval.mmlu_steps: needs eval.mmlu_data (an MMLU folder or JSON-lines file)")
-            return errs
-        from .mmlu import read_questions  # local import: mmlu imports config
-
-        try:
-            read_questions(self.mmlu_data, self.mmlu_shots, self.mmlu_split)
-        except ConfigError as exc:
-            errs += [f"eval.mmlu_data: {p}" for p in exc.problems]
-        return errs
+        if self.mmlu_data is None and self.mmlu_steps:
+            errs.append("eval.mmlu_steps: needs eval.mmlu_data (an MMLU folder or JSON-lines file)")
+        return errs  # the MMLU file itself is read by the preflight
 
 
 @dataclass
@@ -270,12 +256,7 @@ class DistConfig:
     timeout_s: int = opt(600, "collective timeout: a dead rank fails the others after this")
 
     def check(self) -> list[str]:
-        from .engine import known_ds_configs
-
-        if self.ds_config in known_ds_configs() or Path(self.ds_config).suffix == ".json":
-            return [] if self.ds_config in known_ds_configs() or Path(self.ds_config).is_file() else [
-                f"dist.ds_config: file not found: {self.ds_config}"]
-        return [f"dist.ds_config: unknown {self.ds_config!r}; allowed: {', '.join(known_ds_configs())} or a .json path"]
+        return [f"dist.timeout_s: must be > 0 (got {self.timeout_s})"] if self.timeout_s <= 0 else []
 
 
 @dataclass
@@ -290,15 +271,20 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     preset: str | None = None  # recorded for the saved config; not a key users set
+    # Dotted keys the user set (YAML or key=value; not defaults or presets): a starting adapter's
+    # adapter_config.json must agree with these, and fills in the others (model/adapter.py).
+    user_keys: frozenset[str] = frozenset()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "user_keys"}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-GROUPS = [f.name for f in dataclasses.fields(Config) if f.name != "preset"]
+GROUPS = [f.name for f in dataclasses.fields(Config) if f.name not in ("preset", "user_keys")]
+# Keys that were renamed: an old name is an error that names the new one.
+RENAMED = {"train.resume_from": "train.init_adapter"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -310,17 +296,23 @@ Assignment = tuple[str, Any, str]
 def _yaml_assignments(path: Path) -> tuple[list[Assignment], list[str]]:
     """Flatten a YAML file into dotted-key assignments, each with its file:line origin."""
     try:
-        root = yaml.compose(path.read_text())
+        root = yaml.compose(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         return [], [f"{path}: config file not found"]
+    except IsADirectoryError:
+        return [], [f"{path}: is a folder, not a YAML config file"]
+    except UnicodeDecodeError as exc:
+        return [], [f"{path}: not a YAML text file (byte {exc.start} is not UTF-8)"]
     except yaml.YAMLError as exc:
-        return [], [f"{path}: not valid YAML: {exc}"]
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        return [], [f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}"]
     if root is None:
         return [], []
     if not isinstance(root, yaml.MappingNode):
         return [], [f"{path}: the top level must be a mapping of groups ({', '.join(GROUPS)})"]
     out: list[Assignment] = []
-    errs: list[str] = []
+    errs = _duplicate_keys(path, root)
     for key_node, group_node in root.value:
         group, where = key_node.value, f"{path}:{key_node.start_mark.line + 1}"
         if not isinstance(group_node, yaml.MappingNode):
@@ -330,6 +322,22 @@ def _yaml_assignments(path: Path) -> tuple[list[Assignment], list[str]]:
             value = yaml.safe_load(yaml.serialize(v_node))
             out.append((f"{group}.{k_node.value}", value, f"{path}:{k_node.start_mark.line + 1}"))
     return out, errs
+
+
+def _duplicate_keys(path: Path, root: yaml.MappingNode) -> list[str]:
+    """PyYAML keeps the last of two equal keys silently; a config where one line is ignored is an error."""
+    errs, nodes = [], [(root, "")]
+    while nodes:
+        node, prefix = nodes.pop()
+        seen: dict[str, int] = {}
+        for k_node, v_node in node.value:
+            key, line = f"{prefix}{k_node.value}", k_node.start_mark.line + 1
+            if key in seen:
+                errs.append(f"{path}:{line}: duplicate key {key!r} (first at line {seen[key]})")
+            seen.setdefault(key, line)
+            if isinstance(v_node, yaml.MappingNode):
+                nodes.append((v_node, key + "."))
+    return errs
 
 
 def _override_assignments(overrides: list[str]) -> tuple[list[Assignment], list[str]]:
@@ -382,14 +390,17 @@ def _coerce(value: Any, typ: Any) -> Any:
             return int(value)
         raise TypeError("an integer")
     if typ is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:  # YAML 1.1 reads '2e-4' (no dot) as a string
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise TypeError("a number")
+        if number is None or not math.isfinite(number):  # nan and inf pass every range check
+            raise TypeError("a finite number")
+        return number
     if typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -400,6 +411,9 @@ def _coerce(value: Any, typ: Any) -> Any:
 def _apply(cfg: Config, assignments: list[Assignment]) -> list[str]:
     errs = []
     for key, value, origin in assignments:
+        if key in RENAMED:
+            errs.append(f"{origin}: {key} was renamed: use {RENAMED[key]}")
+            continue
         group, _, name = key.partition(".")
         if group not in GROUPS:
             hint = difflib.get_close_matches(group, GROUPS, n=1)
@@ -436,7 +450,17 @@ def _check_choices(cfg: Config) -> list[str]:
 
 def load_config(path: str | Path | None = None, preset: str | None = None, overrides: list[str] = ()) -> Config:
     """Build the run's Config; raise ConfigError listing every problem at once."""
-    cfg, errs = Config(), []
+    cfg, errs = parse_config(path, preset, overrides)
+    if errs:
+        raise ConfigError(errs)
+    return cfg
+
+
+def parse_config(path: str | Path | None = None, preset: str | None = None,
+                 overrides: list[str] = ()) -> tuple[Config, list[str]]:
+    """The Config and every problem found in it (a value that failed keeps its default), so a preflight
+    can add the problems of the files it names and report them all at once."""
+    cfg, errs, user = Config(), [], []
     if preset is not None:
         if preset not in recipe.PRESETS:
             hint = difflib.get_close_matches(preset, recipe.PRESETS, n=1)
@@ -448,13 +472,13 @@ def load_config(path: str | Path | None = None, preset: str | None = None, overr
     if path is not None:
         assigns, perrs = _yaml_assignments(Path(path))
         errs += perrs + _apply(cfg, assigns)
+        user += assigns
     assigns, perrs = _override_assignments(list(overrides))
     errs += perrs + _apply(cfg, assigns)
+    cfg.user_keys = frozenset(key for key, _, _ in user + assigns)
     # A value that failed to parse kept its default, so range checks on the rest stay meaningful.
     errs += _check_choices(cfg)
-    if errs:
-        raise ConfigError(errs)
-    return cfg
+    return cfg, errs
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -472,7 +496,8 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 # the next optimizer step computes. Everything else must match (see checkpoint.check_compatible).
 RESUMABLE_CHANGES = (
     "train.output_dir", "train.max_steps", "train.save_steps", "train.logging_steps", "train.micro_batch_size",
-    "train.resume_from", "eval.", "checkpoint.", "dist.", "preset", "data.cache_dir",
+    "train.max_memory_per_gpu", "model.gradient_checkpointing", "eval.", "checkpoint.", "dist.", "preset",
+    "data.cache_dir",
 )
 
 

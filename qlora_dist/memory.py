@@ -11,25 +11,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+
 
 GB = 1e9
 NF4_BLOCK = 64  # bitsandbytes' default 4-bit blocksize
 NESTED_BLOCK = 256  # blocksize of the double quantization of the absmax constants
 DS_BUCKET = 50_000_000  # ds_configs/*.json reduce_bucket_size (elements)
 CUDA_OVERHEAD = 0.25 * GB  # workspace (cuBLAS, NCCL) and allocator rounding, beside the items
-
-
-def parse_size(text: str) -> int:
-    """'24000MB', '40GiB', '48GB', '1.5TB' -> bytes (MB/GB decimal, MiB/GiB binary)."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?i?B)\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"not a memory size: {text!r} (e.g. 24000MB, 40GiB)")
-    unit = m.group(2).upper()
-    power = "BKMGT".index(unit[0]) if unit != "B" else 0
-    return int(float(m.group(1)) * (1024 if "I" in unit else 1000) ** power)
 
 
 @dataclass(frozen=True)
@@ -65,7 +56,7 @@ class Shape:
 
     @classmethod
     def llama(cls, size: str) -> "Shape":
-        from .recipe import LLAMA_SHAPES
+        from qlora_dist.recipe import LLAMA_SHAPES
 
         s = LLAMA_SHAPES[size]
         return cls(s.hidden, s.intermediate, s.layers, s.heads, s.heads, s.vocab)
@@ -202,7 +193,7 @@ def logits_bytes(s: Setup) -> int:
     sh, tokens = s.shape, s.micro_batch * s.seq_len
     if not s.fused_loss:
         return 10 * sh.vocab * tokens
-    from .fastpath import chunk_tokens
+    from qlora_dist.model.fastpath import chunk_tokens
 
     return 8 * sh.vocab * min(tokens, chunk_tokens(sh.vocab)) + 4 * sh.hidden * tokens
 
@@ -305,15 +296,18 @@ def format_plan(plan: Plan) -> str:
 # From a run's config: the plan `train` checks before loading, and `train.micro_batch_size=auto`.
 
 def shape_for(cfg) -> Shape:
-    """The model's shape from its config.json, or, for a paper preset without a model, the LLaMA size."""
-    from .prepare import BUILTIN_MODELS, resolve_model_path
+    """The model's shape from its config.json (or a `random:<size>` name), or, for a paper preset without a
+    model, the LLaMA size."""
+    from qlora_dist.model.builtin import BUILTIN_MODELS, random_llama_config, random_size, resolve_model_path
 
     path = cfg.model.path
+    if size := random_size(path):
+        return Shape.from_hf(random_llama_config(size))
     if path and (path in BUILTIN_MODELS or (Path(path) / "config.json").is_file()):
         return Shape.from_folder(resolve_model_path(path))
     if cfg.preset and cfg.preset.split("-")[0] in ("7b", "13b", "33b", "65b"):
         return Shape.llama(cfg.preset.split("-")[0])
-    from .config import ConfigError
+    from qlora_dist.errors import ConfigError
 
     raise ConfigError([f"model.path: cannot read the model's shape from {path!r} (no config.json); "
                        "the plan needs the model folder or a paper preset such as 65b-all"])
@@ -323,7 +317,7 @@ def setup_from_config(cfg, world_size: int, shape: Shape | None = None, micro_ba
                       checkpointing: bool | None = None, on_gpu: bool | None = None) -> Setup:
     import torch
 
-    from .engine import read_ds_config, zero_stage
+    from qlora_dist.train.engine import read_ds_config, zero_stage
 
     ds, _ = read_ds_config(cfg.dist.ds_config)
     return Setup(

@@ -25,5 +25,8 @@ cmd+=("model.path=$MODEL_PATH" "train.output_dir=$OUTPUT_DIR" "dist.ds_config=${
 if [ "${DRY_RUN:-0}" = "1" ]; then
     exec "$PYTHON" -m qlora_dist launch-plan -- "${cmd[@]}"
 fi
+# The preflight, once, on the batch host before any rank starts: a bad path, config or memory cap fails
+# here in seconds (exit 2, one line per problem) instead of after every rank has loaded the model.
+"$PYTHON" -m qlora_dist check "${cmd[@]:4}" --world-size "${SLURM_NTASKS:-1}"
 # --kill-on-bad-exit: one dead rank ends the step (and the job) at once instead of at a collective timeout.
 exec srun --kill-on-bad-exit=1 --cpu-bind=none "${cmd[@]}"

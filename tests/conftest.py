@@ -27,7 +27,7 @@ TINY = ["model.path=tiny-llama", "lora.r=8", "lora.alpha=16", "lora.dropout=0.1"
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from qlora_dist.prepare import resolve_model_path
+    from qlora_dist.model.builtin import resolve_model_path
 
     return resolve_model_path("tiny-llama")
 

@@ -24,8 +24,8 @@ def _seed_loading_code(base_dir, adapter_dir):
 def test_saved_adapter_reproduces_trained_logits(tmp_path, tiny_model_dir, monkeypatch):
     from qlora_dist import compat
     from qlora_dist.config import load_config
-    from qlora_dist.data import collate
-    from qlora_dist.trainer import Trainer
+    from qlora_dist.data.batches import collate
+    from qlora_dist.train.trainer import Trainer
 
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": "29731"}.items():

@@ -17,7 +17,7 @@ def test_presets_prints_the_recipe_table():
 
 
 def test_prepare_model_tiny_llama_writes_a_loadable_folder(tmp_path):
-    from qlora_dist.model import load_base, load_tokenizer
+    from qlora_dist.model.base import load_base, load_tokenizer
 
     out = tmp_path / "tiny"
     assert run_cli("prepare-model", "tiny-llama", "--out", str(out)).stdout.strip() == str(out)
@@ -43,9 +43,9 @@ def test_generate_with_an_adapter_in_4_and_16_bit(tmp_path, tiny_model_dir):
 def test_embedded_smollm2_is_a_real_model_in_nf4():
     """The real embedded default, converted from its GGUF file and loaded in NF4, knows a fact: its
     greedy continuation of 'The capital of France is' names Paris, in 4-bit as in 16-bit."""
-    from qlora_dist.generate import generate_texts
-    from qlora_dist.model import load_base, load_tokenizer
-    from qlora_dist.prepare import resolve_model_path
+    from qlora_dist.evaluate.generate import generate_texts
+    from qlora_dist.model.base import load_base, load_tokenizer
+    from qlora_dist.model.builtin import resolve_model_path
 
     path = resolve_model_path("smollm2")
     tok = load_tokenizer(path)

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from qlora_dist import recipe
-from qlora_dist.config import ConfigError, config_from_dict, load_config
+from qlora_dist.config import config_from_dict, load_config
+from qlora_dist.errors import ConfigError
 
 
 def test_defaults_are_the_recipe():

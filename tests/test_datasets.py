@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from conftest import REPO, SHARED_DATA, run_cli
-from qlora_dist.config import ConfigError, load_config
-from qlora_dist.corpus import cached_rows, fingerprint, read_examples, tokenize_examples
-from qlora_dist.data import IGNORE_INDEX, BatchSchedule, collate, pack, padding_fraction, tokenize_all
-from qlora_dist.dist import DistInfo
-from qlora_dist.formats import ALPACA_PROMPT_NO_INPUT, Example
+from qlora_dist.config import load_config
+from qlora_dist.errors import ConfigError
+from qlora_dist.data.corpus import cached_rows, fingerprint, read_examples, tokenize_examples
+from qlora_dist.data.batches import IGNORE_INDEX, BatchSchedule, collate, pack, padding_fraction, tokenize_all
+from qlora_dist.launch.dist import DistInfo
+from qlora_dist.data.formats import ALPACA_PROMPT_NO_INPUT, Example
 
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} (real dataset samples) is absent")
 
@@ -27,7 +28,7 @@ def examples_of(dataset, *overrides: str) -> tuple[list[Example], object]:
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
-    from qlora_dist.model import load_tokenizer
+    from qlora_dist.model.base import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
 
@@ -251,7 +252,7 @@ def test_packing_keeps_each_examples_tokens_and_labels(tokenizer):
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_examples_give_the_logits_they_give_alone(tmp_path, tiny_model_dir, tokenizer, attention):
-    from qlora_dist.model import load_base
+    from qlora_dist.model.base import load_base
 
     model = load_base(tiny_model_dir, bits=16, compute_dtype="float32", attn_implementation=attention).eval()
     examples = [Example("The sky is", " blue"), Example("One two three", " four five"),
@@ -282,8 +283,8 @@ def test_packed_examples_give_the_logits_they_give_alone(tmp_path, tiny_model_di
 @needs_shared
 def test_padding_fraction_on_alpaca_at_the_7b_preset_lengths():
     """Reported in the closing note: the SmolLM2 tokenizer (the LLaMA tokenizer is not on this machine)."""
-    from qlora_dist.model import load_tokenizer
-    from qlora_dist.prepare import resolve_model_path
+    from qlora_dist.model.base import load_tokenizer
+    from qlora_dist.model.builtin import resolve_model_path
 
     tok = load_tokenizer(resolve_model_path("smollm2"))
     base = ["model.path=smollm2", f"data.dataset={SHARED_DATA / 'alpaca/alpaca_tiny.json'}"]
@@ -324,9 +325,9 @@ def test_the_cache_is_built_once_and_keyed_by_data_tokenizer_and_settings(tmp_pa
     over = [f"data.dataset={path}", f"data.cache_dir={tmp_path / 'cache'}"]
     cfg = load_config(overrides=over)
     info = DistInfo(0, 0, 1)
-    rows, report = cached_rows(cfg, tokenizer, info)
+    rows, report = cached_rows(cfg, tokenizer, info, tmp_path / "cache")
     stamp = (Path(report["cache"]) / "report.json").stat().st_mtime_ns
-    again, report2 = cached_rows(cfg, tokenizer, info)
+    again, report2 = cached_rows(cfg, tokenizer, info, tmp_path / "cache")
     assert report2["cache"] == report["cache"] and (Path(report["cache"]) / "report.json").stat().st_mtime_ns == stamp
     assert [again[i] for i in range(len(again))] == tokenize_examples(read_examples(cfg)[0], tokenizer, cfg)
     others = [load_config(overrides=[*over, "data.source_max_len=7"]), load_config(overrides=[*over, "data.packing=true"])]

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from qlora_dist.config import ConfigError, load_config
-from qlora_dist.engine import build_ds_config, known_ds_configs, zero_stage
+from qlora_dist.config import load_config
+from qlora_dist.errors import ConfigError
+from qlora_dist.train.engine import build_ds_config, known_ds_configs, zero_stage
 
 
 def test_shipped_ds_configs():

@@ -9,22 +9,23 @@ import torch
 
 from conftest import TINY, run_cli, run_torchrun
 from qlora_dist import memory
+from qlora_dist.config import parse_size
 from qlora_dist.config import load_config
 
 GiB = 2 ** 30
 
 
 def test_parse_size():
-    assert memory.parse_size("24000MB") == 24_000_000_000
-    assert memory.parse_size("40GiB") == 40 * GiB
-    assert memory.parse_size("1.5 GB") == 1_500_000_000
+    assert parse_size("24000MB") == 24_000_000_000
+    assert parse_size("40GiB") == 40 * GiB
+    assert parse_size("1.5 GB") == 1_500_000_000
     with pytest.raises(ValueError, match="not a memory size"):
-        memory.parse_size("lots")
+        parse_size("lots")
 
 
 def _plan(preset: str, world: int = 1, cap: str | None = None, *overrides: str) -> memory.Plan:
     cfg = load_config(preset=preset, overrides=[f"model.path=llama-{preset.split('-')[0]}", *overrides])
-    cap_bytes = memory.parse_size(cap) if cap else None
+    cap_bytes = parse_size(cap) if cap else None
     return memory.make_plan(memory.setup_from_config(cfg, world, on_gpu=True), cap_bytes)
 
 
@@ -50,19 +51,19 @@ def test_what_does_not_fit_gets_the_cheapest_change():
 def test_auto_micro_batch_is_the_fastest_that_fits():
     cfg = load_config(preset="7b-all", overrides=["model.path=llama-7b", "train.micro_batch_size=auto",
                                                   "train.max_memory_per_gpu=24GB"])
-    chosen = memory.choose_micro_batch(cfg, 1, memory.parse_size("24GB"))
+    chosen = memory.choose_micro_batch(cfg, 1, parse_size("24GB"))
     assert chosen.micro_batch == 16 and chosen.checkpointing  # 16 x 512 with checkpointing: ~11 GB planned
-    roomy = memory.choose_micro_batch(cfg, 1, memory.parse_size("80GB"))
+    roomy = memory.choose_micro_batch(cfg, 1, parse_size("80GB"))
     assert not roomy.checkpointing  # room enough to skip recomputation, which is faster
-    assert memory.choose_micro_batch(cfg, 1, memory.parse_size("2GB")) is None
+    assert memory.choose_micro_batch(cfg, 1, parse_size("2GB")) is None
 
 
 def _saved_bytes_per_token_per_layer(shape: memory.Shape, dropout: float) -> float:
     """What autograd really saves for one decoder layer, per token: two layers minus one."""
     from transformers import LlamaConfig
 
-    from qlora_dist.loader import RandomSource, load_layerwise
-    from qlora_dist.model import add_lora, prepare_for_training
+    from qlora_dist.model.loader import RandomSource, load_layerwise
+    from qlora_dist.model.base import add_lora, prepare_for_training
 
     def saved(layers: int) -> int:
         config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=layers,

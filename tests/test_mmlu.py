@@ -26,7 +26,7 @@ def _jsonl(path, n=None):
 
 def _examples(record: dict) -> list[list[str]]:
     """qlora's prompt split back into hendrycks rows: the shots (with answers), then the question."""
-    from qlora_dist.mmlu import header
+    from qlora_dist.evaluate.mmlu import header
 
     body = record["input"][len(header(record["subject"])):]
     assert record["input"].startswith(header(record["subject"]))
@@ -54,7 +54,7 @@ def _write_hendrycks(folder, records: list[dict]) -> None:
 def test_hendrycks_csv_prompts_equal_qlora_json_lines(tmp_path):
     """The same questions read from a hendrycks folder and from qlora's files give byte-identical prompts
     and answers, 5-shot and 0-shot (81 questions, 5 subjects; some questions hold blank lines)."""
-    from qlora_dist.mmlu import read_questions
+    from qlora_dist.evaluate.mmlu import read_questions
 
     five = _jsonl(FIVE_SHOT)
     _write_hendrycks(tmp_path, five)
@@ -68,8 +68,8 @@ def test_hendrycks_csv_prompts_equal_qlora_json_lines(tmp_path):
 
 @needs_data
 def test_csv_and_json_layouts_score_alike(tmp_path, tiny_model_dir):
-    from qlora_dist import mmlu
-    from qlora_dist.generate import load_for_inference
+    from qlora_dist.evaluate import mmlu
+    from qlora_dist.evaluate.generate import load_for_inference
 
     _write_hendrycks(tmp_path, _jsonl(FIVE_SHOT, 30))
     model, tok = load_for_inference(str(tiny_model_dir))
@@ -81,7 +81,7 @@ def test_csv_and_json_layouts_score_alike(tmp_path, tiny_model_dir):
 
 
 def _toy_questions(answers: str):
-    from qlora_dist.mmlu import Question, format_example, header
+    from qlora_dist.evaluate.mmlu import Question, format_example, header
 
     subjects = ["anatomy", "world_religions"]
     return [Question(subjects[i % 2], header(subjects[i % 2]) + format_example(
@@ -93,8 +93,8 @@ def test_scorer_picks_the_letter_the_model_favours(tiny_model_dir):
     """A bias on the logit of the token that spells " X" after "Answer:" makes every prediction X:
     accuracy per subject is then exactly the share of X among its answers, and only the questions whose
     answer is X have a near-zero loss. Done for each of the four letters."""
-    from qlora_dist import mmlu
-    from qlora_dist.generate import load_for_inference
+    from qlora_dist.evaluate import mmlu
+    from qlora_dist.evaluate.generate import load_for_inference
 
     model, tok = load_for_inference(str(tiny_model_dir))
     _, letter_ids = mmlu.letter_tokens(tok)
@@ -123,8 +123,8 @@ def test_scorer_picks_the_letter_the_model_favours(tiny_model_dir):
 def test_batched_scores_equal_one_question_at_a_time(tiny_model_dir):
     """Left padding and per-row positions: each question's letter logits in a batch of mixed lengths
     equal those of the question alone, read at the position of " X" in the full "… Answer: X"."""
-    from qlora_dist import mmlu
-    from qlora_dist.generate import load_for_inference
+    from qlora_dist.evaluate import mmlu
+    from qlora_dist.evaluate.generate import load_for_inference
 
     model, tok = load_for_inference(str(tiny_model_dir), bits=16)
     questions = _toy_questions("ABCDA")
@@ -143,7 +143,7 @@ def test_batched_scores_equal_one_question_at_a_time(tiny_model_dir):
 
 
 def test_every_question_scored_once_and_ranks_run_equal_passes():
-    from qlora_dist.mmlu import deal_batches
+    from qlora_dist.evaluate.mmlu import deal_batches
 
     lengths = [5, 9, 1, 7, 7, 3, 2, 8, 6, 4, 10, 11, 3]
     for world in (1, 2, 3, 4, 7, 20):
@@ -157,9 +157,9 @@ def test_every_question_scored_once_and_ranks_run_equal_passes():
 def test_smollm2_letter_tokens_are_the_spaced_letters():
     """SmolLM2's BPE: tokenizer("A") is "A" (id 49), but after "Answer:" the letter is "ĠA" (id 330); the
     scorer uses the latter, and appending " X" to every real prompt adds exactly that one token."""
-    from qlora_dist.mmlu import _encode, letter_tokens, read_questions
-    from qlora_dist.model import load_tokenizer
-    from qlora_dist.prepare import resolve_model_path
+    from qlora_dist.evaluate.mmlu import _encode, letter_tokens, read_questions
+    from qlora_dist.model.base import load_tokenizer
+    from qlora_dist.model.builtin import resolve_model_path
 
     tok = load_tokenizer(resolve_model_path("smollm2"))
     prefix, ids = letter_tokens(tok)
@@ -190,8 +190,9 @@ def test_one_and_two_ranks_give_identical_predictions(tmp_path, tiny_model_dir):
 
 def test_bad_mmlu_input_names_file_and_line(tmp_path, capsys):
     from qlora_dist.cli import main
-    from qlora_dist.config import ConfigError, load_config
-    from qlora_dist.mmlu import read_questions
+    from qlora_dist.config import load_config
+    from qlora_dist.errors import ConfigError
+    from qlora_dist.evaluate.mmlu import read_questions
 
     for split in ("dev", "val"):
         (tmp_path / split).mkdir()

@@ -2,8 +2,9 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from qlora_dist.config import ConfigError, load_config
-from qlora_dist.model import add_lora, check_model_folder, load_base, lora_target_names, prepare_for_training
+from qlora_dist.config import load_config
+from qlora_dist.errors import ConfigError
+from qlora_dist.model.base import add_lora, check_model_folder, load_base, lora_target_names, prepare_for_training
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, free_port, load_adapter_tensors, read_metrics, run_cli
-from qlora_dist.dist import expand_hostlist, planned_ranks, slurm_env
+from qlora_dist.launch.dist import expand_hostlist, planned_ranks, slurm_env
 
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
 # Tiny model, 2 nodes x 2 ranks, ZeRO-2, global batch 8 (micro 2, one micro-batch per rank per step).

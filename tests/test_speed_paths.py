@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_torchrun
-from qlora_dist import fastpath
+from qlora_dist.model import fastpath
 
 
 def _relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -56,12 +56,12 @@ def _loss_and_grads(model, batch, seed=1):
 def test_fast_paths_match_transformers_and_peft(tiny_model_dir, dtype, loss_tol, grad_tol):
     from qlora_dist import compat
     from qlora_dist.config import load_config
-    from qlora_dist.model import build_model
+    from qlora_dist.model.base import build_model
 
     compat.quiet_known_warnings()
     cfg = load_config(overrides=["model.path=tiny-llama", "lora.r=8", "lora.dropout=0.1",
                                  f"model.compute_dtype={dtype}"])
-    model, _ = build_model(cfg)
+    model = build_model(cfg)
     model.train()
     torch.manual_seed(5)
     for name, p in model.named_parameters():  # B starts at zero: give the adapters something to add

@@ -3,8 +3,8 @@ from collections import Counter
 import pytest
 
 from qlora_dist.config import load_config
-from qlora_dist.data import IGNORE_INDEX, BatchSchedule, Example, collate, tokenize
-from qlora_dist.tasks import TASKS, exact_match, majority_baseline, make_split
+from qlora_dist.data.batches import IGNORE_INDEX, BatchSchedule, Example, collate, tokenize
+from qlora_dist.data.tasks import TASKS, exact_match, majority_baseline, make_split
 
 
 def test_tasks_are_deterministic_and_answers_correct():
@@ -41,7 +41,7 @@ def test_exact_match_and_majority_baseline():
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
-    from qlora_dist.model import load_tokenizer
+    from qlora_dist.model.base import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
 
@@ -102,7 +102,7 @@ def test_schedule_resumes_from_the_step_alone():
 
 
 def test_builtin_examples_follow_the_guanaco_format():
-    from qlora_dist.data import builtin_examples
+    from qlora_dist.data.batches import builtin_examples
 
     cfg = load_config(overrides=["data.num_train=5", "data.num_eval=2", "data.tasks=add"])
     examples, held_out = builtin_examples(cfg)

@@ -36,7 +36,7 @@ def main() -> None:
                                  "train.global_batch_size=4"])
     info = dist.init()
     ds = build_ds_config(cfg, info.world_size)
-    model, _ = build_model(cfg, dist.device_for(info), ds)
+    model = build_model(cfg, dist.device_for(info), ds)
     engine = initialize(cfg, model, ds)
     engine.eval()  # no dropout: both paths see the same function
     gen = torch.Generator().manual_seed(info.rank)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import dist
+from qlora_dist.launch import dist
 
 
 def _load_optimizer_files(engine_dir: Path) -> tuple[int, int, list[dict]]:

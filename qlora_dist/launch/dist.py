@@ -107,6 +107,13 @@ def _single_process_env() -> None:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
 
 
+def launcher_env() -> DistInfo:
+    """This process's place in the job as the launcher (torchrun, deepspeed, srun) describes it, without
+    joining the process group: for what rank 0 does alone before the ranks meet (the preflight)."""
+    _single_process_env()
+    return read_env()
+
+
 def device_for(info: DistInfo) -> torch.device:
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)

@@ -22,20 +22,16 @@ class TrainJob(submitit.helpers.Checkpointable):
     overrides: list[str] = field(default_factory=list)
 
     def __call__(self) -> str:
-        from .cli import main
+        from qlora_dist.train.trainer import main
 
         env = submitit.JobEnvironment()
         host = env.hostnames[0] if env.cluster == "slurm" else "127.0.0.1"
-        from .dist import rendezvous_port
+        from qlora_dist.launch.dist import rendezvous_port
 
         os.environ.update(RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.num_tasks),
                           LOCAL_WORLD_SIZE=str(env.num_tasks // max(env.num_nodes, 1)), MASTER_ADDR=host,
                           MASTER_PORT=str(rendezvous_port("".join(c for c in str(env.job_id) if c.isdigit()) or "0")))
-        args = ["train", *([self.config_path] if self.config_path else []),
-                *(["--preset", self.preset] if self.preset else []), *self.overrides]
-        code = main(args)
-        if code:
-            raise RuntimeError(f"qlora-dist {' '.join(args)} exited with {code}")
+        main(self.config_path, self.preset, self.overrides)  # a ConfigError fails the job with its problems
         return "done"
 
 
@@ -53,11 +49,15 @@ def executor_for(cluster: str, folder: Path, nodes: int, tasks_per_node: int, gp
 
 
 def submit(ns, overrides: list[str], config_path: str | None):
-    from .config import load_config
+    from qlora_dist import preflight
+    from qlora_dist.config import parse_config
+    from qlora_dist.paths import RunPaths
 
-    cfg = load_config(config_path, ns.preset, overrides)  # validate here, before anything is queued
-    folder = Path(cfg.train.output_dir) / "submitit"
     tasks = ns.tasks_per_node or max(ns.gpus_per_node, 1)
+    cfg, problems = parse_config(config_path, ns.preset, overrides)
+    # The whole preflight here, before anything is queued: a bad path costs seconds, not a queue wait.
+    preflight.run(cfg, ns.nodes * tasks, problems, cuda=True if ns.gpus_per_node else None).raise_if_problems()
+    folder = RunPaths.of(cfg).submitit
     executor = executor_for(ns.cluster, folder, ns.nodes, tasks, ns.gpus_per_node, ns.cpus_per_task,
                             ns.timeout_min, ns.partition, ns.signal_delay_s)
     return executor.submit(TrainJob(config_path, ns.preset, list(overrides)))

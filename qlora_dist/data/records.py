@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from . import compat
-from .config import ConfigError
-from .formats import DATASETS, HEADERLESS_COLUMNS, RowError
+from qlora_dist import compat
+from qlora_dist.errors import ConfigError
+from qlora_dist.data.formats import DATASETS, HEADERLESS_COLUMNS, RowError
 
 TABLE_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
@@ -214,3 +214,62 @@ def _load_disk(path: Path):
 
 def columns_of(first: dict | None) -> set[str]:
     return set(first) if isinstance(first, dict) else set()
+
+
+# --------------------------------------------------------------------------------- cheap look (preflight)
+def _sample_table(path: Path, headerless: tuple[str, ...] | None, n: int) -> list[Record]:
+    """The first n rows of a .parquet/.csv/.tsv without converting the whole file (datasets would)."""
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        batch = next(pq.ParquetFile(path).iter_batches(batch_size=n), None)
+        return [Record(f"{path} row {i + 1}", row) for i, row in enumerate(batch.to_pylist() if batch else [])]
+    import csv
+    import itertools
+
+    with path.open(newline="", encoding="utf-8") as f:
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        reader = csv.DictReader(f, fieldnames=list(headerless) if headerless else None, delimiter=delimiter)
+        first = 1 if headerless else 2
+        return [Record(f"{path}:{i + first}", dict(row)) for i, row in enumerate(itertools.islice(reader, n))]
+
+
+def _count_table(path: Path, headerless: tuple[str, ...] | None) -> int:
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    with path.open("rb") as f:
+        lines = sum(1 for line in f if line.strip())
+    return lines if headerless else max(lines - 1, 0)
+
+
+def _count_jsonl(path: Path) -> int:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def look(source: Source, n: int = 1000) -> tuple[list[Record], int]:
+    """(the first n records, the number of records) of a file source, cheaply: JSON lines and CSV are
+    counted by lines, parquet from its footer; a JSON array is parsed (its syntax is checked that way).
+    Named datasets and save_to_disk folders are opened (memory-mapped) to count. Unreadable files raise
+    ConfigError naming the file."""
+    import itertools
+
+    try:
+        if source.kind == "jsonl":
+            return list(itertools.islice(read(source), n)), sum(_count_jsonl(p) for p in source.paths)
+        if source.kind == "table":
+            head = [r for p in source.paths for r in _sample_table(p, source.headerless, n)][:n]
+            return head, sum(_count_table(p, source.headerless) for p in source.paths)
+        if source.kind == "json-array":
+            rows = list(read(source))
+            return rows[:n], len(rows)
+        dataset = _load_hub(source) if source.kind == "hub" else _load_disk(source.paths[0])
+        return [Record(f"{source.name} row {i + 1}", dict(dataset[i])) for i in range(min(n, len(dataset)))], len(dataset)
+    except ConfigError:
+        raise
+    except Exception as exc:  # pyarrow, csv, gzip and OS errors all mean: this file cannot be read
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError([f"data.dataset: {source.name}: cannot be read ({detail})"]) from None

@@ -1,120 +1,119 @@
-"""The one trainer: setup, train, evaluate, save, cleanup, on the DeepSpeed engine loop."""
+"""The one trainer: setup, train, evaluate, save, cleanup, on the DeepSpeed engine loop.
+
+Setup builds each thing in the order a failure is cheapest to find: the run plan (compute dtype, micro
+batch, memory cap), the output folder and the checkpoint to resume, the tokenizer, the data (validated
+and tokenized), and only then the model and the engine. Everything that can be known without weights
+was checked before this by the preflight (qlora_dist/preflight.py) on rank 0.
+"""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
-from . import checkpoint, compat, dist, memory, mmlu
-from .checkpoint import Progress
-from .config import Config, ConfigError
-from .corpus import prepare as prepare_corpus
-from .data import BatchSchedule, collate
-from .engine import build_ds_config, initialize, zero_stage
-from .evaluate import builtin_accuracy, format_report
-from .model import build_model, count_parameters
-from .preempt import StopRequest
-from .runlog import RunLog
+from qlora_dist import compat, run_plan
+from qlora_dist.config import Config
+from qlora_dist.data.batches import BatchSchedule, collate
+from qlora_dist.data.corpus import prepare as prepare_corpus
+from qlora_dist.evaluate import mmlu
+from qlora_dist.evaluate.exact_match import builtin_accuracy, format_report
+from qlora_dist.launch import dist
+from qlora_dist.model import init_adapter
+from qlora_dist.model.base import build_model, count_parameters, load_tokenizer
+from qlora_dist.paths import RunPaths
+from qlora_dist.train.checkpoint import Checkpointer, Progress
+from qlora_dist.train.engine import build_ds_config, initialize, zero_stage
+from qlora_dist.train.preempt import StopRequest
+from qlora_dist.train.runlog import RunLog
 
 
 class Trainer:
     def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.out = Path(cfg.train.output_dir)
+        self.user_cfg = cfg  # as given (`auto` kept): what checkpoints save and resume compares
+        self.paths = RunPaths.of(cfg)
         self.step = 0
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
-        cfg = self.cfg
-        self.info = dist.init(cfg.dist.backend, cfg.dist.timeout_s)
+        self.info = dist.init(self.user_cfg.dist.backend, self.user_cfg.dist.timeout_s)
         self.stop = StopRequest()
         self.device = dist.device_for(self.info)
-        self._setup_memory()
-        self.resume_from = self._setup_output()
-        self.completed = checkpoint.read_completed(self.out, cfg.train.max_steps, self.resume_from)
+        self.plan = self._setup_plan()
+        self.checkpointer = Checkpointer(self.paths, self.user_cfg, self.plan.to_json(), self.info.rank,
+                                         self.info.world_size)
+        resume_from = self.checkpointer.recover()
+        self.completed = self.checkpointer.completed()
         if self.completed:
             return
-        ds = build_ds_config(cfg, self.info.world_size)
-        self.model, self.tokenizer = build_model(cfg, self.device, ds)
-        self.rows, self.held_out, data_report = prepare_corpus(cfg, self.tokenizer, self.info)
-        self.mmlu_questions = (mmlu.read_questions(cfg.eval.mmlu_data, cfg.eval.mmlu_shots, cfg.eval.mmlu_split,
-                                                   cfg.eval.mmlu_max_questions) if cfg.eval.mmlu_data else [])
-        self.engine = initialize(cfg, self.model, ds)
-        self.zero_stage = zero_stage(ds)
-        self.schedule = self._setup_schedule()
-        self.step = self._restore()
-        self.log = RunLog(self.out, self.step, cfg.train.max_steps)
-        self._describe(ds, data_report)
+        self.log = RunLog(self.paths, self.checkpointer.start_step, self.cfg.train.max_steps)
+        self.log.write({"event": "plan", "step": self.checkpointer.start_step, **self.plan.to_json(),
+                        "resume_from": str(resume_from) if resume_from else None})
+        self.tokenizer = self._setup_tokenizer()
+        self.rows, self.held_out, self.schedule = self._setup_data()
+        self.mmlu_questions = self._setup_mmlu()
+        self.model = self._setup_model()
+        self.engine = self._setup_engine()
+        self.step = self.checkpointer.restore(self.engine)
 
-    def _setup_memory(self) -> None:
-        """With train.max_memory_per_gpu: pick an 'auto' micro batch, refuse a plan over the cap before
-        anything is loaded, and cap each rank's CUDA allocator."""
-        cfg = self.cfg
-        if not cfg.train.max_memory_per_gpu:
-            return
-        cap, world = memory.parse_size(cfg.train.max_memory_per_gpu), self.info.world_size
-        if cfg.train.micro_batch_size == "auto":
-            chosen = memory.choose_micro_batch(cfg, world, cap)
-            if chosen is None:
-                cfg.train.micro_batch_size, cfg.model.gradient_checkpointing = 1, True  # the smallest plan, shown
-            else:
-                cfg.train.micro_batch_size, cfg.model.gradient_checkpointing = chosen.micro_batch, chosen.checkpointing
-                dist.log(f"train.micro_batch_size=auto: micro batch {chosen.micro_batch}, activation "
-                         f"checkpointing {'on' if chosen.checkpointing else 'off'} (the fastest that fits the cap)")
-        plan = memory.make_plan(memory.setup_from_config(cfg, world), cap)
-        if not plan.fits:
-            fix = memory.suggest(plan.setup, cap)
-            raise ConfigError([f"train.max_memory_per_gpu: {cfg.train.max_memory_per_gpu} cannot hold this run "
-                               f"(planned {plan.total / memory.GB:.2f} GB per rank)", memory.format_plan(plan),
-                               "to fit: " + ("; then ".join(fix) if fix else "no single change found; see `qlora-dist plan`")])
-        dist.log(f"memory plan: {plan.total / memory.GB:.2f} GB per rank under the cap of {cap / memory.GB:.2f} GB")
-        if torch.cuda.is_available():
+    def _setup_plan(self) -> run_plan.RunPlan:
+        """Resolve `auto` (compute dtype, micro batch, checkpointing) for this machine and world size;
+        refuse a plan over train.max_memory_per_gpu before anything is loaded, and cap each rank's CUDA
+        allocator at it. The resolved copy of the config (self.cfg) is what the rest is built from."""
+        self.user_cfg = init_adapter.adopt(self.user_cfg)  # lora.* keys not set take the adapter's values
+        plan = run_plan.resolve(self.user_cfg, self.info.world_size)
+        self.cfg = plan.apply(self.user_cfg)
+        self.ds = build_ds_config(self.cfg, self.info.world_size)
+        self.zero_stage = zero_stage(self.ds)
+        dist.log(f"run plan: {plan.describe()}")
+        if plan.cap_gb and torch.cuda.is_available():
             total = torch.cuda.get_device_properties(self.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), self.device)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, plan.cap_gb * 1e9 / total), self.device)
+        return plan
 
-    def _setup_output(self) -> Path | None:
-        """Checks the output folder before anything heavy is loaded; the checkpoint to resume, if any."""
-        if self.info.is_main:
-            checkpoint.remove_partial_saves(self.out)
-        dist.barrier()
-        return checkpoint.find_resume(self.out, self.cfg)
+    def _setup_tokenizer(self):
+        return load_tokenizer(self.cfg.model.path)  # a folder, a built-in name or random:<size>
 
-    def _setup_schedule(self) -> BatchSchedule:
+    def _setup_data(self):
+        """Training rows (validated, tokenized, cached by rank 0), held-out items and the batch schedule:
+        all before the model, so a data problem costs seconds, not a model load."""
         cfg = self.cfg
-        if len(self.rows) < cfg.train.global_batch_size:
-            raise ConfigError([f"data.dataset: {len(self.rows)} training rows, fewer than one global batch "
+        rows, held_out, report = prepare_corpus(cfg, self.tokenizer, self.info, self.paths.data_cache)
+        if report:
+            self.log.write({"event": "data", **report})
+            dist.log(f"{report['summary']}; {report['rows']:,} training rows (cache {report['cache']})")
+        if len(rows) < cfg.train.global_batch_size:
+            from qlora_dist.errors import ConfigError
+
+            raise ConfigError([f"data.dataset: {len(rows)} training rows, fewer than one global batch "
                                f"(train.global_batch_size={cfg.train.global_batch_size})"])
-        lengths = self.rows.lengths() if cfg.data.group_by_length else None
-        return BatchSchedule(len(self.rows), cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                             self.info.rank, self.info.world_size, cfg.train.seed, lengths)
+        lengths = rows.lengths() if cfg.data.group_by_length else None
+        schedule = BatchSchedule(len(rows), cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                                 self.info.rank, self.info.world_size, cfg.train.seed, lengths)
+        return rows, held_out, schedule
 
-    def _restore(self) -> int:
-        if self.resume_from is None:
-            torch.manual_seed(self.cfg.train.seed + self.info.rank)  # each rank its own dropout stream
-            return 0
-        progress = checkpoint.load(self.engine, self.resume_from, self.info.rank, self.info.world_size)
-        dist.log(f"resuming from {self.resume_from} (step {progress.step}, {progress.samples_seen} samples seen)")
-        return progress.step
+    def _setup_mmlu(self) -> list:
+        e = self.cfg.eval
+        return mmlu.read_questions(e.mmlu_data, e.mmlu_shots, e.mmlu_split, e.mmlu_max_questions) if e.mmlu_data else []
 
-    def _describe(self, ds: dict, data_report: dict | None) -> None:
-        if data_report:
-            self.log.write({"event": "data", **data_report})
-            dist.log(f"{data_report['summary']}; {data_report['rows']:,} training rows (cache {data_report['cache']})")
-        trainable, total = count_parameters(self.model)
-        note = compat.paged_optimizer_note() if "paged" in self.cfg.optim.name else None
+    def _setup_model(self):
+        model = build_model(self.cfg, self.device, self.ds)
+        trainable, total = count_parameters(model)
         dist.log(f"model {self.cfg.model.path}: {trainable:,} trainable LoRA parameters of {total:,}; "
                  f"{self.cfg.quantization.bits}-bit base; ZeRO stage {self.zero_stage}; world size "
-                 f"{self.info.world_size}; micro batch {ds['train_micro_batch_size_per_gpu']} x accumulation "
-                 f"{ds['gradient_accumulation_steps']} x ranks = global batch {ds['train_batch_size']}")
-        if note:
+                 f"{self.info.world_size}; micro batch {self.ds['train_micro_batch_size_per_gpu']} x accumulation "
+                 f"{self.ds['gradient_accumulation_steps']} x ranks = global batch {self.ds['train_batch_size']}")
+        return model
+
+    def _setup_engine(self):
+        if "paged" in self.cfg.optim.name and (note := compat.paged_optimizer_note()):
             dist.log(note)
+        return initialize(self.cfg, self.model, self.ds)
 
     # ------------------------------------------------------------------------------------------ train
     def train(self) -> None:
         cfg = self.cfg
         if self.completed:
-            dist.log(f"{self.out} already completed {cfg.train.max_steps} steps; nothing to do "
+            dist.log(f"{self.paths.root} already completed {cfg.train.max_steps} steps; nothing to do "
                      "(raise train.max_steps to train further)")
             return
         if self.step == 0 and cfg.eval.at_start:
@@ -185,17 +184,17 @@ class Trainer:
         return report
 
     # ------------------------------------------------------------------------------------------- save
-    def save(self) -> Path:
+    def save(self):
         progress = Progress(step=self.step, samples_seen=self.step * self.cfg.train.global_batch_size,
                             epoch=self.schedule.epoch_of(self.step), seed=self.cfg.train.seed,
                             world_size=self.info.world_size, global_batch_size=self.cfg.train.global_batch_size,
                             zero_stage=self.zero_stage, loss=getattr(self, "last_loss", None))
-        path = checkpoint.save(self.engine, self.cfg, progress, self.out, self.info.rank, self.zero_stage)
+        path = self.checkpointer.save(self.engine, progress, self.zero_stage)
         self.log.note(f"saved {path}")
         return path
 
     def _finish(self) -> None:
-        final = self.out / f"checkpoint-{self.cfg.train.max_steps}"
+        final = self.paths.checkpoint(self.cfg.train.max_steps)
         if not (final / "progress.json").is_file():  # resumed past the end: save what we have
             final = self.save()
         after = self.evaluate("after training") if self.cfg.eval.at_end else None
@@ -203,7 +202,7 @@ class Trainer:
         if self.info.is_main:
             self.log.plot()
             mmlu_summary = mmlu_after and {k: mmlu_after[k] for k in ("accuracy", "loss", "n")}
-            checkpoint.publish_final(self.out, final, {"step": self.step, "after": after, "mmlu": mmlu_summary})
+            self.checkpointer.finalize(final, {"step": self.step, "after": after, "mmlu": mmlu_summary})
             self._summary()
 
     def _summary(self) -> None:
@@ -213,7 +212,8 @@ class Trainer:
             lines = [f"  {t:<12} {100 * first['builtin'][t]['accuracy']:5.1f}% -> "
                      f"{100 * last['builtin'][t]['accuracy']:5.1f}%" for t in last["builtin"]]
             self.log.note("held-out exact match, before -> after:\n" + "\n".join(lines))
-        self.log.note(f"done: adapter in {self.out / 'adapter_model'}, metrics in {self.log.path}, curve in {self.log.png}")
+        self.log.note(f"done: adapter in {self.paths.adapter}, metrics in {self.paths.metrics}, "
+                      f"curve in {self.paths.loss_png}")
 
     # ---------------------------------------------------------------------------------------- cleanup
     def cleanup(self) -> None:
@@ -231,3 +231,21 @@ def run(cfg: Config) -> None:
         trainer.train()
     finally:
         trainer.cleanup()
+
+
+def main(config_path: str | None, preset: str | None, overrides: list[str]) -> None:
+    """`qlora-dist train`: the config, then (rank 0) the preflight, which raises every problem it can find
+    without reading a weight; then the run. Other ranks wait for rank 0 at the process group's
+    rendezvous, and the launcher ends them if rank 0 exits with the problems."""
+    from qlora_dist import preflight
+    from qlora_dist.config import parse_config
+
+    cfg, problems = parse_config(config_path, preset, overrides)
+    world = dist.launcher_env()
+    if world.is_main:
+        preflight.run(cfg, world.world_size, problems).raise_if_problems()
+    elif problems:
+        from qlora_dist.errors import ConfigError
+
+        raise ConfigError(problems)
+    run(cfg)

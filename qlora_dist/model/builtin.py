@@ -4,6 +4,13 @@
 (`$QLORA_DIST_CACHE`, default ~/.cache/qlora-dist), made once on first use. Several processes may ask
 at the same time (ranks, parallel tests): a file lock lets one build it, and the folder appears by an
 atomic rename, so nobody ever reads a half-written model.
+
+`model.path=random:7b` (13b, 33b, 65b) names no folder: random weights of that LLaMA-1 shape (vocab 32,000,
+as many KV heads as heads, untied lm_head), made on the target device by the layer-wise loader
+(`model.base.load_base_random`), for benchmarks of real shapes without their files. Its tokenizer is
+tiny-llama's 512-id byte-level BPE: every id is < 32,000, so each indexes a row of the embedding, and with
+random weights which text a token stands for does not matter. This module is the one place that reads
+`random:` names.
 """
 from __future__ import annotations
 
@@ -12,9 +19,12 @@ import fcntl
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+
+from qlora_dist.launch import dist
 
 BUILTIN_MODELS = ("smollm2", "tiny-llama")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -25,17 +35,34 @@ def cache_dir() -> Path:
 
 
 def resolve_model_path(path: str) -> Path:
-    """A built-in name becomes its (prepared) cache folder; anything else is a local folder."""
+    """A built-in name becomes its (prepared) cache folder; anything else is a local folder (a `random:`
+    name stays as it is: it has no folder, see random_size)."""
     if path in BUILTIN_MODELS:
         return ensure_builtin(path, cache_dir() / path)
     return Path(path).expanduser()
 
 
+# What building each one costs the first time (the SmolLM2 conversion: ~30 s on 2 CPU cores).
+_BUILDING = {"smollm2": "converting the embedded SmolLM2-135M-Instruct (GGUF) into a Hugging Face folder once: ~30 s",
+             "tiny-llama": "writing the tiny test LLaMA (random weights, own tokenizer) once: a few seconds"}
+
+
+def _say(message: str) -> None:
+    # Rank 0 only, also before the process group exists (ranks may resolve the model before init).
+    if dist.read_env().is_main:
+        dist.log(message)
+
+
 @contextlib.contextmanager
 def _locked(target: Path):
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock_path = target.parent / f".{target.name}.lock"
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(f"waiting for another process that is building {target} (lock {lock_path})")
+            fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
 
@@ -47,6 +74,8 @@ def ensure_builtin(name: str, out: Path) -> Path:
     with _locked(out):
         if (out / "config.json").is_file():  # another process built it while we waited
             return out
+        _say(f"{_BUILDING[name]} ({out})")
+        start = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
             {"smollm2": _write_smollm2, "tiny-llama": _write_tiny_llama}[name](tmp)
@@ -55,6 +84,7 @@ def ensure_builtin(name: str, out: Path) -> Path:
             tmp.rename(out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        _say(f"{name}: done in {time.perf_counter() - start:.1f} s")
     return out
 
 
@@ -96,8 +126,8 @@ def _tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .prompts import guanaco_inference
-    from .tasks import TASKS, make_split
+    from qlora_dist.data.prompts import guanaco_inference
+    from qlora_dist.data.tasks import TASKS, make_split
 
     train, held_out = make_split(list(TASKS), 200, 20, seed=0)
     corpus = [guanaco_inference(i.prompt) + " " + i.answer for i in train + held_out]
@@ -128,3 +158,45 @@ def _write_tiny_llama(out: Path, seed: int = 0) -> None:
     model = LlamaForCausalLM(tiny_llama_config(len(tokenizer)))
     model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+# --------------------------------------------------------------------------------- random:<size> weights
+RANDOM_PREFIX = "random:"
+RANDOM_TOKENIZER = "tiny-llama"  # 512 ids, all < 32,000: see the module docstring
+# Not offered to users: a LLaMA-1-like shape small enough to run the GPU code path on a CPU in seconds
+# (bench --dry-run, tests). Sizes are multiples of 64, bitsandbytes' NF4 block.
+_SMOKE_SHAPE = {"smoke": (256, 512, 2, 4)}
+
+
+def random_size(path: str | os.PathLike | None) -> str | None:
+    """'7b' for model.path 'random:7b'; None for any other path; a ConfigError for an unknown size."""
+    path = None if path is None else str(path)
+    if not path or not path.startswith(RANDOM_PREFIX):
+        return None
+    from qlora_dist.errors import ConfigError
+    from qlora_dist.recipe import LLAMA_SHAPES
+
+    size = path[len(RANDOM_PREFIX):]
+    if size not in LLAMA_SHAPES and size not in _SMOKE_SHAPE:
+        raise ConfigError([f"model.path: {path!r}: unknown size {size!r}; random weights come in "
+                           + ", ".join(RANDOM_PREFIX + s for s in LLAMA_SHAPES)])
+    return size
+
+
+def random_llama_config(size: str):
+    """The Hugging Face config of a `random:<size>` model: LLaMA-1's shape, vocab 32,000, untied."""
+    from transformers import LlamaConfig
+
+    from qlora_dist.recipe import LLAMA_SHAPES
+
+    s = LLAMA_SHAPES.get(size)
+    hidden, intermediate, layers, heads = (s.hidden, s.intermediate, s.layers, s.heads) if s else _SMOKE_SHAPE[size]
+    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, vocab_size=s.vocab if s else 32000,
+                       max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+                       tie_word_embeddings=False)
+
+
+def tokenizer_folder(path: str | os.PathLike) -> Path:
+    """Where the tokenizer of model.path lives: tiny-llama's folder for `random:` weights, else the model's."""
+    return resolve_model_path(RANDOM_TOKENIZER if random_size(path) else str(path))

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, dist
-from .config import ConfigError
-from .model import load_adapter, load_base, load_tokenizer
-from .prepare import resolve_model_path
-from .prompts import cut_answer, guanaco_conversation, guanaco_inference
+from qlora_dist import atomic
+
+from qlora_dist.launch import dist
+from qlora_dist.errors import ConfigError
+from qlora_dist.model import adapter_settings
+from qlora_dist.model.base import load_adapter, load_base, load_tokenizer
+from qlora_dist.model.builtin import resolve_model_path
+from qlora_dist.data.prompts import cut_answer, guanaco_conversation, guanaco_inference
 
 
 def _encode_left_padded(tokenizer, texts: list[str], device) -> dict[str, torch.Tensor]:
@@ -31,12 +34,18 @@ def _encode_left_padded(tokenizer, texts: list[str], device) -> dict[str, torch.
 
 @torch.no_grad()
 def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int = 128, batch_size: int = 16,
-                   temperature: float = 0.0, top_p: float = 1.0, synced_gpus: bool = False) -> list[str]:
-    """Continuations of already formatted prompts; greedy unless temperature > 0."""
+                   temperature: float = 0.0, top_p: float = 1.0, synced_gpus: bool = False,
+                   progress: str | None = None) -> list[str]:
+    """Continuations of already formatted prompts; greedy unless temperature > 0. progress: the label of
+    a progress bar over the batches, on rank 0 only (leave=False: the training step bar stays clean)."""
+    from tqdm import tqdm
+
     device = next(p for p in model.parameters()).device
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     out: list[str] = []
-    for start in range(0, len(texts), batch_size):
+    starts = tqdm(range(0, len(texts), batch_size), desc=progress, unit="batch", leave=False,
+                  disable=progress is None or not dist.is_main())
+    for start in starts:
         enc = _encode_left_padded(tokenizer, texts[start:start + batch_size], device)
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, use_cache=True, synced_gpus=synced_gpus,
@@ -46,11 +55,16 @@ def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int = 128
     return out
 
 
-def load_for_inference(base: str, adapter: str | None = None, bits: int = 4):
-    """Base (4- or 16-bit) plus an optional PEFT adapter, in eval mode; and its tokenizer."""
+def load_for_inference(base: str, adapter: str | None = None, bits: int | None = None, compute_dtype: str = "auto",
+                       quant_type: str | None = None, double_quant: bool | None = None):
+    """Base plus an optional PEFT adapter, in eval mode; and its tokenizer. The base is quantized as the
+    adapter was trained (its qlora_dist.json, else the recipe's NF4 + double quant); bits, quant_type and
+    double_quant override that where not None. compute_dtype: a dtype name or "auto" (by capability)."""
     path = resolve_model_path(base)
+    loading = adapter_settings.base_loading(adapter, bits, quant_type, double_quant, compute_dtype)
     device = dist.device_for(dist.read_env()) if torch.cuda.is_available() else None  # this rank's GPU
-    model = load_base(path, bits=bits, device=device)
+    model = load_base(path, loading.bits, loading.quant_type, loading.double_quant, loading.compute_dtype,
+                      device=device)
     if adapter:
         model = load_adapter(model, Path(adapter), trainable=False)
     model.eval()

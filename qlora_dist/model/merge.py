@@ -1,10 +1,12 @@
 """Merge a LoRA adapter into its base: a plain 16-bit Hugging Face folder, no quantization config.
 
 The adapter was trained against the NF4-quantized base, not the original 16-bit weights, so the merge
-starts from the same thing: the base loaded in NF4 exactly as training loads it (model.load_base, the
-recipe's quantization), each Linear4bit weight dequantized with bitsandbytes.functional.dequantize_4bit,
-then LoRA merged into those (W + alpha/r * B @ A, peft's merge_and_unload). Merging into the original
-weights instead would add the quantization error back on top of what the adapter learned to correct.
+starts from the same thing: the base loaded exactly as training loaded it (model.load_base with the
+quantization in the adapter's qlora_dist.json, else the recipe's NF4 + double quant), in this machine's
+compute dtype, each Linear4bit weight dequantized with bitsandbytes.functional.dequantize_4bit, then
+LoRA merged into those (W + alpha/r * B @ A, peft's merge_and_unload) in the output dtype. Merging into
+the original weights instead would add the quantization error back on top of what the adapter learned
+to correct.
 """
 from __future__ import annotations
 
@@ -12,12 +14,14 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
-from .config import ConfigError
-from .model import DTYPES, load_adapter, load_base, load_tokenizer
-from .prepare import resolve_model_path
+from qlora_dist import atomic
+from qlora_dist.errors import ConfigError
+from qlora_dist.model.adapter_settings import BaseLoading, base_loading
+from qlora_dist.precision import DTYPES
+from qlora_dist.model.base import load_adapter, load_base, load_tokenizer
+from qlora_dist.model.builtin import resolve_model_path
 
-MERGE_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # --dtype -> the compute dtype name (model.DTYPES)
+MERGE_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # --dtype -> its name in precision.DTYPES
 
 
 def check_out_dir(out: Path) -> None:
@@ -46,12 +50,12 @@ def dequantized_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]
     return state
 
 
-def dequantized_base(path: Path, compute_dtype: str):
-    """A plain 16-bit LlamaForCausalLM holding the dequantized NF4 base (no quantization_config)."""
+def dequantized_base(path: Path, loading: BaseLoading, out_dtype: str):
+    """A plain LlamaForCausalLM in `out_dtype` holding the dequantized base (no quantization_config)."""
     from transformers import AutoModelForCausalLM
 
-    dtype = DTYPES[compute_dtype]
-    quantized = load_base(path, bits=4, compute_dtype=compute_dtype)
+    dtype = DTYPES[out_dtype]
+    quantized = load_base(path, loading.bits, loading.quant_type, loading.double_quant, loading.compute_dtype)
     state = dequantized_state_dict(quantized, dtype)
     config = quantized.config
     del quantized
@@ -69,14 +73,16 @@ def dequantized_base(path: Path, compute_dtype: str):
     return plain.eval()
 
 
-def merge(base: str, adapter: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
-    """Write base + adapter merged, in `dtype`, with the tokenizer, to `out` (atomically)."""
+def merge(base: str, adapter: str | Path, out: str | Path, dtype: str = "bf16", compute_dtype: str = "auto") -> Path:
+    """Write base + adapter merged, in `dtype` (bf16|fp16), with the tokenizer, to `out` (atomically).
+    compute_dtype ("auto" or a dtype name): what the quantized base is loaded and dequantized in."""
     out, adapter = Path(out), Path(adapter)
     check_out_dir(out)
     if dtype not in MERGE_DTYPES:
         raise ConfigError([f"--dtype: {dtype!r} is not allowed; choose one of {', '.join(MERGE_DTYPES)}"])
     path = resolve_model_path(base)
-    model = load_adapter(dequantized_base(path, MERGE_DTYPES[dtype]), adapter, trainable=False)
+    loading = base_loading(adapter, compute_dtype=compute_dtype)
+    model = load_adapter(dequantized_base(path, loading, MERGE_DTYPES[dtype]), adapter, trainable=False)
     merged = model.merge_and_unload()
     with atomic.folder(out) as tmp:  # replaces `out` only if it is empty (checked above)
         merged.save_pretrained(tmp)

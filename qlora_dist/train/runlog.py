@@ -6,11 +6,11 @@ import json
 import resource
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from . import dist
+from qlora_dist.launch import dist
+from qlora_dist.paths import RunPaths
 
 
 def memory_gb() -> tuple[str, float]:
@@ -21,17 +21,22 @@ def memory_gb() -> tuple[str, float]:
 
 
 class RunLog:
-    def __init__(self, output_dir: Path, start_step: int, max_steps: int):
-        self.path = output_dir / "metrics.jsonl"
-        self.png = output_dir / "loss.png"
+    def __init__(self, paths: RunPaths, start_step: int, max_steps: int):
+        self.path, self.png = paths.metrics, paths.loss_png
         self.main = dist.is_main()
-        self.bar = None
+        self.start_step, self.max_steps = start_step, max_steps
+        self.bar = None  # made at the first step: a bar standing at 0/N through minutes of setup says nothing
         if self.main:
-            output_dir.mkdir(parents=True, exist_ok=True)
+            paths.root.mkdir(parents=True, exist_ok=True)
             self._drop_records_after(start_step)
+
+    def _bar(self):
+        if self.bar is None:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=self.max_steps, initial=self.start_step, desc="train", unit="step",
+                            dynamic_ncols=True)
+        return self.bar
 
     def _drop_records_after(self, step: int) -> None:
         """On resume, steps after the checkpoint were lost with the process and will be redone."""
@@ -43,8 +48,10 @@ class RunLog:
 
     def note(self, message: str) -> None:
         """A message that does not tear the progress bar."""
-        if self.main:
+        if self.main and self.bar is not None:
             self.bar.write(f"[qlora-dist] {message}", file=sys.stderr)
+        else:
+            dist.log(message)
 
     def write(self, record: dict) -> None:
         if self.main:
@@ -57,7 +64,7 @@ class RunLog:
             return
         kind, mem = memory_gb()
         tps = tokens / max(seconds, 1e-9)
-        self.bar.update(1)
+        self._bar().update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}", **{f"{kind}_gb": f"{mem:.2f}"})
         if log_this_step:
             self.write({"step": step, "loss": loss, "lr": lr, "tokens": tokens, "tokens_per_s": tps,

@@ -12,15 +12,19 @@ import itertools
 import json
 import os
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import atomic, dist, records
-from .config import Config, ConfigError
-from .data import TokenizedExample, builtin_examples, pack, tokenize_all
-from .formats import FORMATS, SKIP_REASONS, Example, RowError, detect
-from .tasks import TaskItem
+from qlora_dist import atomic
+
+from qlora_dist.launch import dist
+
+from qlora_dist.data import records
+from qlora_dist.config import Config
+from qlora_dist.errors import ConfigError
+from qlora_dist.data.batches import TokenizedExample, builtin_examples, pack, tokenize_all
+from qlora_dist.data.formats import FORMATS, SKIP_REASONS, Example, RowError, detect
+from qlora_dist.data.tasks import TaskItem
 
 CACHE_VERSION = 1  # bump when tokenization or packing changes what a cache holds
 
@@ -40,7 +44,7 @@ class LoadReport:
                 f"examples; skipped: {skips}" + (f" (first: {self.first_skip})" if self.first_skip else ""))
 
 
-def _format_of(source: records.Source, first: dict | None) -> str:
+def format_of(source: records.Source, first: dict | None) -> str:
     if source.format:
         return source.format
     found = detect(records.columns_of(first), first)
@@ -59,7 +63,7 @@ def read_examples(cfg: Config, limit: int | None = None) -> tuple[list[Example],
     stream = records.read(source)
     head = list(itertools.islice(stream, 1000))  # enough to find a readable record for detection
     first = next((r.data for r in head if isinstance(r.data, dict)), None)
-    report = LoadReport(source.name, _format_of(source, first), skipped={k: 0 for k in SKIP_REASONS})
+    report = LoadReport(source.name, format_of(source, first), skipped={k: 0 for k in SKIP_REASONS})
     to_examples, examples = FORMATS[report.format].to_pairs, []
     for rec in itertools.islice(itertools.chain(head, stream), limit):
         report.records += 1
@@ -146,8 +150,12 @@ class TokenizedRows:
 
 def _build_cache(cfg: Config, tokenizer, path: Path) -> None:
     """Write the cache folder atomically: a temporary folder renamed into place when complete."""
+    dist.log(f"reading and validating {cfg.data.dataset} ...")
     examples, report = read_examples(cfg)
+    start = time.perf_counter()
     rows = tokenize_examples(examples, tokenizer, cfg)
+    dist.log(f"tokenized {len(examples):,} examples{' and packed them' if cfg.data.packing else ''} in "
+             f"{time.perf_counter() - start:.1f} s")
     with atomic.folder(path) as tmp:
         TokenizedRows.from_rows(rows).table.save_to_disk(str(tmp / "rows"))
         (tmp / "report.json").write_text(json.dumps({**asdict(report), "rows": len(rows), "summary": report.summary(),
@@ -164,10 +172,9 @@ def _wait_for(path: Path, failed: Path, poll_s: float = 0.5) -> None:
         time.sleep(poll_s)
 
 
-def cached_rows(cfg: Config, tokenizer, info) -> tuple[TokenizedRows, dict]:
-    """The dataset's tokenized rows from the cache, built once by rank 0 if missing."""
+def cached_rows(cfg: Config, tokenizer, info, root: Path) -> tuple[TokenizedRows, dict]:
+    """The dataset's tokenized rows from the cache under `root` (RunPaths.data_cache), built once by rank 0."""
     datasets = records.datasets_lib()
-    root = Path(cfg.data.cache_dir or Path(cfg.train.output_dir) / "data-cache")
     path = root / fingerprint(cfg, tokenizer)
     failed = root / f"{path.name}.failed"
     if info.is_main:
@@ -187,10 +194,10 @@ def cached_rows(cfg: Config, tokenizer, info) -> tuple[TokenizedRows, dict]:
     return TokenizedRows(datasets.load_from_disk(str(path / "rows"))), {**report, "cache": str(path)}
 
 
-def prepare(cfg: Config, tokenizer, info) -> tuple[TokenizedRows, list[TaskItem], dict | None]:
+def prepare(cfg: Config, tokenizer, info, cache_root: Path) -> tuple[TokenizedRows, list[TaskItem], dict | None]:
     """(training rows, held-out built-in items, data report) on every rank."""
     if cfg.data.dataset != "builtin":
-        rows, report = cached_rows(cfg, tokenizer, info)
+        rows, report = cached_rows(cfg, tokenizer, info, cache_root)
         return rows, [], report
     data = None
     if info.is_main:  # generated and tokenized in a second; shared rather than cached

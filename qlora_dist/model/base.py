@@ -5,44 +5,23 @@ works, exactly as the seed's own loading code does.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from . import compat
-from .config import Config, ConfigError
-from .prepare import resolve_model_path
+from qlora_dist import compat
+from qlora_dist.precision import DTYPES, quantization_config
+from qlora_dist.config import Config
+from qlora_dist.errors import ConfigError
+from qlora_dist.model import folder
+from qlora_dist.model.builtin import random_llama_config, random_size, resolve_model_path, tokenizer_folder
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def check_model_folder(path: Path, key: str = "model.path") -> None:
-    if not path.is_dir():
-        raise ConfigError([f"{key}: model folder not found: {path}"])
-    if not (path / "config.json").is_file():
-        raise ConfigError([f"{key}: {path} has no config.json: not a Hugging Face model folder"])
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    if model_type != "llama":
-        raise ConfigError([f"{key}: {path} holds a {model_type!r} model; qlora-dist trains LLaMA-architecture models"])
-
-
-def quantization_config(bits: int, quant_type: str = "nf4", double_quant: bool = True,
-                        compute_dtype: str = "bfloat16"):
-    """The BitsAndBytesConfig of the recipe, or None for a 16-bit base."""
-    if bits == 16:
-        return None
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=DTYPES[compute_dtype],
-        # ZeRO-3 partitions parameters by dtype with the rest of the model: the packed NF4 data must be
-        # stored in the model's dtype, not uint8 (../shared/STACK-NOTES.md). Same bytes, same results.
-        bnb_4bit_quant_storage=DTYPES[compute_dtype],
-    )
+    """Every problem of the folder that needs no weight read (model/folder.py), raised at once."""
+    if errs := folder.problems(path, key):
+        raise ConfigError(errs)
 
 
 def load_base(path: Path, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
@@ -62,10 +41,11 @@ def load_base(path: Path, bits: int = 4, quant_type: str = "nf4", double_quant: 
     return model
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path | str):
+    """The tokenizer of a model folder (or of a `random:` model: see model/builtin.py)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(path))
     if tokenizer.pad_token is None:
         # Padding positions are masked (attention and labels), so any id will do; reusing EOS avoids
         # resizing the embeddings, which would change the base model.
@@ -118,7 +98,7 @@ def prepare_for_training(model: torch.nn.Module, cfg: Config) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
-    from . import fastpath
+    from qlora_dist.model import fastpath
 
     if cfg.model.fused_loss:
         fastpath.install_fused_loss(model)  # needs lm_head frozen, as just set
@@ -136,7 +116,7 @@ def load_base_layerwise(path: Path, cfg: Config, device=None, ds_config: dict | 
     """The base through our layer-wise loader (partitioned while loading when ds_config is ZeRO-3)."""
     from transformers import AutoConfig
 
-    from .loader import SafetensorsSource, load_layerwise
+    from qlora_dist.model.loader import SafetensorsSource, load_layerwise
 
     check_model_folder(path)
     q = cfg.quantization
@@ -144,23 +124,35 @@ def load_base_layerwise(path: Path, cfg: Config, device=None, ds_config: dict | 
                           q.double_quant, cfg.model.compute_dtype, device, ds_config, cfg.model.attn_implementation)
 
 
+def load_base_random(size: str, cfg: Config, device=None, ds_config: dict | None = None, on_piece=None):
+    """Random weights of a LLaMA size (`model.path=random:<size>`), the same for every run (seed 0), through
+    the layer-wise loader: made and quantized on `device`, partitioned as they go when ds_config is ZeRO-3."""
+    from qlora_dist.model.loader import RandomSource, load_layerwise
+
+    q = cfg.quantization
+    return load_layerwise(random_llama_config(size), RandomSource(), q.bits, q.quant_type, q.double_quant,
+                          cfg.model.compute_dtype, device, ds_config, cfg.model.attn_implementation, on_piece)
+
+
 def build_model(cfg: Config, device=None, ds_config: dict | None = None):
-    """Base + LoRA (fresh, or from train.resume_from) ready for the engine; and its tokenizer."""
-    from .engine import zero_stage
+    """Base + LoRA (fresh, or from train.init_adapter) ready for the engine."""
+    from qlora_dist.train.engine import zero_stage
 
     path = resolve_model_path(cfg.model.path)
     stage = zero_stage(ds_config or {})
-    if use_layerwise(cfg, stage):
+    if size := random_size(cfg.model.path):  # no folder: always the layer-wise loader
+        base = load_base_random(size, cfg, device, ds_config if stage == 3 else None)
+    elif use_layerwise(cfg, stage):
         base = load_base_layerwise(path, cfg, device, ds_config if stage == 3 else None)
     else:
         base = load_base(path, cfg.quantization.bits, cfg.quantization.quant_type, cfg.quantization.double_quant,
                          cfg.model.compute_dtype, cfg.model.attn_implementation, device)
-    if cfg.train.resume_from:
-        model = load_adapter(base, Path(cfg.train.resume_from), trainable=True)
+    if cfg.train.init_adapter:
+        model = load_adapter(base, Path(cfg.train.init_adapter), trainable=True)
     else:
         model = add_lora(base, cfg, cfg.train.seed)
     prepare_for_training(model, cfg)
-    return model, load_tokenizer(path)
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from . import dist
-from .generate import generate_texts
-from .prompts import cut_answer, guanaco_turn
-from .tasks import TaskItem, exact_match, majority_baseline
+from qlora_dist.launch import dist
+from qlora_dist.evaluate.generate import generate_texts
+from qlora_dist.data.prompts import cut_answer, guanaco_turn
+from qlora_dist.data.tasks import TaskItem, exact_match, majority_baseline
 
 
 def builtin_accuracy(model, tokenizer, items: list[TaskItem], batch_size: int, max_new_tokens: int,
@@ -19,7 +19,8 @@ def builtin_accuracy(model, tokenizer, items: list[TaskItem], batch_size: int, m
     per_rank = -(-len(items) // world_size)
     prompts = [guanaco_turn(i.prompt) for i in mine]
     prompts += prompts[:1] * (per_rank - len(mine)) if prompts else [guanaco_turn(items[0].prompt)] * per_rank
-    texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, synced_gpus=synced_gpus)
+    texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, synced_gpus=synced_gpus,
+                           progress="held-out eval")
     local = [(i.task, exact_match(cut_answer(t, first_line=True), i.answer)) for i, t in zip(mine, texts)]
     correct: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)

@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 
-from . import compat
-from .config import Config, ConfigError
+from qlora_dist import compat
+from qlora_dist.config import Config
+from qlora_dist.errors import ConfigError
 
 
 def ds_configs_dir() -> Path:
     # Source checkout and editable installs: the top-level ds_configs/; a wheel: packaged beside us.
-    top = Path(__file__).resolve().parent.parent / "ds_configs"
+    top = Path(__file__).resolve().parents[2] / "ds_configs"
     if top.is_dir():
         return top
     from importlib.resources import files

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from . import dist
-from .config import ConfigError
+from qlora_dist.launch import dist
+from qlora_dist.errors import ConfigError
 
 CHOICES = "ABCD"
 SPLITS = ("val", "test")
@@ -200,15 +200,16 @@ def predict(model, tokenizer, questions: list[Question], batch_size: int = 8, ra
     """(predicted letter, loss) per question, in question order, on every rank (see deal_batches).
     loss = cross-entropy of the correct letter's token over the whole vocabulary (the original's MMLU
     loss is the language-model loss of the answer too), one value per question."""
+    from tqdm import tqdm
+
     _, letter_ids = letter_tokens(tokenizer)
     rows = _encode(tokenizer, questions)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     local = []
     passes = deal_batches([len(r) for r in rows], batch_size, rank, world_size)
-    for k, (batch, keep) in enumerate(passes, 1):
+    # A bar on rank 0 only; every rank runs the same number of passes (deal_batches).
+    for batch, keep in tqdm(passes, desc="MMLU", unit="batch", leave=False, disable=rank != 0):
         logits = _next_token_logits(model, [rows[i] for i in batch], pad_id)
-        if len(passes) >= 20 and k % (len(passes) // 10) == 0:
-            dist.log(f"MMLU: {k}/{len(passes)} forward passes on rank 0")
         if not keep:
             continue  # a padding pass: result dropped
         gold = torch.tensor([letter_ids[CHOICES.index(questions[i].answer)] for i in batch])

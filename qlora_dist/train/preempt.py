@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from . import dist
+from qlora_dist.launch import dist
 
 SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import Config
-from .formats import Example
-from .prompts import guanaco_turn
-from .tasks import TaskItem, make_split
+from qlora_dist.config import Config
+from qlora_dist.data.formats import Example
+from qlora_dist.data.prompts import guanaco_turn
+from qlora_dist.data.tasks import TaskItem, make_split
 
 IGNORE_INDEX = -100
 

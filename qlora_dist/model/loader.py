@@ -22,9 +22,9 @@ from typing import Protocol
 
 import torch
 
-from . import compat
+from qlora_dist import compat
+from qlora_dist.precision import DTYPES
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class TensorSource(Protocol):

@@ -1,0 +1,87 @@
+"""A Hugging Face model folder, inspected without reading a weight: config.json, the architecture, the
+tokenizer files, and each safetensors file's header (8-byte length + JSON) against the file's length, so
+a truncated download is found in milliseconds instead of as a failure after minutes of loading."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
+CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+MAX_HEADER = 100 * 2**20  # safetensors refuses headers over 100 MB too
+
+
+def safetensors_problems(path: Path, key: str = "model.path") -> list[str]:
+    """[] when the file's header parses and the file is as long as the header says; else one line."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            return [f"{key}: {path}: {size} bytes: too short to be a safetensors file"]
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(MAX_HEADER, size - 8):
+            return [f"{key}: {path}: not a safetensors file, or truncated (header of {n:,} bytes, file {size:,})"]
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return [f"{key}: {path}: safetensors header is not valid JSON (damaged file)"]
+    ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__" and isinstance(t, dict)
+            and len(t.get("data_offsets", ())) == 2]
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        return [f"{key}: {path}: {size:,} bytes, but its header describes {expected:,}: "
+                f"{'truncated' if size < expected else 'damaged'} (download it again)"]
+    return []
+
+
+def _config_problems(path: Path, key: str) -> list[str]:
+    file = path / "config.json"
+    if not file.is_file():
+        return [f"{key}: {path} has no config.json: not a Hugging Face model folder"]
+    try:
+        config = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        return [f"{key}: {file}: not a text file"]
+    except json.JSONDecodeError as exc:
+        return [f"{key}: {file}:{exc.lineno}: not valid JSON: {exc.msg}"]
+    if not isinstance(config, dict):
+        return [f"{key}: {file}: expected a JSON object"]
+    if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        return [f"{key}: {path} holds a {config.get('model_type')!r} model; qlora-dist trains LLaMA-architecture "
+                "models (model_type llama)"]
+    missing = [k for k in CONFIG_KEYS if not isinstance(config.get(k), int)]
+    return [f"{key}: {file}: missing or non-integer {', '.join(missing)}"] if missing else []
+
+
+def _weight_files(path: Path, key: str) -> tuple[list[Path], list[str]]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            return [], [f"{key}: {index}: not a valid safetensors index (a JSON object with a weight_map)"]
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            return [], [f"{key}: {path}: shard(s) named in model.safetensors.index.json are missing: {', '.join(missing)}"]
+        return [path / s for s in shards], []
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"], []
+    if list(path.glob("pytorch_model*.bin")):
+        return [], []  # pickled weights: no header to check without unpickling; from_pretrained reads them
+    return [], [f"{key}: {path} holds no weights (model.safetensors, a safetensors index, or pytorch_model*.bin)"]
+
+
+def problems(path: Path, key: str = "model.path") -> list[str]:
+    """Everything wrong with a model folder that can be known without reading a tensor."""
+    if not path.is_dir():
+        return [f"{key}: model folder not found: {path}" if not path.exists() else f"{key}: {path} is not a folder"]
+    errs = _config_problems(path, key)
+    if not any(all((path / f).is_file() for f in group) for group in TOKENIZER_FILES):
+        errs.append(f"{key}: {path} has no tokenizer files (tokenizer.json, tokenizer.model, or vocab.json + merges.txt)")
+    files, weight_errs = _weight_files(path, key)
+    errs += weight_errs
+    for file in files:
+        errs += safetensors_problems(file, key)
+    return errs

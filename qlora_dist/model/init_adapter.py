@@ -1,0 +1,86 @@
+"""The starting adapter (`train.init_adapter`): checked, not trusted.
+
+Its adapter_config.json decides the LoRA the model gets (PeftModel.from_pretrained builds it). So the
+lora.* keys the user set (YAML or key=value; defaults and presets do not count) must agree with it — a
+difference is an error listing each key — and the keys the user did not set take the adapter's values,
+so the saved config says what was trained (an r=8 q/v adapter no longer trains under a config that says
+r=64 on every linear layer).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from qlora_dist.config import Config
+from qlora_dist.errors import ConfigError
+from qlora_dist.model import folder
+
+# adapter_config.json key -> our key
+LORA_KEYS = {"r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+             "target_modules": "lora.target_modules"}
+# What lora.target_modules=all-linear means on a LLaMA-architecture model (every linear layer but lm_head).
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def read(adapter_dir: str | Path, key: str = "train.init_adapter") -> dict:
+    """adapter_config.json of a PEFT LoRA adapter folder; ConfigError naming what is wrong."""
+    path = Path(adapter_dir)
+    if not path.is_dir():
+        raise ConfigError([f"{key}: adapter folder not found: {path}"])
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise ConfigError([f"{key}: {path} has no adapter_config.json (not a PEFT adapter folder)"])
+    try:
+        data = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError([f"{key}: {config_file}: not valid JSON ({exc})"]) from None
+    if not isinstance(data, dict) or data.get("peft_type", "LORA") != "LORA":
+        raise ConfigError([f"{key}: {config_file}: not a LoRA adapter (peft_type {data.get('peft_type')!r})"])
+    return data
+
+
+def _ours(adapter_key: str, value):
+    if adapter_key == "target_modules":
+        return sorted(value) if isinstance(value, (list, tuple, set)) else [value]
+    return value
+
+
+def _same(our_key: str, mine, theirs) -> bool:
+    if our_key == "lora.target_modules":
+        expand = lambda names: set(LLAMA_LINEAR) if names == ["all-linear"] else set(names)  # noqa: E731
+        return expand(list(mine)) == expand(list(theirs))
+    return float(mine) == float(theirs)
+
+
+def problems(cfg: Config) -> list[str]:
+    """Everything wrong with train.init_adapter, read without loading it: the folder, its config, the
+    weight file's header, and each lora.* key the user set that the adapter contradicts."""
+    if not cfg.train.init_adapter:
+        return []
+    try:
+        data = read(cfg.train.init_adapter)
+    except ConfigError as exc:
+        return exc.problems
+    weights = Path(cfg.train.init_adapter) / "adapter_model.safetensors"
+    errs = folder.safetensors_problems(weights, "train.init_adapter") if weights.is_file() else [
+        f"train.init_adapter: {weights} not found (adapters are read in safetensors format)"]
+    for theirs, ours in LORA_KEYS.items():
+        if ours in cfg.user_keys and theirs in data:
+            mine = getattr(cfg.lora, ours.split(".")[1])
+            if not _same(ours, mine, _ours(theirs, data[theirs])):
+                errs.append(f"{ours}: you set {mine!r} but the adapter {cfg.train.init_adapter} was trained with "
+                            f"{theirs}={data[theirs]!r}; drop {ours} to take the adapter's value")
+    return errs
+
+
+def adopt(cfg: Config) -> Config:
+    """cfg with the lora.* keys the user did not set taken from the starting adapter (a copy; cfg itself
+    when there is no starting adapter). Every rank calls it; the preflight has checked the folder."""
+    if not cfg.train.init_adapter:
+        return cfg
+    data, adopted = read(cfg.train.init_adapter), copy.deepcopy(cfg)
+    for theirs, ours in LORA_KEYS.items():
+        if ours not in cfg.user_keys and theirs in data:
+            setattr(adopted.lora, ours.split(".")[1], _ours(theirs, data[theirs]))
+    return adopted

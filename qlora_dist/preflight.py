@@ -1,0 +1,181 @@
+"""The preflight: every problem of a run that can be known before a weight is read, found at once.
+
+It runs on rank 0 (from `train`, `check`, `submit` before anything is queued, and the slurm/ scripts
+before srun) and reads only small things: the config and the DeepSpeed JSON, the model folder (config.json,
+tokenizer files, safetensors headers against file lengths), a bounded sample and a cheap count of the
+dataset, the MMLU file, the starting adapter, the output folder and the checkpoint it would resume, and
+the memory plan against train.max_memory_per_gpu. Each problem is one line naming the file, key or value.
+The full per-row validation of the data (and data.strict) happens when the trainer builds the tokenized
+cache: still before the model loads, but it reads every row.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from qlora_dist import memory, run_plan
+from qlora_dist.config import Config, parse_size
+from qlora_dist.errors import ConfigError
+from qlora_dist.paths import RunPaths
+
+SAMPLE_ROWS = 1000  # records read to detect a dataset's format
+
+
+@dataclass
+class Report:
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was found, for `qlora-dist check`
+    plan: run_plan.RunPlan | None = None
+    memory_plan: memory.Plan | None = None
+    cfg: Config | None = None  # the config as the run will save it (a starting adapter's lora.* adopted)
+
+    def raise_if_problems(self) -> None:
+        if self.problems:
+            raise ConfigError(self.problems)
+
+    def format(self) -> str:
+        lines = [f"  {note}" for note in self.notes]
+        if self.memory_plan is not None:
+            lines.append(memory.format_plan(self.memory_plan))
+        return "\n".join(["preflight: no problems found", *lines])
+
+
+def _collect(report: Report, check: Callable[[], list[str] | None]) -> None:
+    try:
+        report.problems += check() or []
+    except ConfigError as exc:
+        report.problems += exc.problems
+
+
+def run(cfg: Config, world_size: int, problems: list[str] = (), cuda: bool | None = None) -> Report:
+    """All problems of `cfg` on `world_size` ranks, with the config's own (`problems`) first. `cuda`:
+    whether the ranks have GPUs (None: as this machine)."""
+    from qlora_dist.model import init_adapter
+
+    report = Report(problems=list(problems), cfg=cfg)
+    if world_size < 1:
+        report.problems.append(f"world size: must be at least 1 (got {world_size})")
+        return report
+    model_ok = not _checked(report, lambda: _model(cfg, report))
+    _collect(report, lambda: _tokenizer_and_data(cfg, report))
+    _collect(report, lambda: _mmlu(cfg, report))
+    if not _checked(report, lambda: init_adapter.problems(cfg)):
+        report.cfg = cfg = init_adapter.adopt(cfg)
+    if model_ok:
+        _collect(report, lambda: _plan(cfg, world_size, cuda, report))
+    _collect(report, lambda: _ds_config(cfg, world_size, report))
+    _collect(report, lambda: _output(cfg, report))
+    return report
+
+
+def _checked(report: Report, check: Callable[[], list[str] | None]) -> bool:
+    """Collect a check's problems; True when it found any."""
+    before = len(report.problems)
+    _collect(report, check)
+    return len(report.problems) > before
+
+
+# ------------------------------------------------------------------------------------------- checks
+def _model(cfg: Config, report: Report) -> list[str]:
+    from qlora_dist.model import builtin, folder
+
+    path = cfg.model.path
+    if size := builtin.random_size(path):
+        report.notes.append(f"model {path}: random weights of the LLaMA-{size.upper()} shape")
+        return []
+    if path in builtin.BUILTIN_MODELS:
+        report.notes.append(f"model {path}: built in (prepared in the cache on first use)")
+        return []
+    errs = folder.problems(Path(path).expanduser())
+    if not errs:
+        report.notes.append(f"model {path}: config.json, tokenizer and weight headers OK")
+    return errs
+
+
+def _tokenizer_and_data(cfg: Config, report: Report) -> list[str]:
+    from qlora_dist.data import corpus, records
+
+    d = cfg.data
+    if d.dataset == "builtin":
+        report.notes.append(f"data: built-in tasks {', '.join(d.tasks)} ({d.num_train} training examples each)")
+        return []
+    source = records.resolve(d.dataset, d.format)
+    head, count = records.look(source, SAMPLE_ROWS)
+    first = next((r.data for r in head if isinstance(r.data, dict)), None)
+    if first is None:
+        why = f" (first: {head[0].where}: {head[0].data})" if head else ""
+        return [f"data.dataset: {source.name}: no readable record among the first {len(head)}{why}"
+                if head else f"data.dataset: {source.name} is empty: no records"]
+    fmt = corpus.format_of(source, first)
+    usable = min(count, d.max_examples) if d.max_examples else count
+    report.notes.append(f"data {source.name}: format {fmt}, {count:,} records")
+    if usable < cfg.train.global_batch_size and not d.packing:
+        return [f"data.dataset: {source.name} has {usable:,} records, fewer than one global batch "
+                f"(train.global_batch_size={cfg.train.global_batch_size})"]
+    return []
+
+
+def _mmlu(cfg: Config, report: Report) -> list[str]:
+    from qlora_dist.evaluate import mmlu
+
+    e = cfg.eval
+    if not e.mmlu_data:
+        return []
+    try:
+        questions = mmlu.read_questions(e.mmlu_data, e.mmlu_shots, e.mmlu_split, e.mmlu_max_questions)
+    except ConfigError as exc:
+        return [f"eval.mmlu_data: {p}" for p in exc.problems]
+    report.notes.append(f"MMLU {e.mmlu_data}: {len(questions):,} questions")
+    return []
+
+
+def _plan(cfg: Config, world_size: int, cuda: bool | None, report: Report) -> list[str]:
+    report.plan = run_plan.resolve(cfg, world_size, cuda=cuda)
+    report.notes.append(f"run plan on {world_size} rank(s): {report.plan.describe()}")
+    if cfg.train.max_memory_per_gpu:
+        setup = memory.setup_from_config(report.plan.apply(cfg), world_size, on_gpu=cuda)
+        report.memory_plan = memory.make_plan(setup, parse_size(cfg.train.max_memory_per_gpu))
+    return []
+
+
+def _ds_config(cfg: Config, world_size: int, report: Report) -> list[str]:
+    from qlora_dist.train.engine import build_ds_config, known_ds_configs
+
+    name = cfg.dist.ds_config
+    if name not in known_ds_configs() and Path(name).suffix != ".json":
+        return [f"dist.ds_config: unknown {name!r}; allowed: {', '.join(known_ds_configs())} or a .json path"]
+    if report.plan is None:  # no plan (its problem is reported): check the file alone
+        from qlora_dist.train.engine import read_ds_config
+
+        read_ds_config(name)
+        return []
+    build_ds_config(report.plan.apply(cfg), world_size)
+    return []
+
+
+def _writable_folder(path: Path, key: str) -> list[str]:
+    """`path` can be created or written: the folder itself, or its nearest existing parent."""
+    if path.exists() and not path.is_dir():
+        return [f"{key}: {path} is a file, not a folder"]
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        return [f"{key}: {existing} (on the way to {path}) is a file, not a folder"]
+    # os.access asks the kernel: a read-only mount says no even to root (who may write anywhere else).
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"{key}: {existing} is not writable" + (f" (needed to create {path})" if existing != path else "")]
+    return []
+
+
+def _output(cfg: Config, report: Report) -> list[str]:
+    from qlora_dist.train import checkpoint
+
+    errs = _writable_folder(Path(cfg.train.output_dir), "train.output_dir")
+    if cfg.data.cache_dir:
+        errs += _writable_folder(Path(cfg.data.cache_dir), "data.cache_dir")
+    if errs:
+        return errs
+    resume = checkpoint.resume_point(RunPaths.of(cfg), cfg)
+    report.notes.append(f"output {cfg.train.output_dir}: " + (f"continues from {resume.name}" if resume else "new run"))
+    return []

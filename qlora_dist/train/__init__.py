@@ -1,0 +1,2 @@
+"""Stage 3, training: the trainer's phases (trainer), the DeepSpeed engine (engine), checkpoints and resume
+(checkpoint, reshard), preemption (preempt), what a run shows and writes (runlog)."""
