@@ -1,6 +1,7 @@
-"""GPU check of the memory planner: predicted vs measured torch.cuda.max_memory_allocated of our trainer
-(one rank, ZeRO-2, NF4 + LoRA r=64, paged AdamW 32-bit, activation checkpointing, random weights of the
-real shapes, full 512-token rows) for 7B at 4x512 and 32x512 and 65B at 1x512 and 8x512. Target: +-10%.
+"""GPU check of the memory planner: predicted vs measured torch.cuda.max_memory_allocated of our Trainer
+(bench/gpu_ranks.py's train case: the Trainer itself on `model.path=random:<size>`; one rank, ZeRO-2,
+NF4 + LoRA r=64, paged AdamW 32-bit, activation checkpointing, full 512-token rows) for 7B at 4x512 and
+32x512 and 65B at 1x512 and 8x512. Target: +-10%.
 
     python bench/gpu_memory.py          (on the device machine, after installing the carried wheels)
 """
@@ -25,7 +26,7 @@ def _row(r: dict) -> str:
     static = sum(v for k, v in p.items() if not k.startswith(("activations", "total", "cuda", "zero_buckets")))
     err = (p["total_gb"] - r["peak_gb"]) / max(r["peak_gb"], 1e-9)
     return (f"{r['case']:<26} planned {p['total_gb']:6.1f} GB  measured peak {r['peak_gb']:6.1f} GB  "
-            f"({100 * err:+5.1f}%) | static planned {static:5.1f} vs after init {r['allocated_after_init_gb']:5.1f} "
+            f"({100 * err:+5.1f}%) | static planned {static:5.1f} vs after setup {r['allocated_after_setup_gb'] or 0:5.1f} "
             f"| {r['tokens_per_s']:,.0f} tok/s")
 
 

@@ -1,11 +1,13 @@
 """GPU check of the DeepSpeed-ranks issue, one command, one short table at the end.
 
-(a) trains the LLaMA-7B shape (random weights, NF4 + double quant, LoRA r=64 on all linear layers, paged
-    AdamW 32-bit, activation checkpointing, full 512-token rows) on one rank under ZeRO-2 (and ZeRO-3)
-    for a few steps; prints tokens/s and peak allocated GPU memory beside the reference stack's numbers
+(a) trains the LLaMA-7B shape with qlora-dist's own Trainer (bench/trainer_run.py: `model.path=random:7b`,
+    the 7b-all preset — NF4 + double quant, LoRA r=64 on all linear layers, paged AdamW 32-bit, activation
+    checkpointing — full 512-token rows) on one rank under ZeRO-2 (and ZeRO-3) for a few steps; prints
+    tokens/s and peak allocated GPU memory from its metrics.jsonl beside the reference stack's numbers
     measured on an H100 (../shared/RECIPE.md);
-(b) loads the LLaMA-65B shape layer by layer through qlora_dist.model.loader (ZeRO-3 path, one rank) and
-    prints the peak allocated GPU memory while loading against NF4 size + one bf16 layer + 2 GB.
+(b) loads the LLaMA-65B shape layer by layer with the function the trainer loads `random:` weights with
+    (qlora_dist.model.base.load_base_random; ZeRO-3 path, one rank) and prints the peak allocated GPU
+    memory while loading against NF4 size + one bf16 layer + 2 GB.
 
 Each case runs in its own process so that one case's memory peak does not leak into the next.
 Usage on the device machine (after installing the carried wheels):  python bench/gpu_ranks.py
@@ -15,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trainer_run import REPO, run_job  # noqa: E402,F401  (REPO: puts the repository on sys.path)
 
 # Reference stack (transformers + peft + bitsandbytes, one H100, ../shared/RECIPE.md): tokens/s, GB.
 REFERENCE = {("7b", 16): (5452, 11.7), ("7b", 32): (5604, 19.3)}
@@ -35,96 +36,40 @@ def _device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"  # CPU: only to smoke-test this script
 
 
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _peak() -> int:
     import torch
 
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 
 
-def _allocated() -> int:
-    import torch
-
-    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+def _preset(size: str) -> str:
+    return f"{size}-all" if size in ("7b", "13b", "33b", "65b") else "7b-all"  # 'smoke': the 7B recipe
 
 
-def _planned(cfg, size: str, batch: int) -> dict:
+def _cfg(batch: int, stage: str, size: str):
+    from qlora_dist.config import load_config
+
+    return load_config(None, _preset(size), [f"model.path=random:{size}", f"train.global_batch_size={batch}",
+                                             f"train.micro_batch_size={batch}", f"dist.ds_config={stage}"])
+
+
+def _planned(cfg, batch: int) -> dict:
     """The planner's items for this very run (GB), to print beside what the allocator saw."""
     from qlora_dist import memory
 
-    shape = memory.Shape.from_hf(_llama_config(size))
-    plan = memory.make_plan(memory.setup_from_config(cfg, 1, shape, micro_batch=batch, on_gpu=True))
+    plan = memory.make_plan(memory.setup_from_config(cfg, 1, micro_batch=batch, on_gpu=True))
     return {"total_gb": plan.total / 1e9, **{k: v / 1e9 for k, v in plan.items.items()}}
 
 
-def _llama_config(size: str):
-    from transformers import LlamaConfig
-
-    from qlora_dist.recipe import LLAMA_SHAPES, LlamaShape
-
-    s = LLAMA_SHAPES.get(size) or LlamaShape(256, 512, 2, 4, 1000)  # 'smoke': a CPU check of the script
-    return LlamaConfig(hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
-                       num_attention_heads=s.heads, num_key_value_heads=s.heads, vocab_size=s.vocab,
-                       max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
-
-
-def _cfg(batch: int, stage: str, size: str = "7b"):
-    from qlora_dist.config import load_config
-
-    return load_config(preset=f"{size if size in ('7b', '13b', '33b', '65b') else '7b'}-all", overrides=[
-        "model.path=random", f"train.global_batch_size={batch}", f"train.micro_batch_size={batch}",
-        f"dist.ds_config={stage}", "train.max_steps=100"])
-
-
 def case_train(size: str, batch: int, stage: str, steps: int = 6, warmup: int = 2) -> dict:
-    import torch
-
-    from qlora_dist import compat
-
-    from qlora_dist.launch import dist
-    from qlora_dist.train.engine import build_ds_config, initialize
-    from qlora_dist.model.loader import RandomSource, load_layerwise
-    from qlora_dist.model.base import add_lora, prepare_for_training
-
-    compat.quiet_known_warnings()
-    cfg = _cfg(batch, stage, size)
-    dist.init()
-    ds = build_ds_config(cfg, 1)
-    t0 = time.time()
-    model = load_layerwise(_llama_config(size), RandomSource(), device=_device(),
-                           ds_config=ds if stage.startswith("zero3") else None)
-    load_s = time.time() - t0
-    after_load = _allocated()
-    model = add_lora(model, cfg, seed=0)
-    prepare_for_training(model, cfg)
-    engine = initialize(cfg, model, ds)
-    after_init = _allocated()
-    gen = torch.Generator(device=_device()).manual_seed(0)
-    times, losses = [], []
-    for step in range(warmup + steps):
-        ids = torch.randint(0, model.config.vocab_size, (batch, SEQ), device=_device(), generator=gen)
-        _sync()
-        start = time.perf_counter()
-        loss = engine(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
-        engine.backward(loss)
-        engine.step()
-        _sync()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-    median = statistics.median(times)
-    return {"case": f"train {size} {batch}x{SEQ} {stage}", "tokens_per_s": batch * SEQ / median,
-            "step_s": median, "peak_gb": _peak() / 1e9, "load_s": load_s,
-            "loss_first": losses[0], "loss_last": losses[-1], "ref": REFERENCE.get((size, batch)),
-            "allocated_after_load_gb": after_load / 1e9, "allocated_after_init_gb": after_init / 1e9,
-            "allocated_after_steps_gb": _allocated() / 1e9, "planned": _planned(cfg, size, batch),
-            "probe": DS_PROBE.get((size, batch, stage))}
+    """The Trainer on random:<size>, one rank; its figures, the plan and the reference's beside them."""
+    job = {"model": f"random:{size}", "preset": _preset(size), "batch": batch, "seq": SEQ, "warmup": warmup,
+           "steps": steps, "rows": batch * (warmup + steps), "checkpointing": True,
+           "extra": [f"dist.ds_config={stage}"]}
+    r = run_job(job)
+    return {"case": f"train {size} {batch}x{SEQ} {stage}", **r, "loss_first": r["losses"][0],
+            "loss_last": r["losses"][-1], "ref": REFERENCE.get((size, batch)),
+            "planned": _planned(_cfg(batch, stage, size), batch), "probe": DS_PROBE.get((size, batch, stage))}
 
 
 def _nf4_bytes(model) -> int:
@@ -144,18 +89,18 @@ def _nf4_bytes(model) -> int:
 def case_load(size: str) -> dict:
     from qlora_dist import compat
     from qlora_dist.launch import dist
+    from qlora_dist.model.base import load_base_random
+    from qlora_dist.model.builtin import random_llama_config
     from qlora_dist.train.engine import build_ds_config
-    from qlora_dist.model.loader import RandomSource, load_layerwise
 
     compat.quiet_known_warnings()
-    cfg = _cfg(1, "zero3")
+    cfg = _cfg(1, "zero3", size)
     dist.init()
     peaks = []
-    config = _llama_config(size)
     t0 = time.time()
-    model = load_layerwise(config, RandomSource(), device=_device(), ds_config=build_ds_config(cfg, 1),
-                           on_piece=lambda name: peaks.append(_peak()))
+    model = load_base_random(size, cfg, _device(), build_ds_config(cfg, 1), on_piece=lambda name: peaks.append(_peak()))
     load_s = time.time() - t0
+    config = random_llama_config(size)
     layer = model.model.layers[0]
     layer_bf16 = sum(getattr(p, "ds_numel", p.numel()) for p in layer.parameters()) * 2
     # Params4bit counts packed elements: 4 bits per weight, so numel x 2 bytes (bf16 storage) / 4 weights.
@@ -189,6 +134,10 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     ns = parser.parse_args()
     if ns.case:  # one case, in this process
+        from qlora_dist import compat
+
+        compat.set_library_env()
+        compat.quiet_known_warnings()
         kind, *args = ns.case
         result = case_train(args[0], int(args[1]), args[2]) if kind == "train" else case_load(args[0])
         print("RESULT " + json.dumps(result), flush=True)

@@ -273,7 +273,7 @@ class Config:
     preset: str | None = None  # recorded for the saved config; not a key users set
     # Dotted keys the user set (YAML or key=value; not defaults or presets): a starting adapter's
     # adapter_config.json must agree with these, and fills in the others (model/adapter.py).
-    user_keys: frozenset[str] = frozenset()
+    user_keys: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "user_keys"}

@@ -63,6 +63,12 @@ def resolve_compute_dtype(requested: str, environ=os.environ, cuda: bool | None 
     return auto_compute_dtype(cuda, cpu_flags() if flags is None else flags)
 
 
+def dtype_name(requested: str) -> str:
+    """model.compute_dtype as a dtype name (`auto` resolved for this machine): for code given the user's
+    config rather than the run plan's resolved copy (tests, benches), which then resolves alike."""
+    return resolve_compute_dtype(requested)[0]
+
+
 def quantization_config(bits: int, quant_type: str = "nf4", double_quant: bool = True,
                         compute_dtype: str = "bfloat16"):
     """The BitsAndBytesConfig of the recipe (None for a 16-bit base); compute_dtype is a resolved name."""

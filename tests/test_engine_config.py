@@ -17,8 +17,11 @@ def test_shipped_ds_configs():
 
 
 def test_values_our_config_derives_are_filled():
-    cfg = load_config(overrides=["train.global_batch_size=16", "train.micro_batch_size=2", "optim.max_grad_norm=0.3"])
+    cfg = load_config(overrides=["train.global_batch_size=16", "train.micro_batch_size=2", "optim.max_grad_norm=0.3",
+                                 "model.compute_dtype=bfloat16"])
     ds = build_ds_config(cfg, world_size=2)
+    fp32 = build_ds_config(load_config(overrides=["model.compute_dtype=float32"]), world_size=1)
+    assert fp32["bf16"]["enabled"] is False and fp32["fp16"]["enabled"] is False
     assert ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 4  # 16 / (2 x 2 ranks)
     assert ds["train_batch_size"] == 16

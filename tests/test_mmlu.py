@@ -212,9 +212,12 @@ def test_bad_mmlu_input_names_file_and_line(tmp_path, capsys):
     with pytest.raises(ConfigError, match=re.escape(f"{bad_json}:2: input does not end with 'Answer:'")):
         read_questions(bad_json)
 
-    with pytest.raises(ConfigError) as err:
-        load_config(overrides=[f"eval.mmlu_data={tmp_path / 'missing'}", "eval.mmlu_shots=3", "eval.mmlu_batch_size=0"])
-    text = str(err.value)
+    from qlora_dist import preflight
+    from qlora_dist.config import parse_config
+
+    cfg, problems = parse_config(overrides=[f"eval.mmlu_data={tmp_path / 'missing'}", "eval.mmlu_shots=3",
+                                            "eval.mmlu_batch_size=0"])
+    text = "\n".join(preflight.run(cfg, 1, problems).problems)  # the file is read by the preflight
     assert "eval.mmlu_shots: 3 is not allowed" in text and "eval.mmlu_batch_size: must be > 0" in text
     assert f"eval.mmlu_data: {tmp_path / 'missing'}: not found" in text
     with pytest.raises(ConfigError, match="eval.mmlu_steps: needs eval.mmlu_data"):

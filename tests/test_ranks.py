@@ -148,3 +148,18 @@ def _still_running(marker: str) -> list[int]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return alive
+
+
+def test_a_run_that_used_auto_resumes_on_another_world_size_and_cap(tmp_path):
+    """`auto` stays `auto` in config.yaml; what it resolved to (micro batch, checkpointing, compute dtype)
+    is the run plan beside it, resolved anew on resume: 2 ranks under a 1 GB cap, then 1 rank under 2 GB."""
+    out = tmp_path / "run"
+    args = [*SAME_BATCH, "train.micro_batch_size=auto", f"train.output_dir={out}", "train.save_steps=2"]
+    run_torchrun(2, "train", *args, "train.max_steps=2", "train.max_memory_per_gpu=1GB")
+    proc = run_cli("train", *args, "train.max_steps=4", "train.max_memory_per_gpu=2GB")
+    plans = [json.loads((out / f"checkpoint-{s}" / "run_plan.json").read_text()) for s in (2, 4)]
+    saved = [(out / f"checkpoint-{s}" / "config.yaml").read_text() for s in (2, 4)]
+    print([(p["world_size"], p["micro_batch_size"], p["grad_accum"]) for p in plans])
+    assert [(p["world_size"], p["micro_batch_size"]) for p in plans] == [(2, 4), (1, 8)]
+    assert all("micro_batch_size: auto" in s and "compute_dtype: auto" in s for s in saved)
+    assert "saved by 2 rank(s)" in proc.stderr and len(_losses(out)) == 4

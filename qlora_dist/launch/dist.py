@@ -110,8 +110,9 @@ def _single_process_env() -> None:
 def launcher_env() -> DistInfo:
     """This process's place in the job as the launcher (torchrun, deepspeed, srun) describes it, without
     joining the process group: for what rank 0 does alone before the ranks meet (the preflight)."""
-    _single_process_env()
-    return read_env()
+    if "RANK" not in os.environ and (env := slurm_env()):
+        return DistInfo(int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]))
+    return read_env()  # a plain process: a world of one (nothing is written into the environment here)
 
 
 def device_for(info: DistInfo) -> torch.device:

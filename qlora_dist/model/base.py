@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from qlora_dist import compat
-from qlora_dist.precision import DTYPES, quantization_config
+from qlora_dist.precision import DTYPES, dtype_name, quantization_config
 from qlora_dist.config import Config
 from qlora_dist.errors import ConfigError
 from qlora_dist.model import folder
@@ -93,7 +93,7 @@ def prepare_for_training(model: torch.nn.Module, cfg: Config) -> None:
     # LoRA weights in one dtype, the model's: ZeRO-3 needs it, and the engine keeps fp32 masters.
     for name, param in model.named_parameters():
         if param.requires_grad:
-            param.data = param.data.to(DTYPES[cfg.model.compute_dtype])
+            param.data = param.data.to(DTYPES[dtype_name(cfg.model.compute_dtype)])
     if cfg.model.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -121,7 +121,7 @@ def load_base_layerwise(path: Path, cfg: Config, device=None, ds_config: dict | 
     check_model_folder(path)
     q = cfg.quantization
     return load_layerwise(AutoConfig.from_pretrained(path), SafetensorsSource(path), q.bits, q.quant_type,
-                          q.double_quant, cfg.model.compute_dtype, device, ds_config, cfg.model.attn_implementation)
+                          q.double_quant, dtype_name(cfg.model.compute_dtype), device, ds_config, cfg.model.attn_implementation)
 
 
 def load_base_random(size: str, cfg: Config, device=None, ds_config: dict | None = None, on_piece=None):
@@ -131,7 +131,7 @@ def load_base_random(size: str, cfg: Config, device=None, ds_config: dict | None
 
     q = cfg.quantization
     return load_layerwise(random_llama_config(size), RandomSource(), q.bits, q.quant_type, q.double_quant,
-                          cfg.model.compute_dtype, device, ds_config, cfg.model.attn_implementation, on_piece)
+                          dtype_name(cfg.model.compute_dtype), device, ds_config, cfg.model.attn_implementation, on_piece)
 
 
 def build_model(cfg: Config, device=None, ds_config: dict | None = None):
@@ -146,7 +146,7 @@ def build_model(cfg: Config, device=None, ds_config: dict | None = None):
         base = load_base_layerwise(path, cfg, device, ds_config if stage == 3 else None)
     else:
         base = load_base(path, cfg.quantization.bits, cfg.quantization.quant_type, cfg.quantization.double_quant,
-                         cfg.model.compute_dtype, cfg.model.attn_implementation, device)
+                         dtype_name(cfg.model.compute_dtype), cfg.model.attn_implementation, device)
     if cfg.train.init_adapter:
         model = load_adapter(base, Path(cfg.train.init_adapter), trainable=True)
     else:

@@ -16,6 +16,7 @@ import torch
 from qlora_dist import compat
 from qlora_dist.config import Config
 from qlora_dist.errors import ConfigError
+from qlora_dist.precision import dtype_name
 
 
 def ds_configs_dir() -> Path:
@@ -60,7 +61,7 @@ def _scheduler(cfg: Config) -> dict[str, Any] | None:
 
 def derived_values(cfg: Config, world_size: int) -> dict[str, Any]:
     """Dotted DS keys whose values our config decides."""
-    dtype = cfg.model.compute_dtype
+    dtype = dtype_name(cfg.model.compute_dtype)  # `auto` resolved, as the run plan does
     return {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum(world_size),
