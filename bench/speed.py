@@ -227,7 +227,8 @@ def jobs_for(plan: dict, side: str, ns, warmup: int, steps: int, cpu: bool) -> l
     return jobs
 
 
-def run_job(job: dict, deadline: float) -> dict:
+def run_one(job: dict, deadline: float) -> dict:
+    """One run in its own process, within what is left of --timeout-s."""
     left = deadline - time.time()
     if left < 5:
         return {**job, "error": "skipped: --timeout-s spent"}
@@ -235,6 +236,8 @@ def run_job(job: dict, deadline: float) -> dict:
     result = launch(job, left, script)
     if job["side"] == "ours" and "error" not in result and not result["full_rows"]:
         result["error"] = f"rows were not all {job['seq']} tokens: {result['tokens_per_step']} tokens a step"
+    if "error" not in result:
+        result["within_cap"] = result["peak_gb"] * 1e9 <= job["cap_bytes"]
     return result
 
 
@@ -265,7 +268,7 @@ def _row(r: dict) -> str:
     if r.get("error"):
         return f"{what} FAILED: {r['error'][-300:]}"
     planned = f" (planned {r['planned_gb']:.1f})" if "planned_gb" in r else ""
-    over = "" if r["peak_gb"] * 1e9 <= r["cap_bytes"] else " OVER THE CAP"
+    over = "" if r["within_cap"] else " OVER THE CAP"
     return f"{what} {r['tokens_per_s']:>9,.1f} tok/s  step {r['step_s']:.3f} s  peak {r['peak_gb']:.2f} GB" \
            f"{planned}{over}"
 
@@ -338,7 +341,7 @@ def main() -> None:
     for p in plans:
         for side in ("ref", "ours"):
             for job in jobs_for(p, side, ns, warmup, steps, cpu):
-                results.append(run_job(job, deadline))
+                results.append(run_one(job, deadline))
                 print(_row(results[-1]), flush=True)
         summaries.append(summarize(p, [r for r in results if r["shape"] == p["shape"]]))
     report = {"date": datetime.date.today().isoformat(), "device": _device_name(cpu), "cpu_model": _cpu_model(),

@@ -132,10 +132,14 @@ def main() -> None:
     compat.quiet_known_warnings()
     import torch
 
+    from qlora_dist.errors import ConfigError
+
     try:
         result = run_job(job)
     except torch.OutOfMemoryError as exc:  # a figure too: this run does not fit
         result = {"error": f"out of memory: {str(exc).splitlines()[0][:200]}"}
+    except ConfigError as exc:  # e.g. a plan over train.max_memory_per_gpu, refused before loading
+        result = {"error": f"refused by the trainer: {str(exc)[:400]}"}
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -79,9 +79,16 @@ def _cmd_plan(ns) -> None:
     size = (ns.shape or (ns.preset or "").split("-")[0]) or None
     if size and not any(o.startswith("model.path=") for o in overrides):
         overrides = [f"model.path=llama-{size}", *overrides]  # the shape alone: no weights are read
+    if ns.gpu_memory:
+        overrides = [*overrides, f"train.max_memory_per_gpu={ns.gpu_memory}"]
     cfg = load_config(path, ns.preset, overrides)
     shape = memory.Shape.llama(size) if ns.shape else None
-    plan = memory.make_plan(memory.setup_from_config(cfg, world, shape, on_gpu=True), cap)
+    if cfg.train.micro_batch_size == "auto":  # what `train` would pick under the cap (the smallest if none fits)
+        setup = memory.choose_micro_batch(cfg, world, cap, shape, on_gpu=True) or memory.setup_from_config(
+            cfg, world, shape, micro_batch=1, checkpointing=True, on_gpu=True)
+    else:
+        setup = memory.setup_from_config(cfg, world, shape, on_gpu=True)
+    plan = memory.make_plan(setup, cap)
     fix = memory.suggest(plan.setup, cap) if cap and not plan.fits else None
     if ns.json:
         print(json.dumps({**plan.to_json(), "suggestion": fix}, indent=2))

@@ -42,21 +42,18 @@ def deepspeed_cpu_op_dir() -> Path | None:
     return Path(_get_build_directory(SHM_COMM_OP, verbose=False))
 
 
-def announce_deepspeed_cpu_op_build() -> None:
-    """Call right before deepspeed.init_distributed. deepspeed 0.19.8's init_distributed creates
+def deepspeed_cpu_op_to_build() -> Path | None:
+    """Where deepspeed.init_distributed is about to build its CPU op (None: nothing to build). deepspeed 0.19.8's init_distributed creates
     comm.torch.TorchBackend, whose __init__ calls build_shm_op(): with the CPU accelerator it JIT-compiles
     `deepspeed_shm_comm` (OpBuilder.jit_load -> torch.utils.cpp_extension.load: g++ and ninja, ~40 s on
     2 cores) on every CPU run, one rank or many, unless the .so is already in the extensions folder.
-    Say so (rank 0, before the process group exists) rather than leave a silent minute."""
+    dist.init says so rather than leave a silent minute."""
     if torch.cuda.is_available() or sys.platform != "linux":  # the op is CPU- and Linux-only
-        return
+        return None
     folder = deepspeed_cpu_op_dir()
     if folder is None or (folder / f"{SHM_COMM_OP}.so").is_file():
-        return
-    from qlora_dist.launch import dist
-
-    if dist.read_env().is_main:
-        dist.log(f"building DeepSpeed's CPU communication op once (~40 s, cached in {folder})")
+        return None
+    return folder
 
 
 def quiet_known_warnings() -> None:

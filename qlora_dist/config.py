@@ -19,7 +19,7 @@ import yaml
 
 from qlora_dist import recipe
 from qlora_dist.errors import ConfigError
-from qlora_dist.precision import COMPUTE_DTYPES
+from qlora_dist.precision import COMPUTE_DTYPES, QUANT_TYPES
 
 
 def parse_size(text: str) -> int:
@@ -68,7 +68,7 @@ class ModelConfig:
 @dataclass
 class QuantizationConfig:
     bits: int = choice(4, (4, 16), "4 = NF4 QLoRA; 16 = LoRA on a 16-bit base")
-    quant_type: str = choice(recipe.QUANT_TYPE, ("nf4", "fp4"))
+    quant_type: str = choice(recipe.QUANT_TYPE, QUANT_TYPES)
     double_quant: bool = opt(recipe.DOUBLE_QUANT, "quantize the quantization constants too")
 
 

@@ -17,6 +17,7 @@ import torch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 COMPUTE_DTYPES = ("auto", *DTYPES)
+QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes' 4-bit data types (quantization.quant_type)
 # Overrides what `auto` picks on this machine (e.g. float32 to compare, bfloat16 to test the recipe's
 # numerics on a slow CPU). An explicit model.compute_dtype still wins.
 DTYPE_ENV = "QLORA_DIST_COMPUTE_DTYPE"

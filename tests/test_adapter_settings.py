@@ -124,3 +124,15 @@ def test_merge_uses_the_adapters_base(fp4_adapter, tiny_model_dir, tmp_path):
     # test_generate_merge does), well below what the adapter changes and what the wrong base changes.
     assert diff <= 0.02 * scale
     assert adapter_effect > 10 * diff and nf4_diff > 3 * diff
+
+
+def test_commands_that_run_a_model_take_a_compute_dtype():
+    from qlora_dist.cli import build_parser
+
+    parser = build_parser()
+    for cmd in (["generate", "--base", "b", "--prompt", "p"], ["eval", "mmlu", "--base", "b", "--data", "d"],
+                ["merge", "--base", "b", "--adapter", "a", "--out", "o"]):
+        assert parser.parse_args(cmd).compute_dtype == "auto"
+        assert parser.parse_args([*cmd, "--compute-dtype", "float32"]).compute_dtype == "float32"
+    assert parser.parse_args(["generate", "--base", "b", "--prompt", "p"]).bits is None  # the adapter's, else 4
+    assert parser.parse_args(["merge", "--base", "b", "--adapter", "a", "--out", "o"]).dtype == "bf16"

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from conftest import REPO, TINY, load_adapter_tensors, read_metrics, run_cli
@@ -26,7 +27,11 @@ def test_train_writes_checkpoints_metrics_and_learns(tmp_path, tiny_model_dir):
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.1, losses  # it learned something
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-24"]  # keep_last=2
     ckpt = out / "checkpoint-24"
-    assert {p.name for p in ckpt.iterdir()} >= {"adapter_model", "engine", "rng", "config.yaml", "progress.json"}
+    assert {p.name for p in ckpt.iterdir()} >= {"adapter_model", "engine", "rng", "config.yaml", "run_plan.json",
+                                                "progress.json"}
+    plan = json.loads((ckpt / "run_plan.json").read_text())
+    assert plan["micro_batch_size"] == 4 and plan["grad_accum"] == 2 and plan["compute_dtype"] in ("bfloat16", "float32")
+    assert read_metrics(out)[0]["event"] == "plan" and read_metrics(out)[0]["compute_dtype"] == plan["compute_dtype"]
     progress = json.loads((ckpt / "progress.json").read_text())
     assert progress["step"] == 24 and progress["samples_seen"] == 24 * 8
     assert "train:\n  output_dir:" in (ckpt / "config.yaml").read_text().replace(str(out), "")  # resolved config
@@ -120,17 +125,20 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, unint
     _assert_same_adapter(uninterrupted / "adapter_model", out / "adapter_model")
 
 
-def test_resume_from_an_adapter_starts_from_its_weights(tmp_path, uninterrupted):
-    """train.resume_from loads a PEFT adapter (weights only, fresh optimizer)."""
+def test_init_adapter_starts_from_its_weights(tmp_path, uninterrupted):
+    """train.init_adapter loads a PEFT adapter (weights only, fresh optimizer); the lora.* keys not set
+    take its values, and the saved config says so."""
     out = tmp_path / "from_adapter"
-    # One step at a negligible LR: the bf16 LoRA weights cannot move, so they must equal the adapter's.
-    run_cli("train", *TINY, "train.max_steps=1", "train.save_steps=1", "optim.lr=1e-12",
-            f"train.resume_from={uninterrupted / 'adapter_model'}", f"train.output_dir={out}")
+    # One step at a negligible LR: the LoRA weights cannot move, so they must equal the adapter's.
+    args = [a for a in TINY if not a.startswith("lora.r=")]  # r not set: taken from the adapter
+    run_cli("train", *args, "train.max_steps=1", "train.save_steps=1", "optim.lr=1e-12",
+            f"train.init_adapter={uninterrupted / 'adapter_model'}", f"train.output_dir={out}")
     _assert_same_adapter(uninterrupted / "adapter_model", out / "adapter_model")
+    saved = yaml.safe_load((out / "checkpoint-1" / "config.yaml").read_text())
+    assert saved["lora"]["r"] == 8 and len(saved["lora"]["target_modules"]) == 7
     # It starts where the adapter ended: its first loss is the uninterrupted run's level, not the initial one.
-    first_fresh = read_metrics(uninterrupted)[0]["loss"]
-    last_trained = [r["loss"] for r in read_metrics(uninterrupted) if "loss" in r][-1]
-    started = read_metrics(out)[0]["loss"]
+    losses = lambda run: [r["loss"] for r in read_metrics(run) if "loss" in r]  # noqa: E731
+    first_fresh, last_trained, started = losses(uninterrupted)[0], losses(uninterrupted)[-1], losses(out)[0]
     assert abs(started - last_trained) < abs(started - first_fresh)
 
 

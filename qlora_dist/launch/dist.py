@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qlora_dist import compat
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -134,6 +136,9 @@ def init(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     _share_cpu_cores(info)
     device_for(info)
     if not torch.distributed.is_initialized():
+        if (folder := compat.deepspeed_cpu_op_to_build()) and info.is_main:  # before the group exists: log() can't tell
+            print(f"[qlora-dist] building DeepSpeed's CPU communication op once (~40 s, cached in {folder})",
+                  file=sys.stderr, flush=True)
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                    verbose=False)
     return info

@@ -8,7 +8,6 @@ the same config and continues from the newest checkpoint in train.output_dir.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,13 +23,11 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> str:
         from qlora_dist.train.trainer import main
 
-        env = submitit.JobEnvironment()
-        host = env.hostnames[0] if env.cluster == "slurm" else "127.0.0.1"
-        from qlora_dist.launch.dist import rendezvous_port
-
-        os.environ.update(RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.num_tasks),
-                          LOCAL_WORLD_SIZE=str(env.num_tasks // max(env.num_nodes, 1)), MASTER_ADDR=host,
-                          MASTER_PORT=str(rendezvous_port("".join(c for c in str(env.job_id) if c.isdigit()) or "0")))
+        # submitit's own helper turns its job environment into the launcher variables our ranks read
+        # (rendezvous at the job's first host, a port drawn from the job id). CUDA_VISIBLE_DEVICES is left
+        # alone: dist.device_for picks the GPU by LOCAL_RANK. overwrite: a requeued or nested job may
+        # inherit the variables of the process that submitted it.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         main(self.config_path, self.preset, self.overrides)  # a ConfigError fails the job with its problems
         return "done"
 

@@ -17,13 +17,12 @@ from pathlib import Path
 from qlora_dist import atomic, recipe
 from qlora_dist.errors import ConfigError
 from qlora_dist.launch import dist
-from qlora_dist.precision import DTYPES, resolve_compute_dtype
+from qlora_dist.precision import DTYPES, QUANT_TYPES, resolve_compute_dtype
 
 FILE = "qlora_dist.json"
-QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes' 4-bit data types (config: quantization.quant_type)
 _CHECKS = {  # key -> (is the value valid, what is allowed)
     "base_model": (lambda v: isinstance(v, str), "a string"),
-    "bits": (lambda v: v in (4, 16) and not isinstance(v, bool), "4 or 16"),
+    "bits": (lambda v: v in (4, 16), "4 or 16"),
     "quant_type": (lambda v: v in QUANT_TYPES, " or ".join(QUANT_TYPES)),
     "double_quant": (lambda v: isinstance(v, bool), "true or false"),
     "compute_dtype": (lambda v: v in DTYPES, " or ".join(DTYPES)),

@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 
 from qlora_dist import compat
-from qlora_dist.precision import DTYPES
+from qlora_dist.precision import DTYPES, quantization_config
 
 
 
@@ -119,7 +119,7 @@ def load_layerwise(config, source: TensorSource, bits: int = 4, quant_type: str 
                    attn_implementation: str = "sdpa", on_piece=None):
     """A LlamaForCausalLM built piece by piece; partitioned as it goes when ds_config is ZeRO-3."""
     import deepspeed
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     device = torch.device(device or "cpu")
     dtype = DTYPES[compute_dtype]
@@ -142,9 +142,7 @@ def load_layerwise(config, source: TensorSource, bits: int = 4, quant_type: str 
     with torch.device(device):  # the rotary buffers were made on meta: rebuild them for real
         model.model.rotary_emb = type(model.model.rotary_emb)(config)
     if quant:
-        model.config.quantization_config = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
-            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+        model.config.quantization_config = quantization_config(bits, quant_type, double_quant, compute_dtype)
         model.is_loaded_in_4bit = True  # what peft checks to wrap Linear4bit layers with 4-bit LoRA
     compat.disable_cpu_weight_repacking(model)
     model.requires_grad_(False)

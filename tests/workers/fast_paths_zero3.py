@@ -15,10 +15,12 @@ compat.quiet_known_warnings()
 
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
-from qlora_dist import dist, fastpath  # noqa: E402
+from qlora_dist.launch import dist
+
+from qlora_dist.model import fastpath  # noqa: E402
 from qlora_dist.config import load_config  # noqa: E402
-from qlora_dist.engine import build_ds_config, initialize  # noqa: E402
-from qlora_dist.model import build_model  # noqa: E402
+from qlora_dist.train.engine import build_ds_config, initialize  # noqa: E402
+from qlora_dist.model.base import build_model  # noqa: E402
 
 
 def loss_and_grads(engine, batch, names: list[str]) -> tuple[float, list[list[float]]]:

@@ -14,9 +14,11 @@ compat.quiet_known_warnings()
 
 import bitsandbytes as bnb  # noqa: E402
 
-from qlora_dist import dist, memory  # noqa: E402
+from qlora_dist import memory
+
+from qlora_dist.launch import dist  # noqa: E402
 from qlora_dist.config import load_config  # noqa: E402
-from qlora_dist.trainer import Trainer  # noqa: E402
+from qlora_dist.train.trainer import Trainer  # noqa: E402
 
 
 def _bytes(t: torch.Tensor) -> int:

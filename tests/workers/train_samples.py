@@ -15,9 +15,9 @@ from qlora_dist.compat import quiet_known_warnings, set_library_env
 def main(argv: list[str]) -> None:
     set_library_env()
     quiet_known_warnings()
-    from qlora_dist import dist
+    from qlora_dist.launch import dist
     from qlora_dist.config import load_config
-    from qlora_dist.trainer import run
+    from qlora_dist.train.trainer import run
 
     # One process group for all the runs: DeepSpeed 0.19.8 keeps the first group in its globals and
     # cannot train in a second one after destroy_process_group.

@@ -13,8 +13,8 @@ compat.set_library_env()
 compat.quiet_known_warnings()
 
 from qlora_dist.config import load_config  # noqa: E402
-from qlora_dist.data import collate  # noqa: E402
-from qlora_dist.trainer import Trainer  # noqa: E402
+from qlora_dist.data.batches import collate  # noqa: E402
+from qlora_dist.train.trainer import Trainer  # noqa: E402
 
 GATHERS = ("all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_object", "broadcast")
 
