@@ -2,6 +2,8 @@
 
 Every problem (unknown key, wrong type, value out of range) is collected and raised once, as a
 ConfigError naming the key, where it came from (file and line, override or preset) and what is allowed.
+This module is the schema and its range checks only: nothing here reads a file the config names (the
+dataset, the model folder, the DeepSpeed JSON, the MMLU file); that is the preflight's (preflight.py).
 """
 from __future__ import annotations
 
@@ -493,7 +495,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 # Keys that may change between a checkpoint and the run that resumes it: they do not change what
-# the next optimizer step computes. Everything else must match (see checkpoint.check_compatible).
+# the next optimizer step computes. Everything else must match (see train/checkpoint.py, resume_point).
 RESUMABLE_CHANGES = (
     "train.output_dir", "train.max_steps", "train.save_steps", "train.logging_steps", "train.micro_batch_size",
     "train.max_memory_per_gpu", "model.gradient_checkpointing", "eval.", "checkpoint.", "dist.", "preset",

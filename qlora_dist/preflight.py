@@ -32,7 +32,12 @@ class Report:
     cfg: Config | None = None  # the config as the run will save it (a starting adapter's lora.* adopted)
 
     def raise_if_problems(self) -> None:
+        """ConfigError with every problem; a memory plan over its cap is printed first, as context."""
         if self.problems:
+            if self.memory_plan is not None and not self.memory_plan.fits:
+                import sys
+
+                print(memory.format_plan(self.memory_plan), file=sys.stderr, flush=True)
             raise ConfigError(self.problems)
 
     def format(self) -> str:
@@ -132,12 +137,23 @@ def _mmlu(cfg: Config, report: Report) -> list[str]:
 
 
 def _plan(cfg: Config, world_size: int, cuda: bool | None, report: Report) -> list[str]:
-    report.plan = run_plan.resolve(cfg, world_size, cuda=cuda)
+    try:
+        report.plan = run_plan.resolve(cfg, world_size, cuda=cuda)
+    except ConfigError:
+        if cfg.train.max_memory_per_gpu and cfg.train.micro_batch_size == "auto":  # show the smallest plan
+            cfg = run_plan.RunPlan(world_size, "bfloat16", "", 1, True, 1).apply(cfg)  # the dtype is not planned
+        _memory_plan(cfg, world_size, cuda, report)
+        raise
     report.notes.append(f"run plan on {world_size} rank(s): {report.plan.describe()}")
-    if cfg.train.max_memory_per_gpu:
-        setup = memory.setup_from_config(report.plan.apply(cfg), world_size, on_gpu=cuda)
-        report.memory_plan = memory.make_plan(setup, parse_size(cfg.train.max_memory_per_gpu))
+    _memory_plan(report.plan.apply(cfg), world_size, cuda, report)
     return []
+
+
+def _memory_plan(resolved: Config, world_size: int, cuda: bool | None, report: Report) -> None:
+    """The per-rank table under the cap (shown by `check`, and by `train` when it does not fit)."""
+    if resolved.train.max_memory_per_gpu and resolved.train.micro_batch_size != "auto":
+        setup = memory.setup_from_config(resolved, world_size, on_gpu=cuda)
+        report.memory_plan = memory.make_plan(setup, parse_size(resolved.train.max_memory_per_gpu))
 
 
 def _ds_config(cfg: Config, world_size: int, report: Report) -> list[str]:
@@ -176,6 +192,8 @@ def _output(cfg: Config, report: Report) -> list[str]:
         errs += _writable_folder(Path(cfg.data.cache_dir), "data.cache_dir")
     if errs:
         return errs
+    if RunPaths.of(cfg).held_by_another_run():
+        return [RunPaths.of(cfg).busy_problem()]
     resume = checkpoint.resume_point(RunPaths.of(cfg), cfg)
     report.notes.append(f"output {cfg.train.output_dir}: " + (f"continues from {resume.name}" if resume else "new run"))
     return []

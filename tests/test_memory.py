@@ -152,6 +152,8 @@ def test_train_picks_an_auto_micro_batch_under_the_cap(tmp_path):
     out = tmp_path / "auto"
     proc = run_cli("train", *TINY, "train.micro_batch_size=auto", "train.max_memory_per_gpu=2GB",
                    "train.max_steps=2", "train.save_steps=2", f"train.output_dir={out}")
-    assert "train.micro_batch_size=auto: micro batch 8, activation checkpointing off" in proc.stderr
+    assert "micro batch 8 x accumulation 1 x 1 rank(s); activation checkpointing off" in proc.stderr
     saved = (out / "checkpoint-2" / "config.yaml").read_text()
-    assert "micro_batch_size: 8" in saved and "gradient_checkpointing: false" in saved  # the resolved choice
+    assert "micro_batch_size: auto" in saved  # the user's config; the choice is the run plan beside it
+    plan = json.loads((out / "checkpoint-2" / "run_plan.json").read_text())
+    assert (plan["micro_batch_size"], plan["gradient_checkpointing"]) == (8, False)

@@ -178,6 +178,17 @@ def test_each_problem_names_its_file_or_key(tmp_path, capsys, trapped, model_cop
         assert needle in lines[0], f"{name}: {lines}"
 
 
+def test_a_second_run_into_a_folder_being_written_stops_at_once(tmp_path, capsys, trapped):
+    from qlora_dist.paths import RunPaths
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with RunPaths(out).writer_lock():  # the first run, still writing
+        code, lines = run_main(capsys, "train", *TINY, f"train.output_dir={out}")
+    assert code == 2 and len(lines) == 1 and "is being written by another run" in lines[0]
+    assert not RunPaths(out).held_by_another_run()  # released with its holder
+
+
 @pytest.mark.parametrize("args", [["--world-size", "0"], ["--world-size", "-2"], ["--gpu-memory", "12XB"]])
 @pytest.mark.parametrize("command", ["plan", "check"])
 def test_plan_and_check_refuse_bad_world_sizes_and_memory(capsys, command, args):

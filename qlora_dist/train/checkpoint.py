@@ -5,7 +5,8 @@ Layout of OUTPUT/checkpoint-<step>/ (the adapter part is the original QLoRA code
     adapter_model/qlora_dist.json   the run's own settings (quantization storage, prompt format, base model)
     engine/                    DeepSpeed state: LoRA weights, fp32 masters, optimizer moments, LR schedule
     rng/rank-<r>.pt            each rank's RNG states (dropout continues exactly)
-    config.yaml                the run's configuration as the user gave it (`auto` stays `auto`)
+    config.yaml                the run's configuration as given (`auto` stays `auto`; a starting
+                               adapter's lora.* values filled in where the user set none)
     run_plan.json              what `auto` resolved to on this run (compute dtype, micro batch, ...)
     progress.json              step, data position, seed, world size: written last
 

@@ -15,6 +15,7 @@ from qlora_dist import compat, run_plan
 from qlora_dist.config import Config
 from qlora_dist.data.batches import BatchSchedule, collate
 from qlora_dist.data.corpus import prepare as prepare_corpus
+from qlora_dist.errors import ConfigError
 from qlora_dist.evaluate import mmlu
 from qlora_dist.evaluate.exact_match import builtin_accuracy, format_report
 from qlora_dist.launch import dist
@@ -36,6 +37,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
         self.info = dist.init(self.user_cfg.dist.backend, self.user_cfg.dist.timeout_s)
+        self.lock = self._setup_lock()
         self.stop = StopRequest()
         self.device = dist.device_for(self.info)
         self.plan = self._setup_plan()
@@ -54,6 +56,20 @@ class Trainer:
         self.model = self._setup_model()
         self.engine = self._setup_engine()
         self.step = self.checkpointer.restore(self.engine)
+
+    def _setup_lock(self):
+        """Rank 0 holds the output folder's writer lock for the whole run (one writer per folder)."""
+        if not self.info.is_main:
+            return None
+        from filelock import Timeout
+
+        lock = self.paths.writer_lock()
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise ConfigError([self.paths.busy_problem()]) from None
+        return lock
 
     def _setup_plan(self) -> run_plan.RunPlan:
         """Resolve `auto` (compute dtype, micro batch, checkpointing) for this machine and world size;
@@ -82,8 +98,6 @@ class Trainer:
             self.log.write({"event": "data", **report})
             dist.log(f"{report['summary']}; {report['rows']:,} training rows (cache {report['cache']})")
         if len(rows) < cfg.train.global_batch_size:
-            from qlora_dist.errors import ConfigError
-
             raise ConfigError([f"data.dataset: {len(rows)} training rows, fewer than one global batch "
                                f"(train.global_batch_size={cfg.train.global_batch_size})"])
         lengths = rows.lengths() if cfg.data.group_by_length else None
@@ -221,6 +235,8 @@ class Trainer:
             self.stop.restore()
         if getattr(self, "log", None):
             self.log.close()
+        if getattr(self, "lock", None):
+            self.lock.release()
         dist.shutdown()
 
 
@@ -245,7 +261,5 @@ def main(config_path: str | None, preset: str | None, overrides: list[str]) -> N
     if world.is_main:
         preflight.run(cfg, world.world_size, problems).raise_if_problems()
     elif problems:
-        from qlora_dist.errors import ConfigError
-
         raise ConfigError(problems)
     run(cfg)
