@@ -139,8 +139,8 @@ def _join_ranks():
 
 
 def _cmd_generate(ns) -> None:
-    from qlora_dist.launch import dist
     from qlora_dist.evaluate.generate import answer, load_for_inference
+    from qlora_dist.launch import dist
 
     if ns.prompt is not None:
         model, tokenizer = load_for_inference(ns.base, ns.adapter, ns.bits, ns.compute_dtype)
@@ -175,10 +175,9 @@ def _cmd_eval_mmlu(ns) -> None:
     import json
     import time
 
-    from qlora_dist.launch import dist
-
     from qlora_dist.evaluate import mmlu
     from qlora_dist.evaluate.generate import load_for_inference
+    from qlora_dist.launch import dist
 
     if ns.batch_size <= 0 or ns.max_questions < 0:
         raise ConfigError([f"--batch-size: must be > 0 (got {ns.batch_size}); --max-questions: must be >= 0 "

@@ -40,8 +40,8 @@ def test_merged_model_matches_adapter_on_nf4_base(tmp_path, tiny_model_dir, caps
     from qlora_dist import compat
     from qlora_dist.cli import main
     from qlora_dist.errors import ConfigError
-    from qlora_dist.model.merge import merge
     from qlora_dist.model.base import load_adapter, load_base
+    from qlora_dist.model.merge import merge
 
     adapter = _random_adapter(tiny_model_dir, tmp_path / "adapter")
     out = merge(str(tiny_model_dir), adapter, tmp_path / "merged", "bf16")
@@ -121,8 +121,8 @@ def test_old_eval_table_schema_and_single_prompt(tmp_path, tiny_model_dir, capsy
 
 
 def test_multi_turn_answers_see_the_earlier_turns(tiny_model_dir, monkeypatch):
-    from qlora_dist.evaluate import generate
     from qlora_dist.data.prompts import guanaco_conversation, guanaco_inference
+    from qlora_dist.evaluate import generate
 
     assert guanaco_conversation(["Hi"], []) == guanaco_inference("Hi")
     seen: list[str] = []

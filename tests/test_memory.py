@@ -9,8 +9,8 @@ import torch
 
 from conftest import TINY, run_cli, run_torchrun
 from qlora_dist import memory
-from qlora_dist.config import parse_size
 from qlora_dist.config import load_config
+from qlora_dist.config import parse_size
 
 GiB = 2 ** 30
 
@@ -62,8 +62,8 @@ def _saved_bytes_per_token_per_layer(shape: memory.Shape, dropout: float) -> flo
     """What autograd really saves for one decoder layer, per token: two layers minus one."""
     from transformers import LlamaConfig
 
-    from qlora_dist.model.loader import RandomSource, load_layerwise
     from qlora_dist.model.base import add_lora, prepare_for_training
+    from qlora_dist.model.loader import RandomSource, load_layerwise
 
     def saved(layers: int) -> int:
         config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=layers,

@@ -16,15 +16,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qlora_dist import atomic
-
-from qlora_dist.launch import dist
-
-from qlora_dist.data import records
 from qlora_dist.config import Config
-from qlora_dist.errors import ConfigError
+from qlora_dist.data import records
 from qlora_dist.data.batches import TokenizedExample, builtin_examples, pack, tokenize_all
 from qlora_dist.data.formats import FORMATS, SKIP_REASONS, Example, RowError, detect
 from qlora_dist.data.tasks import TaskItem
+from qlora_dist.errors import ConfigError
+from qlora_dist.launch import dist
 
 CACHE_VERSION = 1  # bump when tokenization or packing changes what a cache holds
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Iterator
 
 from qlora_dist import compat
-from qlora_dist.errors import ConfigError
 from qlora_dist.data.formats import DATASETS, HEADERLESS_COLUMNS, RowError
+from qlora_dist.errors import ConfigError
 
 TABLE_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")

@@ -10,13 +10,12 @@ from pathlib import Path
 import torch
 
 from qlora_dist import atomic
-
-from qlora_dist.launch import dist
+from qlora_dist.data.prompts import cut_answer, guanaco_conversation, guanaco_inference
 from qlora_dist.errors import ConfigError
+from qlora_dist.launch import dist
 from qlora_dist.model import adapter_settings
 from qlora_dist.model.base import load_adapter, load_base, load_tokenizer
 from qlora_dist.model.builtin import resolve_model_path
-from qlora_dist.data.prompts import cut_answer, guanaco_conversation, guanaco_inference
 
 
 def _encode_left_padded(tokenizer, texts: list[str], device) -> dict[str, torch.Tensor]:

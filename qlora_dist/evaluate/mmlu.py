@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from qlora_dist.launch import dist
 from qlora_dist.errors import ConfigError
+from qlora_dist.launch import dist
 
 CHOICES = "ABCD"
 SPLITS = ("val", "test")

@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 
 from qlora_dist import compat
-from qlora_dist.precision import DTYPES, dtype_name, quantization_config
 from qlora_dist.config import Config
 from qlora_dist.errors import ConfigError
 from qlora_dist.model import folder
 from qlora_dist.model.builtin import random_llama_config, random_size, resolve_model_path, tokenizer_folder
+from qlora_dist.precision import DTYPES, dtype_name, quantization_config
 
 
 

@@ -17,9 +17,9 @@ import torch
 from qlora_dist import atomic
 from qlora_dist.errors import ConfigError
 from qlora_dist.model.adapter_settings import BaseLoading, base_loading
-from qlora_dist.precision import DTYPES
 from qlora_dist.model.base import load_adapter, load_base, load_tokenizer
 from qlora_dist.model.builtin import resolve_model_path
+from qlora_dist.precision import DTYPES
 
 MERGE_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # --dtype -> its name in precision.DTYPES
 
