@@ -27,4 +27,4 @@ demo: install
 	$(VENV)/bin/qlora-dist train --preset demo
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15

@@ -167,6 +167,9 @@ def _cmd_generate(ns) -> None:
             model_id = ns.model_id or Path(ns.adapter or ns.base).name
             write_jsonl(Path(ns.out), answer_records(schema, questions, answers, model_id))
             dist.log(f"{len(questions)} answers ({schema} schema) written to {ns.out}")
+        # Leave together: a rank that tore down its gloo group while rank 0 was still writing aborted once
+        # in CI ("terminate called without an active exception", torch 2.13) after its work was done.
+        dist.barrier()
     finally:
         dist.shutdown()
 
