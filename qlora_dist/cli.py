@@ -167,9 +167,7 @@ def _cmd_generate(ns) -> None:
             model_id = ns.model_id or Path(ns.adapter or ns.base).name
             write_jsonl(Path(ns.out), answer_records(schema, questions, answers, model_id))
             dist.log(f"{len(questions)} answers ({schema} schema) written to {ns.out}")
-        # Leave together: a rank that tore down its gloo group while rank 0 was still writing aborted once
-        # in CI ("terminate called without an active exception", torch 2.13) after its work was done.
-        dist.barrier()
+        dist.barrier()  # leave together (see dist.barrier)
     finally:
         dist.shutdown()
 
@@ -196,6 +194,7 @@ def _cmd_eval_mmlu(ns) -> None:
             title = (f"MMLU {ns.data} ({len(questions)} questions, {info.world_size} rank(s), "
                      f"{report['seconds']:.1f} s):")
             print(json.dumps(report) if ns.json else mmlu.format_report(report, title), flush=True)
+        dist.barrier()  # leave together (see dist.barrier)
     finally:
         dist.shutdown()
 

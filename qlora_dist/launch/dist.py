@@ -174,6 +174,10 @@ def log(message: str) -> None:
 
 
 def barrier() -> None:
+    """Every rank waits here for the others. Also at the end of every successful multi-rank job, before
+    the group is torn down: a rank that destroyed its gloo group while rank 0 was still writing its
+    files aborted at exit ("terminate called without an active exception", torch 2.13, deepspeed 0.19.8;
+    2 of ~40 two-rank runs in full suites, never in isolation)."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 

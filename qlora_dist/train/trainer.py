@@ -140,6 +140,7 @@ class Trainer:
             if cfg.eval.mmlu_steps and self.step % cfg.eval.mmlu_steps == 0 and self.step < cfg.train.max_steps:
                 self.evaluate_mmlu(f"step {self.step}")
         self._finish()
+        dist.barrier()  # leave together: rank 0 was still writing the final adapter (see dist.barrier)
 
     def _save_or_stop(self) -> None:
         """Checkpoint on schedule; on a preemption or time-limit signal (agreed by all ranks, so every

@@ -63,6 +63,7 @@ def main() -> None:
     if info.is_main:
         with open(f"{out}/fast_paths_zero3.json", "w") as f:
             json.dump(rows, f)
+    dist.barrier()
     dist.shutdown()
 
 

@@ -77,6 +77,7 @@ def main() -> None:
     if trainer.info.is_main:
         with open(f"{out}/memory_actual.json", "w") as f:
             json.dump(rows, f, indent=2)
+    dist.barrier()
     trainer.cleanup()
 
 

@@ -37,6 +37,7 @@ def main(argv: list[str]) -> None:
         losses[name] = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                         if '"loss"' in line]
     (out / "losses.json").write_text(json.dumps(losses))
+    dist.barrier()
     shutdown()
 
 

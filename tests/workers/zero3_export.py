@@ -73,6 +73,7 @@ def main() -> None:
         with open(f"{out}/gathered.json", "w") as f:
             json.dump({"gathered_bytes": gathered, "lora_bytes": lora_bytes, "base_bytes": base_bytes,
                        "world_size": trainer.info.world_size, "zero_stage": trainer.zero_stage}, f)
+    torch.distributed.barrier()
     trainer.cleanup()
 
 
