@@ -110,9 +110,12 @@ class Trainer:
         return mmlu.read_questions(e.mmlu_data, e.mmlu_shots, e.mmlu_split, e.mmlu_max_questions) if e.mmlu_data else []
 
     def _setup_model(self):
+        start = time.perf_counter()
+        dist.log(f"loading {self.cfg.model.path} in {self.cfg.quantization.bits} bit"
+                 + (", partitioned layer by layer (ZeRO-3)" if self.zero_stage == 3 else "") + " ...")
         model = build_model(self.cfg, self.device, self.ds)
         trainable, total = count_parameters(model)
-        dist.log(f"model {self.cfg.model.path}: {trainable:,} trainable LoRA parameters of {total:,}; "
+        dist.log(f"model {self.cfg.model.path} loaded in {time.perf_counter() - start:.1f} s: {trainable:,} trainable LoRA parameters of {total:,}; "
                  f"{self.cfg.quantization.bits}-bit base; ZeRO stage {self.zero_stage}; world size "
                  f"{self.info.world_size}; micro batch {self.ds['train_micro_batch_size_per_gpu']} x accumulation "
                  f"{self.ds['gradient_accumulation_steps']} x ranks = global batch {self.ds['train_batch_size']}")
