@@ -29,7 +29,6 @@ class Report:
     notes: list[str] = field(default_factory=list)  # what was found, for `qlora-dist check`
     plan: run_plan.RunPlan | None = None
     memory_plan: memory.Plan | None = None
-    cfg: Config | None = None  # the config as the run will save it (a starting adapter's lora.* adopted)
 
     def raise_if_problems(self) -> None:
         """ConfigError with every problem; a memory plan over its cap is printed first, as context."""
@@ -59,7 +58,7 @@ def run(cfg: Config, world_size: int, problems: list[str] = (), cuda: bool | Non
     whether the ranks have GPUs (None: as this machine)."""
     from qlora_dist.model import init_adapter
 
-    report = Report(problems=list(problems), cfg=cfg)
+    report = Report(problems=list(problems))
     if world_size < 1:
         report.problems.append(f"world size: must be at least 1 (got {world_size})")
         return report
@@ -67,7 +66,7 @@ def run(cfg: Config, world_size: int, problems: list[str] = (), cuda: bool | Non
     _collect(report, lambda: _tokenizer_and_data(cfg, report))
     _collect(report, lambda: _mmlu(cfg, report))
     if not _checked(report, lambda: init_adapter.problems(cfg)):
-        report.cfg = cfg = init_adapter.adopt(cfg)
+        cfg = init_adapter.adopt(cfg)  # the lora.* values the run will use (the plan and resume check need them)
     if model_ok:
         _collect(report, lambda: _plan(cfg, world_size, cuda, report))
     _collect(report, lambda: _ds_config(cfg, world_size, report))

@@ -174,6 +174,22 @@ def test_sbatch_cpu_smoke_trains_on_two_nodes(cluster, tmp_path):
 
 
 @pytest.mark.slow
+def test_sbatch_stops_at_the_preflight_before_srun(cluster, tmp_path):
+    """A bad model path fails the job on the batch host in seconds, one line, before any rank starts."""
+    out = tmp_path / "bad"
+    out.mkdir()
+    env = {"MODEL_PATH": str(tmp_path / "no-model"), "OUTPUT_DIR": str(out), "PYTHON": sys.executable,
+           "QLORA_ARGS": " ".join(JOB_ARGS)}
+    job = cluster.run("sbatch", "--parsable", "-o", str(out / "slurm-%j.out"), str(REPO / "slurm" / "cpu-smoke.sh"),
+                      cwd=REPO, env=env).stdout.strip()
+    state = cluster.wait_job(job)
+    log = "\n".join(p.read_text() for p in out.glob("slurm-*.out"))
+    assert state == "FAILED", f"job {job}: {state}\n{log}"
+    assert f"qlora-dist: error: model.path: model folder not found: {tmp_path / 'no-model'}" in log, log
+    assert "Traceback" not in log and "run plan" not in log  # srun never started a rank
+
+
+@pytest.mark.slow
 def test_submitit_launcher_on_slurm(cluster, tmp_path):
     out = tmp_path / "submitit"
     proc = run_cli("submit", "--cluster", "slurm", "--nodes", "2", "--tasks-per-node", "2", "--timeout-min", "20",
