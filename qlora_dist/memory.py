@@ -14,8 +14,6 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-
-
 GB = 1e9
 NF4_BLOCK = 64  # bitsandbytes' default 4-bit blocksize
 NESTED_BLOCK = 256  # blocksize of the double quantization of the absmax constants

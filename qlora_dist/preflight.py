@@ -20,8 +20,6 @@ from qlora_dist.config import Config, parse_size
 from qlora_dist.errors import ConfigError
 from qlora_dist.paths import RunPaths
 
-SAMPLE_ROWS = 1000  # records read to detect a dataset's format
-
 
 @dataclass
 class Report:
@@ -106,7 +104,7 @@ def _tokenizer_and_data(cfg: Config, report: Report) -> list[str]:
         report.notes.append(f"data: built-in tasks {', '.join(d.tasks)} ({d.num_train} training examples each)")
         return []
     source = records.resolve(d.dataset, d.format)
-    head, count = records.look(source, SAMPLE_ROWS)
+    head, count = records.look(source, corpus.DETECT_ROWS)
     first = next((r.data for r in head if isinstance(r.data, dict)), None)
     if first is None:
         why = f" (first: {head[0].where}: {head[0].data})" if head else ""

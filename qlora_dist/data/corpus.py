@@ -25,6 +25,7 @@ from qlora_dist.errors import ConfigError
 from qlora_dist.launch import dist
 
 CACHE_VERSION = 1  # bump when tokenization or packing changes what a cache holds
+DETECT_ROWS = 1000  # records read to find a readable one and detect the format (here and in the preflight)
 
 
 @dataclass
@@ -59,7 +60,7 @@ def read_examples(cfg: Config, limit: int | None = None) -> tuple[list[Example],
     d = cfg.data
     source = records.resolve(d.dataset, d.format)
     stream = records.read(source)
-    head = list(itertools.islice(stream, 1000))  # enough to find a readable record for detection
+    head = list(itertools.islice(stream, DETECT_ROWS))
     first = next((r.data for r in head if isinstance(r.data, dict)), None)
     report = LoadReport(source.name, format_of(source, first), skipped={k: 0 for k in SKIP_REASONS})
     to_examples, examples = FORMATS[report.format].to_pairs, []

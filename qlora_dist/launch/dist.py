@@ -136,9 +136,8 @@ def init(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     _share_cpu_cores(info)
     device_for(info)
     if not torch.distributed.is_initialized():
-        if (folder := compat.deepspeed_cpu_op_to_build()) and info.is_main:  # before the group exists: log() can't tell
-            print(f"[qlora-dist] building DeepSpeed's CPU communication op once (~40 s, cached in {folder})",
-                  file=sys.stderr, flush=True)
+        if folder := compat.deepspeed_cpu_op_to_build():
+            log(f"building DeepSpeed's CPU communication op once (~40 s, cached in {folder})")
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                    verbose=False)
     return info
@@ -164,7 +163,11 @@ def quiet_other_ranks(info: DistInfo) -> None:
 
 
 def is_main() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    """Rank 0 of the process group, or, before it exists, rank 0 as the launcher describes it (ranks
+    resolve the model and build DeepSpeed's op before they meet: only one of them should say so)."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return launcher_env().is_main
 
 
 def log(message: str) -> None:

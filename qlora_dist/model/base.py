@@ -17,7 +17,6 @@ from qlora_dist.model.builtin import random_llama_config, random_size, resolve_m
 from qlora_dist.precision import DTYPES, dtype_name, quantization_config
 
 
-
 def check_model_folder(path: Path, key: str = "model.path") -> None:
     """Every problem of the folder that needs no weight read (model/folder.py), raised at once."""
     if errs := folder.problems(path, key):

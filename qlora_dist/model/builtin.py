@@ -47,12 +47,6 @@ _BUILDING = {"smollm2": "converting the embedded SmolLM2-135M-Instruct (GGUF) in
              "tiny-llama": "writing the tiny test LLaMA (random weights, own tokenizer) once: a few seconds"}
 
 
-def _say(message: str) -> None:
-    # Rank 0 only, also before the process group exists (ranks may resolve the model before init).
-    if dist.read_env().is_main:
-        dist.log(message)
-
-
 @contextlib.contextmanager
 def _locked(target: Path):
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +55,7 @@ def _locked(target: Path):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            _say(f"waiting for another process that is building {target} (lock {lock_path})")
+            dist.log(f"waiting for another process that is building {target} (lock {lock_path})")
             fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -74,7 +68,7 @@ def ensure_builtin(name: str, out: Path) -> Path:
     with _locked(out):
         if (out / "config.json").is_file():  # another process built it while we waited
             return out
-        _say(f"{_BUILDING[name]} ({out})")
+        dist.log(f"{_BUILDING[name]} ({out})")
         start = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
@@ -84,7 +78,7 @@ def ensure_builtin(name: str, out: Path) -> Path:
             tmp.rename(out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        _say(f"{name}: done in {time.perf_counter() - start:.1f} s")
+        dist.log(f"{name}: done in {time.perf_counter() - start:.1f} s")
     return out
 
 
