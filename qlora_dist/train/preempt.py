@@ -39,14 +39,17 @@ class StopRequest:
         self.received = signum
 
     def agreed(self) -> int:
-        """The signal any rank received (0: none), the same on every rank. Collective."""
+        """The signal any rank received (0: none), the same on every rank. Collective.
+
+        `received` is only ever written by the handler: a signal that lands while the all-reduce is in
+        flight is not in this answer, and must not be overwritten by it, so the next call carries it
+        (writing the answer back lost such a signal: the job trained on to max_steps)."""
         flag = torch.tensor([self.received], dtype=torch.int64)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             if torch.distributed.get_backend() == "nccl":
                 flag = flag.cuda()
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self.received = int(flag.item())
-        return self.received
+        return int(flag.item())
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
