@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from qlora_dist.compat import quiet_known_warnings, set_library_env
-from qlora_dist.errors import ConfigError
+from qlora_dist.errors import ConfigError, RunFault
 
 
 def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -353,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         _report(exc)
         return 2
+    except RunFault as exc:
+        _report_fault(exc)
+        return RunFault.EXIT_CODE
     return 0
 
 
@@ -364,3 +367,11 @@ def _report(exc: ConfigError) -> None:
     if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
         for problem in exc.problems:
             print(f"qlora-dist: error: {problem}", file=sys.stderr)
+
+
+def _report_fault(exc: RunFault) -> None:
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1)
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    print(f"qlora-dist: {'' if world == 1 else f'rank {rank}: '}error: {exc}", file=sys.stderr)

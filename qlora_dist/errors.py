@@ -9,3 +9,12 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class RunFault(RuntimeError):
+    """A fault during a run that the run itself found and explained (too many non-finite steps, a disk
+    full while saving, no intact checkpoint to resume): one line naming the step, file or folder, exit
+    code 3, no traceback; what was written before it stays intact. Every rank that finds it says it
+    (a fault may be one rank's), prefixed with the rank when there are several."""
+
+    EXIT_CODE = 3
