@@ -51,7 +51,7 @@ def _cmd_check(ns) -> None:
     cfg, problems = parse_config(path, ns.preset, overrides)
     # A cap per GPU plans for GPUs, also when checked from a login node without one.
     cuda = True if cap or cfg.train.max_memory_per_gpu else None
-    report = preflight.run(cfg, world, problems, cuda=cuda)
+    report = preflight.run(cfg, world, problems, cuda=cuda, for_train=False)
     report.raise_if_problems()
     print(report.format())
 

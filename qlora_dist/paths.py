@@ -8,7 +8,7 @@ a file name of another's.
     OUTPUT/metrics.jsonl, loss.png   rank 0's records and loss curve
     OUTPUT/data-cache/<fingerprint>/  tokenized data (unless data.cache_dir)
     OUTPUT/submitit/            logs and pickles of `qlora-dist submit` jobs
-    OUTPUT/.lock                held by the run writing this folder
+    OUTPUT/.lock, .lock.json    held by the run writing this folder, and who that is
 """
 from __future__ import annotations
 
@@ -74,26 +74,12 @@ class RunPaths:
     def lock(self) -> Path:
         return self.root / ".lock"
 
+    @property
+    def lock_record(self) -> Path:
+        return self.root / ".lock.json"
+
     def writer_lock(self):
-        """The lock rank 0 holds while a run writes this folder: a second run into the same folder stops at
-        once instead of overwriting the first one's checkpoints. An OS file lock (filelock), so the kernel
-        releases it when the holder dies (SIGKILL, a lost node): a requeued job is never locked out."""
+        """The OS file lock under the run's writer lock (qlora_dist/writer_lock.py holds the policy)."""
         from filelock import FileLock
 
         return FileLock(str(self.lock), timeout=0)
-
-    def busy_problem(self) -> str:
-        return (f"train.output_dir: {self.root} is being written by another run now (it holds {self.lock}); "
-                "wait for it, or use another output folder")
-
-    def held_by_another_run(self) -> bool:
-        """Whether another process holds the writer lock now (the preflight asks; nothing is kept)."""
-        from filelock import Timeout
-
-        if not self.lock.is_file():
-            return False
-        try:
-            with self.writer_lock():
-                return False
-        except Timeout:
-            return True

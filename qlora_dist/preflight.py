@@ -25,6 +25,7 @@ from qlora_dist.paths import RunPaths
 class Report:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was found, for `qlora-dist check`
+    warnings: list[str] = field(default_factory=list)  # not problems here, but worth saying (a live lock)
     plan: run_plan.RunPlan | None = None
     memory_plan: memory.Plan | None = None
 
@@ -38,7 +39,7 @@ class Report:
             raise ConfigError(self.problems)
 
     def format(self) -> str:
-        lines = [f"  {note}" for note in self.notes]
+        lines = [f"  {note}" for note in self.notes] + [f"  warning: {w}" for w in self.warnings]
         if self.memory_plan is not None:
             lines.append(memory.format_plan(self.memory_plan))
         return "\n".join(["preflight: no problems found", *lines])
@@ -51,9 +52,11 @@ def _collect(report: Report, check: Callable[[], list[str] | None]) -> None:
         report.problems += exc.problems
 
 
-def run(cfg: Config, world_size: int, problems: list[str] = (), cuda: bool | None = None) -> Report:
+def run(cfg: Config, world_size: int, problems: list[str] = (), cuda: bool | None = None,
+        for_train: bool = True) -> Report:
     """All problems of `cfg` on `world_size` ranks, with the config's own (`problems`) first. `cuda`:
-    whether the ranks have GPUs (None: as this machine)."""
+    whether the ranks have GPUs (None: as this machine). `for_train`: `train` itself asks (a run writing
+    the output folder now is a problem); `check` and `submit` only warn (it may be done by then)."""
     from qlora_dist.model import init_adapter
 
     report = Report(problems=list(problems))
@@ -68,7 +71,7 @@ def run(cfg: Config, world_size: int, problems: list[str] = (), cuda: bool | Non
     if model_ok:
         _collect(report, lambda: _plan(cfg, world_size, cuda, report))
     _collect(report, lambda: _ds_config(cfg, world_size, report))
-    _collect(report, lambda: _output(cfg, report))
+    _collect(report, lambda: _output(cfg, report, for_train))
     return report
 
 
@@ -181,7 +184,8 @@ def _writable_folder(path: Path, key: str) -> list[str]:
     return []
 
 
-def _output(cfg: Config, report: Report) -> list[str]:
+def _output(cfg: Config, report: Report, for_train: bool) -> list[str]:
+    from qlora_dist import writer_lock
     from qlora_dist.train import checkpoint
 
     errs = _writable_folder(Path(cfg.train.output_dir), "train.output_dir")
@@ -189,8 +193,11 @@ def _output(cfg: Config, report: Report) -> list[str]:
         errs += _writable_folder(Path(cfg.data.cache_dir), "data.cache_dir")
     if errs:
         return errs
-    if RunPaths.of(cfg).held_by_another_run():
-        return [RunPaths.of(cfg).busy_problem()]
+    busy, holder = writer_lock.live_holder(RunPaths.of(cfg))
+    if busy and for_train:
+        return [writer_lock.busy_problem(RunPaths.of(cfg), holder)]
+    if busy:
+        report.warnings.append(writer_lock.busy_problem(RunPaths.of(cfg), holder) + " (`train` would refuse now)")
     resume = checkpoint.resume_point(RunPaths.of(cfg), cfg)
     report.notes.append(f"output {cfg.train.output_dir}: " + (f"continues from {resume.name}" if resume else "new run"))
     return []

@@ -179,14 +179,23 @@ def test_each_problem_names_its_file_or_key(tmp_path, capsys, trapped, model_cop
 
 
 def test_a_second_run_into_a_folder_being_written_stops_at_once(tmp_path, capsys, trapped):
+    import socket
+
     from qlora_dist.paths import RunPaths
+    from qlora_dist.writer_lock import WriterLock, live_holder
 
     out = tmp_path / "out"
-    out.mkdir()
-    with RunPaths(out).writer_lock():  # the first run, still writing
+    first = WriterLock(RunPaths(out), log=lambda m: None)
+    first.acquire()  # the first run, still writing
+    try:
         code, lines = run_main(capsys, "train", *TINY, f"train.output_dir={out}")
-    assert code == 2 and len(lines) == 1 and "is being written by another run" in lines[0]
-    assert not RunPaths(out).held_by_another_run()  # released with its holder
+        assert code == 2 and len(lines) == 1 and "is being written by another run" in lines[0]
+        assert f"pid {os.getpid()} on {socket.gethostname()}" in lines[0]  # the holder, named
+        assert main(["check", *TINY, f"train.output_dir={out}"]) == 0  # `check` only warns
+        assert "warning: train.output_dir" in capsys.readouterr().out
+    finally:
+        first.release()
+    assert live_holder(RunPaths(out)) == (False, None)  # released with its holder
 
 
 @pytest.mark.parametrize("args", [["--world-size", "0"], ["--world-size", "-2"], ["--gpu-memory", "12XB"]])

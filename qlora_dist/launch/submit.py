@@ -8,6 +8,7 @@ the same config and continues from the newest checkpoint in train.output_dir.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +54,10 @@ def submit(ns, overrides: list[str], config_path: str | None):
     tasks = ns.tasks_per_node or max(ns.gpus_per_node, 1)
     cfg, problems = parse_config(config_path, ns.preset, overrides)
     # The whole preflight here, before anything is queued: a bad path costs seconds, not a queue wait.
-    preflight.run(cfg, ns.nodes * tasks, problems, cuda=True if ns.gpus_per_node else None).raise_if_problems()
+    report = preflight.run(cfg, ns.nodes * tasks, problems, cuda=True if ns.gpus_per_node else None, for_train=False)
+    report.raise_if_problems()
+    for warning in report.warnings:
+        print(f"qlora-dist: warning: {warning}", file=sys.stderr)
     folder = RunPaths.of(cfg).submitit
     executor = executor_for(ns.cluster, folder, ns.nodes, tasks, ns.gpus_per_node, ns.cpus_per_task,
                             ns.timeout_min, ns.partition, ns.signal_delay_s)

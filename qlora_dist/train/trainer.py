@@ -61,14 +61,10 @@ class Trainer:
         """Rank 0 holds the output folder's writer lock for the whole run (one writer per folder)."""
         if not self.info.is_main:
             return None
-        from filelock import Timeout
+        from qlora_dist.writer_lock import WriterLock
 
-        lock = self.paths.writer_lock()
-        self.paths.root.mkdir(parents=True, exist_ok=True)
-        try:
-            lock.acquire()
-        except Timeout:
-            raise ConfigError([self.paths.busy_problem()]) from None
+        lock = WriterLock(self.paths, log=dist.log)
+        lock.acquire()
         return lock
 
     def _setup_plan(self) -> run_plan.RunPlan:
