@@ -199,6 +199,20 @@ def _cmd_eval_mmlu(ns) -> None:
         dist.shutdown()
 
 
+def _cmd_verify(ns) -> None:
+    from pathlib import Path
+
+    from qlora_dist.train.checkpoint import verify_folder
+
+    rows = verify_folder(Path(ns.output_dir))
+    for name, _, verdict in rows:
+        print(f"{name}: {verdict}")
+    if not rows:
+        print(f"{ns.output_dir}: no checkpoints")
+    if not all(ok for _, ok, _ in rows):
+        raise SystemExit(1)
+
+
 def _cmd_merge(ns) -> None:
     from qlora_dist.model.merge import merge
 
@@ -243,6 +257,13 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--world-size", type=int, default=1, help="ranks of the run (default 1)")
     p.add_argument("--gpu-memory", help="cap per GPU, e.g. 24GB or 40GiB (sets train.max_memory_per_gpu)")
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("verify", help="check an output folder's checkpoints and final adapter (sizes, sha256 "
+                                      "against each checkpoint's manifest, finite values)",
+                       description="One line per checkpoint (ok / damaged: file, why / non-finite: tensor), then "
+                                   "the final adapter. Exit status: 0 all intact, 1 something damaged, 2 not a folder.")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("presets", help="print the QLoRA recipe presets")
     p.set_defaults(func=_cmd_presets)

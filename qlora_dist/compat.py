@@ -5,10 +5,12 @@ Anything that patches around a library lives here, so it can be removed in one p
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -128,3 +130,53 @@ def force_hub_offline() -> None:
     os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
     datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
     constants.HF_HUB_OFFLINE = True
+
+
+# deepspeed 0.19.8 pickles these (its own classes) into the engine's optimizer-state files; everything
+# else in them is tensors, containers and numbers. torch.load(weights_only=True) refuses any global that
+# is not allow-listed, so listing exactly these lets us read the files without running code from them.
+def _deepspeed_safe_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_torch_load(path, map_location="cpu", _load=None, **kwargs):
+    """torch.load of a file we wrote (an engine state, a legacy RNG file): weights_only=True, with only
+    DeepSpeed's own plain classes allowed. A crafted pickle fails to load instead of running code."""
+    kwargs.pop("weights_only", None)
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return (_load or torch.load)(path, map_location=map_location, weights_only=True, **kwargs)
+
+
+def load_engine_files_safely(engine) -> None:
+    """deepspeed 0.19.8's TorchCheckpointEngine.load calls torch.load(weights_only=False) for every
+    engine file (model states, optimizer states): route this engine's loads through safe_torch_load."""
+    engine.checkpoint_engine.load = lambda path, map_location=None: safe_torch_load(path, map_location or "cpu")
+
+
+@contextmanager
+def weights_only_torch_load():
+    """deepspeed 0.19.8's zero_to_fp32 helpers (used by train/reshard.py) call torch.load(weights_only=False)
+    directly: within this block torch.load means safe_torch_load."""
+    original = torch.load
+    torch.load = lambda path, map_location="cpu", **kw: safe_torch_load(path, map_location, _load=original, **kw)
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+# torch 2.13's zip writer (PyTorchStreamWriter) reports a full disk as "enforce fail at
+# inline_container.cc ... unexpected pos" (a RuntimeError, no errno); Python's own writes raise
+# OSError(ENOSPC). Both mean the same thing to a user.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("unexpected pos" in text or "No space left" in text)

@@ -114,6 +114,8 @@ class DataConfig:
     max_examples: int = opt(0, "use only the first N examples (0: all)")
     cache_dir: str | None = opt(None, "tokenized-data cache (default: train.output_dir/data-cache); must be "
                                       "visible to every rank")
+    allow_changed: bool = opt(False, "resume a checkpoint although the training data's content changed since "
+                                     "(logged); by default that is an error")
 
     def check(self) -> list[str]:
         from qlora_dist.data.formats import FORMATS  # the names only; neither module imports config
@@ -178,9 +180,17 @@ class TrainConfig:
     logging_steps: int = opt(1)
     init_adapter: str | None = opt(None, "a PEFT adapter folder to start from (weights only, fresh optimizer); "
                                          "lora.* keys you did not set take its values, ones you set must match")
+    loss_normalization: str = choice("sequence", ("sequence", "token"),
+                                     "sequence: mean over the global batch's examples of each one's mean loss over "
+                                     "its target tokens (qlora.py's); token: over all its target tokens. Either is "
+                                     "the same whatever the micro batch, accumulation and world size (train/loss.py)")
+    max_nonfinite_steps: int = opt(3, "steps whose loss or gradient norm is NaN/inf are skipped (no update); "
+                                      "after more than this many in a run, it stops with an error")
 
     def check(self) -> list[str]:
         errs = []
+        if not isinstance(self.max_nonfinite_steps, int) or self.max_nonfinite_steps < 0:
+            errs.append(f"train.max_nonfinite_steps: must be >= 0 (got {self.max_nonfinite_steps!r})")
         auto = self.micro_batch_size == "auto"
         if isinstance(self.micro_batch_size, str) and not auto:
             errs.append(f"train.micro_batch_size: a positive integer or 'auto' (got {self.micro_batch_size!r})")
@@ -499,7 +509,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 RESUMABLE_CHANGES = (
     "train.output_dir", "train.max_steps", "train.save_steps", "train.logging_steps", "train.micro_batch_size",
     "train.max_memory_per_gpu", "model.gradient_checkpointing", "eval.", "checkpoint.", "dist.", "preset",
-    "data.cache_dir",
+    "data.cache_dir", "train.max_nonfinite_steps", "data.allow_changed",
 )
 
 

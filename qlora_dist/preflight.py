@@ -198,6 +198,7 @@ def _output(cfg: Config, report: Report, for_train: bool) -> list[str]:
         return [writer_lock.busy_problem(RunPaths.of(cfg), holder)]
     if busy:
         report.warnings.append(writer_lock.busy_problem(RunPaths.of(cfg), holder) + " (`train` would refuse now)")
-    resume = checkpoint.resume_point(RunPaths.of(cfg), cfg)
+    resume, damaged = checkpoint.resume_point(RunPaths.of(cfg), cfg)  # sizes only: the run hashes them
+    report.notes += [f"{ckpt.name} is damaged ({why}): the run will set it aside" for ckpt, why in damaged]
     report.notes.append(f"output {cfg.train.output_dir}: " + (f"continues from {resume.name}" if resume else "new run"))
     return []

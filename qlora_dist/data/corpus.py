@@ -146,6 +146,20 @@ class TokenizedRows:
     def lengths(self) -> list[int]:
         return list(self.table["length"])
 
+    def content_sha256(self) -> str:
+        """sha256 over the rows' tokens and labels, in order: what the run trains on, independent of the
+        data's path and modification time (unlike the cache `fingerprint`, which may key on both: a job
+        that copies its data to node-local scratch on every requeue has the same content here)."""
+        import pyarrow as pa
+
+        h = hashlib.sha256()
+        for batch in self.table.data.to_batches(max_chunksize=65536):
+            for column in ("input_ids", "labels"):
+                lists = batch.column(column)
+                h.update(lists.value_lengths().cast(pa.int64()).to_numpy(zero_copy_only=False).tobytes())
+                h.update(lists.flatten().cast(pa.int64()).to_numpy(zero_copy_only=False).tobytes())
+        return h.hexdigest()
+
 
 def _build_cache(cfg: Config, tokenizer, path: Path) -> None:
     """Write the cache folder atomically: a temporary folder renamed into place when complete."""

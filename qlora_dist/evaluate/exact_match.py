@@ -10,17 +10,19 @@ from qlora_dist.launch import dist
 
 
 def builtin_accuracy(model, tokenizer, items: list[TaskItem], batch_size: int, max_new_tokens: int,
-                     rank: int = 0, world_size: int = 1, synced_gpus: bool = False) -> dict[str, dict]:
+                     rank: int = 0, world_size: int = 1, synced_gpus: bool = False,
+                     check_stop=None) -> dict[str, dict]:
     """{task: {accuracy, correct, n, majority_baseline}} plus 'mean'; identical on every rank.
     Each question is answered by exactly one rank. Under ZeRO-3 every rank must run the same number of
     forward passes (each one gathers parameters collectively), so shorter shards are padded with a
-    repeat whose answer is then dropped."""
+    repeat whose answer is then dropped; the padding also gives every rank the same number of batches,
+    so check_stop (called before each, may raise: see generate_texts) is reached alike on every rank."""
     mine = items[rank::world_size]
     per_rank = -(-len(items) // world_size)
     prompts = [guanaco_turn(i.prompt) for i in mine]
     prompts += prompts[:1] * (per_rank - len(mine)) if prompts else [guanaco_turn(items[0].prompt)] * per_rank
     texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, synced_gpus=synced_gpus,
-                           progress="held-out eval")
+                           progress="held-out eval", check_stop=check_stop)
     local = [(i.task, exact_match(cut_answer(t, first_line=True), i.answer)) for i, t in zip(mine, texts)]
     correct: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)

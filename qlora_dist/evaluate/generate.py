@@ -14,7 +14,7 @@ from qlora_dist.data.prompts import cut_answer, guanaco_conversation, guanaco_in
 from qlora_dist.errors import ConfigError
 from qlora_dist.launch import dist
 from qlora_dist.model import adapter_settings
-from qlora_dist.model.base import load_adapter, load_base, load_tokenizer
+from qlora_dist.model.base import check_adapter, load_adapter, load_base, load_tokenizer
 from qlora_dist.model.builtin import resolve_model_path
 
 
@@ -34,9 +34,11 @@ def _encode_left_padded(tokenizer, texts: list[str], device) -> dict[str, torch.
 @torch.no_grad()
 def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int = 128, batch_size: int = 16,
                    temperature: float = 0.0, top_p: float = 1.0, synced_gpus: bool = False,
-                   progress: str | None = None) -> list[str]:
+                   progress: str | None = None, check_stop=None) -> list[str]:
     """Continuations of already formatted prompts; greedy unless temperature > 0. progress: the label of
-    a progress bar over the batches, on rank 0 only (leave=False: the training step bar stays clean)."""
+    a progress bar over the batches, on rank 0 only (leave=False: the training step bar stays clean).
+    check_stop: called before every batch (on every rank, which must then run equal batch counts); it
+    may raise to end the generation there (a preemption)."""
     from tqdm import tqdm
 
     device = next(p for p in model.parameters()).device
@@ -45,6 +47,8 @@ def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int = 128
     starts = tqdm(range(0, len(texts), batch_size), desc=progress, unit="batch", leave=False,
                   disable=progress is None or not dist.is_main())
     for start in starts:
+        if check_stop:
+            check_stop()
         enc = _encode_left_padded(tokenizer, texts[start:start + batch_size], device)
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, use_cache=True, synced_gpus=synced_gpus,
@@ -59,6 +63,8 @@ def load_for_inference(base: str, adapter: str | None = None, bits: int | None =
     """Base plus an optional PEFT adapter, in eval mode; and its tokenizer. The base is quantized as the
     adapter was trained (its qlora_dist.json, else the recipe's NF4 + double quant); bits, quant_type and
     double_quant override that where not None. compute_dtype: a dtype name or "auto" (by capability)."""
+    if adapter:
+        check_adapter(Path(adapter))  # before the base loads
     path = resolve_model_path(base)
     loading = adapter_settings.base_loading(adapter, bits, quant_type, double_quant, compute_dtype)
     device = dist.device_for(dist.read_env()) if torch.cuda.is_available() else None  # this rank's GPU

@@ -196,10 +196,11 @@ def deal_batches(lengths: list[int], batch_size: int, rank: int, world_size: int
 
 
 def predict(model, tokenizer, questions: list[Question], batch_size: int = 8, rank: int = 0,
-            world_size: int = 1) -> list[tuple[str, float]]:
+            world_size: int = 1, check_stop=None) -> list[tuple[str, float]]:
     """(predicted letter, loss) per question, in question order, on every rank (see deal_batches).
     loss = cross-entropy of the correct letter's token over the whole vocabulary (the original's MMLU
-    loss is the language-model loss of the answer too), one value per question."""
+    loss is the language-model loss of the answer too), one value per question. check_stop: called
+    before every pass on every rank (equal counts: deal_batches); it may raise to end the evaluation."""
     from tqdm import tqdm
 
     _, letter_ids = letter_tokens(tokenizer)
@@ -209,6 +210,8 @@ def predict(model, tokenizer, questions: list[Question], batch_size: int = 8, ra
     passes = deal_batches([len(r) for r in rows], batch_size, rank, world_size)
     # A bar on rank 0 only; every rank runs the same number of passes (deal_batches).
     for batch, keep in tqdm(passes, desc="MMLU", unit="batch", leave=False, disable=rank != 0):
+        if check_stop:
+            check_stop()
         logits = _next_token_logits(model, [rows[i] for i in batch], pad_id)
         if not keep:
             continue  # a padding pass: result dropped
@@ -249,12 +252,12 @@ def summarize(questions: list[Question], predictions: list[tuple[str, float]]) -
 
 
 def evaluate(model, tokenizer, questions: list[Question], batch_size: int = 8, rank: int = 0,
-             world_size: int = 1) -> dict:
-    """The MMLU report of `model` on `questions` (identical on every rank)."""
+             world_size: int = 1, check_stop=None) -> dict:
+    """The MMLU report of `model` on `questions` (identical on every rank); check_stop: see predict."""
     was_training = model.training
     model.eval()
     try:
-        return summarize(questions, predict(model, tokenizer, questions, batch_size, rank, world_size))
+        return summarize(questions, predict(model, tokenizer, questions, batch_size, rank, world_size, check_stop))
     finally:
         model.train(was_training)
 

@@ -79,9 +79,20 @@ def load_adapter(model: torch.nn.Module, adapter_dir: Path, trainable: bool):
     """A base with a saved PEFT adapter on top (its own adapter_config decides r, alpha, targets)."""
     from peft import PeftModel
 
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise ConfigError([f"adapter folder {adapter_dir} has no adapter_config.json (not a PEFT adapter)"])
+    check_adapter(Path(adapter_dir))
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def check_adapter(adapter_dir: Path) -> None:
+    """A PEFT adapter folder whose weights file is whole (header against length): a truncated one is a
+    line naming the file, not a SafetensorError traceback. Cheap: call it before loading a base."""
+    from qlora_dist.model.folder import safetensors_problems
+
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ConfigError([f"adapter folder {adapter_dir} has no adapter_config.json (not a PEFT adapter)"])
+    weights = adapter_dir / "adapter_model.safetensors"
+    if weights.is_file() and (problems := safetensors_problems(weights, "adapter")):
+        raise ConfigError(problems)
 
 
 def prepare_for_training(model: torch.nn.Module, cfg: Config) -> None:
@@ -111,7 +122,12 @@ def use_layerwise(cfg: Config, zero_stage: int) -> bool:
     return cfg.model.loader == "layerwise" or (cfg.model.loader == "auto" and zero_stage == 3)
 
 
-def load_base_layerwise(path: Path, cfg: Config, device=None, ds_config: dict | None = None):
+def loads_layerwise(cfg: Config, zero_stage: int) -> bool:
+    """Whether build_model goes through the layer-wise loader (a `random:` model always does)."""
+    return bool(random_size(cfg.model.path)) or use_layerwise(cfg, zero_stage)
+
+
+def load_base_layerwise(path: Path, cfg: Config, device=None, ds_config: dict | None = None, on_piece=None):
     """The base through our layer-wise loader (partitioned while loading when ds_config is ZeRO-3)."""
     from transformers import AutoConfig
 
@@ -120,7 +136,8 @@ def load_base_layerwise(path: Path, cfg: Config, device=None, ds_config: dict | 
     check_model_folder(path)
     q = cfg.quantization
     return load_layerwise(AutoConfig.from_pretrained(path), SafetensorsSource(path), q.bits, q.quant_type,
-                          q.double_quant, dtype_name(cfg.model.compute_dtype), device, ds_config, cfg.model.attn_implementation)
+                          q.double_quant, dtype_name(cfg.model.compute_dtype), device, ds_config, cfg.model.attn_implementation,
+                          on_piece)
 
 
 def load_base_random(size: str, cfg: Config, device=None, ds_config: dict | None = None, on_piece=None):
@@ -133,16 +150,17 @@ def load_base_random(size: str, cfg: Config, device=None, ds_config: dict | None
                           dtype_name(cfg.model.compute_dtype), device, ds_config, cfg.model.attn_implementation, on_piece)
 
 
-def build_model(cfg: Config, device=None, ds_config: dict | None = None):
-    """Base + LoRA (fresh, or from train.init_adapter) ready for the engine."""
+def build_model(cfg: Config, device=None, ds_config: dict | None = None, on_piece=None):
+    """Base + LoRA (fresh, or from train.init_adapter) ready for the engine. on_piece(name): called on
+    every rank after each piece the layer-wise loader loads (the trainer's stop point; it may raise)."""
     from qlora_dist.train.engine import zero_stage
 
     path = resolve_model_path(cfg.model.path)
     stage = zero_stage(ds_config or {})
     if size := random_size(cfg.model.path):  # no folder: always the layer-wise loader
-        base = load_base_random(size, cfg, device, ds_config if stage == 3 else None)
+        base = load_base_random(size, cfg, device, ds_config if stage == 3 else None, on_piece)
     elif use_layerwise(cfg, stage):
-        base = load_base_layerwise(path, cfg, device, ds_config if stage == 3 else None)
+        base = load_base_layerwise(path, cfg, device, ds_config if stage == 3 else None, on_piece)
     else:
         base = load_base(path, cfg.quantization.bits, cfg.quantization.quant_type, cfg.quantization.double_quant,
                          dtype_name(cfg.model.compute_dtype), cfg.model.attn_implementation, device)

@@ -51,11 +51,12 @@ def chunk_tokens(vocab: int) -> int:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of `hidden @ weight.T` against `labels` (all valid), by chunks of tokens.
-    The weight gets no gradient (frozen), so the hidden states' gradient is made here, in forward."""
+    """Mean cross-entropy of `hidden @ weight.T` against `labels` (all valid), by chunks of tokens, or
+    with `token_weights` (fp32, one per token) the weighted sum. The weight gets no gradient (frozen), so
+    the hidden states' gradient is made here, in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, divisor: float, chunk: int):
+    def forward(ctx, hidden, weight, labels, divisor: float, chunk: int, token_weights=None):
         need_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(hidden) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -63,11 +64,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, y = hidden[start:start + chunk], labels[start:start + chunk]
             logits = (h @ weight.t()).float()
             lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            w = None if token_weights is None else token_weights[start:start + chunk]
+            ce = lse - logits.gather(1, y[:, None]).squeeze(1)
+            total += ce.sum() if w is None else (ce * w).sum()
             if need_grad:
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 probs.scatter_add_(1, y[:, None], torch.full_like(lse[:, None], -1.0))
-                probs.div_(divisor)
+                probs.div_(divisor) if w is None else probs.mul_(w[:, None])
                 grad[start:start + chunk] = probs.to(weight.dtype) @ weight
                 del probs
             del logits
@@ -77,7 +80,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None, None
+        return grad * grad_out.to(grad.dtype), None, None, None, None, None
 
 
 def _gathered(weight: torch.nn.Parameter):
@@ -96,20 +99,43 @@ def _gathered(weight: torch.nn.Parameter):
     return deepspeed.zero.GatheredParameters([weight])
 
 
-def linear_cross_entropy(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor,
-                         num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
-    """transformers' ForCausalLMLoss(lm_head(hidden), labels) without the full logits: labels shifted
-    by one, -100 ignored, mean over the labelled tokens (or sum / num_items_in_batch when given)."""
+def _shift(labels: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Labels (and their weights) one position left, flattened: position t predicts label t + 1."""
     shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
+    if weights is not None:
+        weights = torch.nn.functional.pad(weights, (0, 1))[..., 1:].reshape(-1).float()
+    return shifted, weights
+
+
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum of weight x cross-entropy over the labelled positions, in fp32 as transformers' ForCausalLMLoss;
+    `weights` is shaped like `labels` and belongs to the label (not to the position predicting it)."""
+    shifted, w = _shift(labels, weights)
+    ce = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted,
+                                           ignore_index=IGNORE_INDEX, reduction="none")
+    return (ce * w).sum()
+
+
+def linear_cross_entropy(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor,
+                         num_items_in_batch: int | torch.Tensor | None = None,
+                         loss_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' ForCausalLMLoss(lm_head(hidden), labels) without the full logits: labels shifted
+    by one, -100 ignored, mean over the labelled tokens (or sum / num_items_in_batch when given); with
+    `loss_weights` (shaped like labels) `weighted_cross_entropy` instead."""
+    shifted, weights = _shift(labels, loss_weights)
     keep = (shifted != IGNORE_INDEX).nonzero().squeeze(1)
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
     targets = shifted.index_select(0, keep)
-    if num_items_in_batch is not None:
+    token_weights = None if weights is None else weights.index_select(0, keep)
+    if token_weights is not None:
+        divisor = 1.0
+    elif num_items_in_batch is not None:
         divisor = float(num_items_in_batch)
     else:
         divisor = float(max(keep.numel(), 1))  # transformers gives NaN when nothing is labelled; we give 0
     with _gathered(lm_head.weight):
-        return _LinearCrossEntropy.apply(flat, lm_head.weight, targets, divisor, chunk_tokens(lm_head.out_features))
+        return _LinearCrossEntropy.apply(flat, lm_head.weight, targets, divisor, chunk_tokens(lm_head.out_features),
+                                         token_weights)
 
 
 def supports_fused_loss(causal_lm: torch.nn.Module) -> bool:
@@ -129,8 +155,10 @@ def install_fused_loss(model: torch.nn.Module) -> bool:
         return False
     hf_forward = causal_lm.forward
 
-    def forward(self, *args, labels=None, logits_to_keep=0, num_items_in_batch=None, **kwargs):
+    def forward(self, *args, labels=None, logits_to_keep=0, num_items_in_batch=None, loss_weights=None, **kwargs):
         if labels is None or logits_to_keep or not self._qlora_fused_loss:
+            if loss_weights is not None:  # train/loss.py passes them only to the fused loss
+                raise ValueError("loss_weights needs the fused loss (labels, all logits, fused loss on)")
             if num_items_in_batch is not None:
                 kwargs["num_items_in_batch"] = num_items_in_batch
             return hf_forward(*args, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
@@ -138,7 +166,8 @@ def install_fused_loss(model: torch.nn.Module) -> bool:
 
         kwargs.pop("return_dict", None)
         outputs = self.model(*args, **kwargs)
-        loss = linear_cross_entropy(outputs.last_hidden_state, self.lm_head, labels, num_items_in_batch)
+        loss = linear_cross_entropy(outputs.last_hidden_state, self.lm_head, labels, num_items_in_batch,
+                                    loss_weights)
         return CausalLMOutputWithPast(loss=loss, logits=None)  # training: use_cache is off, no cache
 
     causal_lm.forward = types.MethodType(forward, causal_lm)

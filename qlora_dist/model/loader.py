@@ -117,7 +117,8 @@ def _materialize(piece: torch.nn.Module, prefix: str, source: TensorSource, quan
 def load_layerwise(config, source: TensorSource, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
                    compute_dtype: str = "bfloat16", device=None, ds_config: dict | None = None,
                    attn_implementation: str = "sdpa", on_piece=None):
-    """A LlamaForCausalLM built piece by piece; partitioned as it goes when ds_config is ZeRO-3."""
+    """A LlamaForCausalLM built piece by piece; partitioned as it goes when ds_config is ZeRO-3.
+    on_piece(name): called after each piece, on every rank alike (progress, or a stop point that raises)."""
     import deepspeed
     from transformers import LlamaForCausalLM
 

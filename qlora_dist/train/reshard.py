@@ -7,6 +7,8 @@ not bitsandbytes' (`state1`, `state2`). So here the saved slices are merged back
 tensors with DeepSpeed's own merge routines (the ones `zero_to_fp32` uses for the weights, applied to
 every optimizer state of the same layout), then written into the new partitions through DeepSpeed's
 public `safe_set_full_*` API. Only LoRA parameters are involved: the frozen base is never in these files.
+Every file is read with torch.load(weights_only=True) (compat.safe_torch_load), including inside
+DeepSpeed's merge helpers, which would otherwise unpickle with code.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_dist import compat
 from qlora_dist.launch import dist
 
 
@@ -22,7 +25,7 @@ def _load_optimizer_files(engine_dir: Path) -> tuple[int, int, list[dict]]:
     from deepspeed.utils import zero_to_fp32 as z2f
 
     files = z2f.get_optim_files(str(engine_dir))
-    states = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in files]
+    states = [compat.safe_torch_load(f)["optimizer_state_dict"] for f in files]
     stage = states[0]["zero_stage"]
     world = states[0]["partition_count"]
     world = max(world) if isinstance(world, list) else world
@@ -95,7 +98,8 @@ def merged_lora_state(engine_dir: Path) -> tuple[dict[str, dict[str, torch.Tenso
     from deepspeed.utils import zero_to_fp32 as z2f
 
     stage, world, states = _load_optimizer_files(engine_dir)
-    model_states = z2f.parse_model_states(z2f.get_model_state_files(str(engine_dir)))
+    with compat.weights_only_torch_load():
+        model_states = z2f.parse_model_states(z2f.get_model_state_files(str(engine_dir)))
     keys, scalars = _state_keys(states, stage)
     merged: dict[str, dict[str, torch.Tensor]] = {}
     for key in ["fp32", *keys]:
@@ -140,7 +144,7 @@ def restore(engine, ckpt: Path) -> None:
     base = engine.optimizer.optimizer  # the client optimizer inside ZeRO
     for state in base.state.values():
         state.update({k: v for k, v in scalars.items() if k != BNB_NESTED})
-    model_state = torch.load(z2f.get_model_state_files(str(engine_dir))[0], map_location="cpu", weights_only=False)
+    model_state = compat.safe_torch_load(z2f.get_model_state_files(str(engine_dir))[0])
     if engine.lr_scheduler is not None and model_state.get("lr_scheduler"):
         engine.lr_scheduler.load_state_dict(model_state["lr_scheduler"])
     engine.global_steps = model_state.get("global_steps", engine.global_steps)

@@ -7,6 +7,8 @@ was checked before this by the preflight (qlora_dist/preflight.py) on rank 0.
 """
 from __future__ import annotations
 
+import math
+import signal
 import time
 
 import torch
@@ -15,17 +17,22 @@ from qlora_dist import compat, run_plan
 from qlora_dist.config import Config
 from qlora_dist.data.batches import BatchSchedule, collate
 from qlora_dist.data.corpus import prepare as prepare_corpus
-from qlora_dist.errors import ConfigError
+from qlora_dist.errors import ConfigError, RunFault
 from qlora_dist.evaluate import mmlu
 from qlora_dist.evaluate.exact_match import builtin_accuracy, format_report
 from qlora_dist.launch import dist
 from qlora_dist.model import init_adapter
-from qlora_dist.model.base import build_model, count_parameters, load_tokenizer
+from qlora_dist.model.base import build_model, count_parameters, load_tokenizer, loads_layerwise
 from qlora_dist.paths import RunPaths
 from qlora_dist.train.checkpoint import Checkpointer, Progress
+from qlora_dist.train import loss as objective
 from qlora_dist.train.engine import build_ds_config, initialize, zero_stage
-from qlora_dist.train.preempt import StopRequest
+from qlora_dist.train.preempt import StopRequest, Stopped
 from qlora_dist.train.runlog import RunLog
+
+
+# The LoRA weights' norm this many times its value at the start of a run draws a warning (_watch_weight_norm).
+WEIGHT_GROWTH = 100.0
 
 
 class Trainer:
@@ -33,12 +40,14 @@ class Trainer:
         self.user_cfg = cfg  # as given (`auto` kept): what checkpoints save and resume compares
         self.paths = RunPaths.of(cfg)
         self.step = 0
+        self.nonfinite_steps = 0  # steps skipped in this run for a NaN/inf loss or gradient norm
+        self.start_weight_norm, self.weight_warned = None, False  # see _watch_weight_norm
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
+        self.stop = StopRequest()  # first: a signal during any later phase ends the run cleanly
         self.info = dist.init(self.user_cfg.dist.backend, self.user_cfg.dist.timeout_s)
         self.lock = self._setup_lock()
-        self.stop = StopRequest()
         self.device = dist.device_for(self.info)
         self.plan = self._setup_plan()
         self.checkpointer = Checkpointer(self.paths, self.user_cfg, self.plan.to_json(), self.info.rank,
@@ -55,7 +64,8 @@ class Trainer:
         self.mmlu_questions = self._setup_mmlu()
         self.model = self._setup_model()
         self.engine = self._setup_engine()
-        self.step = self.checkpointer.restore(self.engine)
+        self.step = self.saved_step = self.checkpointer.restore(self.engine)
+        self.stop.immediate = False  # from here on signals wait for a point all ranks agree on
 
     def _setup_lock(self):
         """Rank 0 holds the output folder's writer lock for the whole run (one writer per folder)."""
@@ -89,7 +99,10 @@ class Trainer:
         """Training rows (validated, tokenized, cached by rank 0), held-out items and the batch schedule:
         all before the model, so a data problem costs seconds, not a model load."""
         cfg = self.cfg
+        self.stop.at("data")  # immediate mode: nothing to lose, a signal ends the tokenizing at once
         rows, held_out, report = prepare_corpus(cfg, self.tokenizer, self.info, self.paths.data_cache)
+        # the same rows as the checkpoint's (by content), hashed once on rank 0
+        self.checkpointer.check_data(dist.broadcast_object(rows.content_sha256() if self.info.is_main else None))
         if report:
             self.log.write({"event": "data", **report})
             dist.log(f"{report['summary']}; {report['rows']:,} training rows (cache {report['cache']})")
@@ -109,7 +122,7 @@ class Trainer:
         start = time.perf_counter()
         dist.log(f"loading {self.cfg.model.path} in {self.cfg.quantization.bits} bit"
                  + (", partitioned layer by layer (ZeRO-3)" if self.zero_stage == 3 else "") + " ...")
-        model = build_model(self.cfg, self.device, self.ds)
+        model = self._load_model()
         trainable, total = count_parameters(model)
         dist.log(f"model {self.cfg.model.path} loaded in {time.perf_counter() - start:.1f} s: {trainable:,} trainable LoRA parameters of {total:,}; "
                  f"{self.cfg.quantization.bits}-bit base; ZeRO stage {self.zero_stage}; world size "
@@ -117,7 +130,17 @@ class Trainer:
                  f"{self.ds['gradient_accumulation_steps']} x ranks = global batch {self.ds['train_batch_size']}")
         return model
 
+    def _load_model(self):
+        """The layer-wise loader stops at the first layer all ranks agree on after a signal;
+        from_pretrained is one library call, which a signal ends at once (nothing is lost yet)."""
+        if loads_layerwise(self.cfg, self.zero_stage):
+            with self.stop.deferred():
+                return build_model(self.cfg, self.device, self.ds, on_piece=lambda _: self.stop.point("loading"))
+        self.stop.at("loading")
+        return build_model(self.cfg, self.device, self.ds)
+
     def _setup_engine(self):
+        self.stop.at("engine")
         if "paged" in self.cfg.optim.name and (note := compat.paged_optimizer_note()):
             dist.log(note)
         return initialize(self.cfg, self.model, self.ds)
@@ -129,6 +152,7 @@ class Trainer:
             dist.log(f"{self.paths.root} already completed {cfg.train.max_steps} steps; nothing to do "
                      "(raise train.max_steps to train further)")
             return
+        self.start_weight_norm = math.sqrt(dist.all_reduce_sum([self._weight_sq_share()])[0])
         if self.step == 0 and cfg.eval.at_start:
             self.evaluate("before training")
         while self.step < cfg.train.max_steps:
@@ -142,35 +166,107 @@ class Trainer:
         dist.barrier()  # leave together: rank 0 was still writing the final adapter (see dist.barrier)
 
     def _save_or_stop(self) -> None:
-        """Checkpoint on schedule; on a preemption or time-limit signal (agreed by all ranks, so every
-        rank stops at this same step) make sure of a checkpoint, then hand over to the requeue."""
-        saved = self.step % self.cfg.train.save_steps == 0 or self.step == self.cfg.train.max_steps
-        if saved:
+        """Checkpoint on schedule; then the step's stop point: a preemption or time-limit signal, agreed by
+        all ranks so that every rank stops at this same step, raises Stopped (see `stopped`)."""
+        if self.step % self.cfg.train.save_steps == 0 or self.step == self.cfg.train.max_steps:
             self.save()
-        if signum := self.stop.agreed():
-            if not saved:
-                self.save()
-            self.log.close()
-            self.stop.finish(signum)
+        self.stop.point("train")
+
+    def stopped(self, stop: Stopped) -> None:
+        """Every rank, at the same agreed point: a checkpoint if steps since the last one would be lost
+        (never one mid-setup: the engine is there only once restored), the stop record, the hand-over."""
+        owed = self.step > getattr(self, "saved_step", self.step)
+        if owed:
+            self.save()
+        received = self.stop.received_at  # this rank's: None where only another rank got the signal
+        self.log.write({"event": "stop", "signal": signal.Signals(stop.signum).name, "phase": stop.phase,
+                        "passes": stop.passes, "received_in": received and {"phase": received[0], "passes": received[1]},
+                        "step": self.step, "saved": owed})
+        self.log.close()
+        self.stop.finish(stop.signum, "checkpoint saved" if owed else
+                         f"no steps since checkpoint-{self.step}" if self.step else "nothing to save yet")
 
     def _train_step(self) -> None:
-        """One optimizer step: the engine accumulates over this rank's micro-batches, then steps."""
-        start, losses, tokens = time.perf_counter(), [], 0
+        """One optimizer step: the engine accumulates over this rank's micro-batches, then steps. Each
+        micro-batch backs its share of the step's objective, weighted by the global batch (train/loss.py),
+        so the update and the logged loss are the same whatever the micro batch, accumulation and ranks."""
+        start, losses, tokens, pad = time.perf_counter(), [], 0, self.tokenizer.pad_token_id
+        global_rows = [self.rows[i] for i in self.schedule.global_indices(self.step)]
+        step_objective = objective.StepObjective.of(self.cfg.train.loss_normalization, collate(global_rows, pad))
         for micro in self.schedule.micro_batches(self.step):
             rows = [self.rows[i] for i in micro]
-            batch = {k: v.to(self.device) for k, v in collate(rows, self.tokenizer.pad_token_id).items()}
-            loss = self.engine(**batch).loss
-            self.engine.backward(loss)
+            batch = {k: v.to(self.device) for k, v in collate(rows, pad).items()}
+            share = objective.micro_loss(self.engine, batch, step_objective.weights(batch))
+            losses.append(objective.backward(self.engine, share, self.info.world_size))
             self.engine.step()
-            losses.append(loss.item())
             tokens += sum(len(r.input_ids) for r in rows)  # real tokens, padding excluded
         self.step += 1
-        loss_sum, token_sum = dist.all_reduce_sum([sum(losses) / len(losses), tokens])
-        self.last_loss = loss_sum / self.info.world_size
+        finite = [v for v in losses if math.isfinite(v)]
+        loss_sum, token_sum, bad_losses, weight_sq = dist.all_reduce_sum(
+            [sum(finite), tokens, len(losses) - len(finite), self._weight_sq_share()])
         grad_norm = self.engine.get_global_grad_norm()
-        self.log.step(self.step, self.last_loss, self.engine.get_lr()[0], token_sum, time.perf_counter() - start,
-                      None if grad_norm is None else float(grad_norm),
-                      log_this_step=self.step % self.cfg.train.logging_steps == 0)
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        # fp16 alone: an overflow with finite losses is the dynamic loss scale's (DeepSpeed halves it and skips)
+        nonfinite = bad_losses > 0 or not (self.engine.was_step_applied() or self.engine.fp16_enabled())
+        if not nonfinite:
+            self.last_loss = loss_sum
+            self._watch_weight_norm(math.sqrt(weight_sq))
+        self.log.step(self.step, math.nan if nonfinite else loss_sum, self.engine.get_lr()[0], token_sum,
+                      time.perf_counter() - start, grad_norm,
+                      log_this_step=not nonfinite and self.step % self.cfg.train.logging_steps == 0)
+        if nonfinite:
+            self._skipped_step(int(bad_losses), grad_norm)
+
+    def _skipped_step(self, bad_losses: int, grad_norm: float | None) -> None:
+        """DeepSpeed skipped this step's update for a NaN/inf gradient norm, as it skips an fp16 overflow
+        (a non-finite loss is made one: train/loss.py): weights, optimizer moments and LR schedule stay, the
+        data position and the step count move on. Count it, say so; past train.max_nonfinite_steps stop."""
+        if self.engine.was_step_applied():  # a ZeRO stage without DeepSpeed's overflow check (stage 0)
+            raise RunFault(f"step {self.step}: the loss was NaN/inf on {bad_losses} micro-batch(es) and ZeRO stage "
+                           f"{self.zero_stage} applied the update anyway; stopped before saving it; "
+                           f"{self._last_good_checkpoint()}")
+        self.nonfinite_steps += 1
+        limit = self.cfg.train.max_nonfinite_steps
+        self.log.write({"event": "nonfinite", "step": self.step, "nonfinite_losses": bad_losses,
+                        "grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
+                        "skipped": self.nonfinite_steps, "max_nonfinite_steps": limit})
+        what = f"a NaN/inf loss in {bad_losses} micro-batch(es)" if bad_losses else f"gradient norm {grad_norm}"
+        self.log.note(f"step {self.step}: {what}: update skipped ({self.nonfinite_steps} so far, "
+                      f"train.max_nonfinite_steps={limit})")
+        if self.nonfinite_steps > limit:
+            raise RunFault(f"step {self.step}: {self.nonfinite_steps} steps with a NaN/inf loss or gradient norm, more "
+                           f"than train.max_nonfinite_steps={limit}; stopped without saving; "
+                           f"{self._last_good_checkpoint()} (lower optim.lr or set optim.max_grad_norm)")
+
+    def _weight_sq_share(self) -> float:
+        """This rank's share of the squared norm of the trainable (LoRA) weights, so that the sum over the
+        ranks is the whole: ZeRO-3 holds a partition of each (ds_tensor), other stages all of it on every rank."""
+        params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        if not params:
+            return 0.0
+        partitioned = hasattr(params[0], "ds_tensor")
+        parts = [(p.ds_tensor if partitioned else p.detach()).double().pow(2).sum() for p in params]
+        return torch.stack(parts).sum().item() / (1 if partitioned else self.info.world_size)
+
+    def _watch_weight_norm(self, norm: float) -> None:
+        """Warn once when the LoRA weights' norm is WEIGHT_GROWTH times what it was when the run started: a
+        sane LR moves it a few fold in a whole run; optim.lr=1e6 took it to 5e6 while the loss stayed stuck
+        and nothing was said (red-team N1). Finite, so no step is skipped: only the user can tell."""
+        if self.start_weight_norm is None:  # a step outside train() (tests, benchmarks): start here
+            self.start_weight_norm = norm
+        if self.weight_warned or not norm > WEIGHT_GROWTH * max(self.start_weight_norm, 1e-12):
+            return
+        self.weight_warned = True
+        self.log.write({"event": "warning", "step": self.step, "weight_norm": norm if math.isfinite(norm) else None,
+                        "start_weight_norm": self.start_weight_norm})
+        self.log.note(f"warning: step {self.step}: the LoRA weights' norm grew from {self.start_weight_norm:.3g} to "
+                      f"{norm:.3g} since the run started (over {WEIGHT_GROWTH:g}x): the updates are exploding; lower "
+                      f"optim.lr (now {self.cfg.optim.lr:g}) or set optim.max_grad_norm")
+
+    def _last_good_checkpoint(self) -> str:
+        newest_good = getattr(self.checkpointer, "newest_good", None)  # manifest verified, tensors finite
+        found = newest_good() if newest_good else next(iter(self.checkpointer.paths.checkpoints()[-1:]), None)
+        return f"last good checkpoint: {found}" if found else "no checkpoint saved yet"
 
     # --------------------------------------------------------------------------------------- evaluate
     def evaluate(self, when: str) -> dict | None:
@@ -179,7 +275,7 @@ class Trainer:
         self.engine.eval()
         report = builtin_accuracy(self.engine.module, self.tokenizer, self.held_out, self.cfg.eval.batch_size,
                                   self.cfg.eval.max_new_tokens, self.info.rank, self.info.world_size,
-                                  synced_gpus=self.zero_stage == 3)
+                                  synced_gpus=self.zero_stage == 3, check_stop=lambda: self.stop.point("evaluate"))
         compat.engine_train_mode(self.engine)
         self.log.write({"event": "eval", "step": self.step, "when": when, "builtin": report})
         self.log.note(format_report(report, f"held-out exact match, {when} (step {self.step}):"))
@@ -191,7 +287,7 @@ class Trainer:
             return None
         self.engine.eval()
         report = mmlu.evaluate(self.engine.module, self.tokenizer, self.mmlu_questions, self.cfg.eval.mmlu_batch_size,
-                               self.info.rank, self.info.world_size)
+                               self.info.rank, self.info.world_size, check_stop=lambda: self.stop.point("mmlu"))
         compat.engine_train_mode(self.engine)
         self.log.write({"event": "mmlu", "step": self.step, "when": when, "mmlu": report})
         self.log.note(mmlu.format_report(report, f"MMLU, {when} (step {self.step}):", per_subject=False))
@@ -199,11 +295,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- save
     def save(self):
+        self.stop.at("save")  # a signal from here to the end of the save is only recorded
         progress = Progress(step=self.step, samples_seen=self.step * self.cfg.train.global_batch_size,
                             epoch=self.schedule.epoch_of(self.step), seed=self.cfg.train.seed,
                             world_size=self.info.world_size, global_batch_size=self.cfg.train.global_batch_size,
                             zero_stage=self.zero_stage, loss=getattr(self, "last_loss", None))
         path = self.checkpointer.save(self.engine, progress, self.zero_stage)
+        self.saved_step = self.step
         self.log.note(f"saved {path}")
         return path
 
@@ -245,6 +343,8 @@ def run(cfg: Config) -> None:
     try:
         trainer.setup()
         trainer.train()
+    except Stopped as stop:
+        trainer.stopped(stop)  # exits: 128 + the signal number
     finally:
         trainer.cleanup()
 
