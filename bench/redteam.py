@@ -264,9 +264,10 @@ def _damage_newest(b, name: str, damage) -> Path:
 @case("K1", "kill -9 mid-run, rerun")
 def _(b):
     out = b.folder("k1")
-    run = train(out, "train.max_steps=4", "train.save_steps=2", "checkpoint.keep_last=0",
-                env={"QLORA_DIST_TEST_CRASH_IN_SAVE_AT_STEP": "4"})
-    return _resume_equal(b, out)
+    killed = train(out, "train.max_steps=4", "train.save_steps=2", "checkpoint.keep_last=0",
+                   env={"QLORA_DIST_TEST_CRASH_IN_SAVE_AT_STEP": "4"})
+    text, verdict = _resume_equal(b, out)
+    return f"killed in the step-4 save (rc {killed.rc}); rerun {text}", verdict
 
 
 def _truncate(path: Path) -> None:
@@ -318,7 +319,7 @@ def _plant_nan(obj) -> bool:
     import torch
 
     if isinstance(obj, torch.Tensor) and obj.is_floating_point() and obj.numel():
-        obj.view(-1)[0] = float("nan")
+        obj.data.view(-1)[0] = float("nan")  # .data: saved masters may be leaves that require grad
         return True
     if isinstance(obj, dict):
         return any(_plant_nan(v) for k, v in obj.items() if "fp32" in str(k) or "single_partition" in str(k)
@@ -406,10 +407,11 @@ def _(b):
     data.write_text(json.dumps(rows))
     args = (f"data.dataset={data}", "train.max_steps=4", "train.save_steps=2")
     out = b.folder("k14")
-    first = train(out, *args, env={"QLORA_DIST_TEST_CRASH_IN_SAVE_AT_STEP": "4"})
-    rows[0]["output"] = rows[0]["output"] + " (edited)"
+    killed = train(out, *args, env={"QLORA_DIST_TEST_CRASH_IN_SAVE_AT_STEP": "4"})
+    rows[0]["output"] = "(edited) " + rows[0]["output"]  # at the start: the end may be cut by target_max_len
     data.write_text(json.dumps(rows))
-    return input_error(train(out, *args), "data")
+    text, verdict = input_error(train(out, *args), "data")
+    return f"first run killed at step 4 (rc {killed.rc}); rerun on edited data: {text}", verdict
 
 
 # ------------------------------------------------------------------------------------------ signals
@@ -509,11 +511,12 @@ def _(b):
 
 
 # ------------------------------------------------------------------------------------------ disk
-@case("D1", "disk full while saving (4 MB tmpfs)")
+@case("D1", "disk full while saving (1 MB tmpfs)")
 def _(b):
     mnt = b.folder("d1")
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+    # 1 MB: the data cache and the first checkpoint (~0.4 MB) fit, the second does not
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
         return "cannot mount a tmpfs here", "SKIP"
     try:
         run = train(mnt / "run", "train.max_steps=6", "train.save_steps=2")
@@ -560,16 +563,34 @@ def _(b):
 def _(b):
     marker = b.folder("x1-code-ran")
 
-    def damage(ck):
-        import pickle
-
-        class Payload:
-            def __reduce__(self):
-                return (os.system, (f"touch {marker}",))
+    def damage(ck):  # the newest files are safetensors (never unpickled); plant the legacy name too
         for f in (ck / "rng").iterdir():
-            f.write_bytes(pickle.dumps(Payload()))
-        (ck / "rng" / "rank-0.pt").write_bytes(pickle.dumps(Payload()))
+            f.unlink()
+        (ck / "rng" / "rank-0.pt").write_bytes(_payload(marker))
     out = _damage_newest(b, "x1", damage)
+    run = train(out, "train.max_steps=4", "train.save_steps=2", "checkpoint.keep_last=0")
+    ran = marker.exists()
+    return f"rc {run.rc}, code ran {ran}: {run.first_error()}", "BAD" if ran else "OK" if not run.traceback else "POOR"
+
+
+def _payload(marker: Path) -> bytes:
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    return pickle.dumps(Payload())
+
+
+@case("X1b", "crafted DeepSpeed engine file (model states) with its manifest entry rewritten to match")
+def _(b):
+    marker = b.folder("x1b-code-ran")
+
+    def damage(ck):
+        for f in (ck / "engine").glob("*model_states.pt"):
+            f.write_bytes(_payload(marker))
+            _refresh_manifest(ck, f)
+    out = _damage_newest(b, "x1b", damage)
     run = train(out, "train.max_steps=4", "train.save_steps=2", "checkpoint.keep_last=0")
     ran = marker.exists()
     return f"rc {run.rc}, code ran {ran}: {run.first_error()}", "BAD" if ran else "OK" if not run.traceback else "POOR"

@@ -371,13 +371,18 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         ns.func(ns)
+        code = 0
     except ConfigError as exc:
         _report(exc)
-        return 2
+        code = 2
     except RunFault as exc:
         _report_fault(exc)
-        return RunFault.EXIT_CODE
-    return 0
+        code = RunFault.EXIT_CODE
+    except SystemExit as exc:  # a stop after a signal (train/preempt.py): 128 + its number
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    from qlora_dist.launch import dist
+
+    return dist.leave(code)
 
 
 def _report(exc: ConfigError) -> None:

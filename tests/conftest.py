@@ -18,6 +18,9 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 os.environ.setdefault("HF_DATASETS_CACHE", str(REPO / ".cache" / "hf_datasets"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A rank that aborts (SIGABRT, e.g. a C++ std::terminate at exit) prints where Python was: inside a call, or
+# "<no Python frame>" during interpreter finalization.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 # Small, fast settings for the tiny random LLaMA; tests add their own on top.
 TINY = ["model.path=tiny-llama", "lora.r=8", "lora.alpha=16", "lora.dropout=0.1", "optim.lr=3e-3",

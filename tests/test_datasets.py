@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SHARED_DATA, run_cli
+from conftest import REPO, SHARED_DATA, read_metrics, run_cli
 from qlora_dist.config import load_config
 from qlora_dist.data.batches import IGNORE_INDEX, BatchSchedule, collate, pack, padding_fraction, tokenize_all
 from qlora_dist.data.corpus import cached_rows, fingerprint, read_examples, tokenize_examples
@@ -355,19 +355,20 @@ def test_preview_prints_mapped_rows_token_counts_and_skips(tmp_path):
 def test_a_few_steps_on_each_real_sample_give_finite_losses(tmp_path):
     import subprocess
 
-    samples = [f"{name}={SHARED_DATA / p}" for name, p in [
+    samples = [f"{name}:data.dataset={SHARED_DATA / p}" for name, p in [
         ("alpaca", "alpaca/alpaca_tiny.json"), ("hh-rlhf", "hh-rlhf/harmless-base/test.jsonl.gz"),
         ("self-instruct-seed", "self_instruct/seed_tasks.jsonl"),
         ("self-instruct-user", "self_instruct/user_oriented_instructions.jsonl"),
         ("longform", "longform/longform_train.json"), ("oasst-questions", "oasst_guanaco/oa_questions.jsonl")]]
-    samples.append(f"flan-cot={SHARED_DATA / 'flan_v2/qasc_train.tsv'}@flan-cot")
+    samples.append(f"flan-cot:data.dataset={SHARED_DATA / 'flan_v2/qasc_train.tsv'},data.format=flan-cot")
     settings = ["model.path=tiny-llama", "lora.r=8", "train.global_batch_size=4", "train.micro_batch_size=2",
                 "train.max_steps=3", "train.save_steps=3", "eval.at_end=false", "data.source_max_len=96",
                 "data.target_max_len=96", "data.max_examples=48", "data.packing=true"]
-    proc = subprocess.run([sys.executable, str(REPO / "tests/workers/train_samples.py"), str(tmp_path), *samples,
+    proc = subprocess.run([sys.executable, str(REPO / "tests/workers/train_cases.py"), str(tmp_path), *samples,
                            "--", *settings], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    losses = json.loads((tmp_path / "losses.json").read_text())
+    losses = {name: [r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r]
+              for name in (s.partition(":")[0] for s in samples)}
     print({k: [round(x, 3) for x in v] for k, v in losses.items()})
     assert len(losses) == 7
     for name, curve in losses.items():
@@ -377,7 +378,7 @@ def test_a_few_steps_on_each_real_sample_give_finite_losses(tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_share_one_cache_built_by_rank_zero(tmp_path):
-    from conftest import read_metrics, run_torchrun
+    from conftest import run_torchrun
 
     path, _ = corrupted_file(tmp_path / "alpaca_bad.jsonl")
     out = tmp_path / "run"

@@ -225,6 +225,10 @@ def test_bad_mmlu_input_names_file_and_line(tmp_path, capsys):
 
     assert main(["eval", "mmlu", "--base", "tiny-llama", "--data", str(bad_json)]) == 2
     assert f"{bad_json}:2" in capsys.readouterr().err
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\xee\x00\xff" * 100)  # red-team G4: was a UnicodeDecodeError traceback
+    assert main(["eval", "mmlu", "--base", "tiny-llama", "--data", str(binary)]) == 2
+    assert f"{binary}: not an MMLU text file (byte 0 is not UTF-8)" in capsys.readouterr().err
 
 
 @pytest.mark.slow

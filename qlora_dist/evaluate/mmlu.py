@@ -15,6 +15,7 @@ tokenizer gives in context (see `letter_tokens`), which is "▁A" for LLaMA-1 ag
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,19 +55,26 @@ def header(subject: str) -> str:
 def _read_csv_rows(path: Path, problems: list[str]) -> list[tuple[int, list[str]]]:
     """(line, row) of a hendrycks CSV: no header; question, four choices, answer letter."""
     rows = []
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        line = 1
-        for row in reader:
-            if len(row) != 6:
-                problems.append(f"{path}:{line}: expected 6 columns (question, choices A-D, answer letter), "
-                                f"got {len(row)}")
-            elif row[5].strip() not in CHOICES:
-                problems.append(f"{path}:{line}: answer {row[5]!r} is not one of A, B, C, D")
-            else:
-                rows.append((line, [*row[:5], row[5].strip()]))
-            line = reader.line_num + 1  # a quoted field may span lines: the next record starts here
+    reader = csv.reader(io.StringIO(_text(path), newline=""))  # as a file opened with newline=""
+    line = 1
+    for row in reader:
+        if len(row) != 6:
+            problems.append(f"{path}:{line}: expected 6 columns (question, choices A-D, answer letter), "
+                            f"got {len(row)}")
+        elif row[5].strip() not in CHOICES:
+            problems.append(f"{path}:{line}: answer {row[5]!r} is not one of A, B, C, D")
+        else:
+            rows.append((line, [*row[:5], row[5].strip()]))
+        line = reader.line_num + 1  # a quoted field may span lines: the next record starts here
     return rows
+
+
+def _text(path: Path) -> str:
+    """The file's text; a binary or otherwise non-UTF-8 file is an error naming it, not a traceback."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not an MMLU text file (byte {exc.start} is not UTF-8)"]) from None
 
 
 def _read_csv_layout(folder: Path, shots: int, split: str) -> list[Question]:
@@ -98,7 +106,7 @@ def _read_csv_layout(folder: Path, shots: int, split: str) -> list[Question]:
 def _read_jsonl(path: Path) -> list[Question]:
     """qlora's data/mmlu/*.json: one {subject, input, output} object per line (JSON lines despite the name)."""
     problems, questions = [], []
-    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for line, text in enumerate(_text(path).splitlines(), 1):
         if not text.strip():
             continue
         where = f"{path}:{line}"

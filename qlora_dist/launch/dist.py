@@ -140,7 +140,20 @@ def init(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
             log(f"building DeepSpeed's CPU communication op once (~40 s, cached in {folder})")
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                    verbose=False)
+    global _ONE_OF_SEVERAL
+    _ONE_OF_SEVERAL = _ONE_OF_SEVERAL or info.world_size > 1
     return info
+
+
+_ONE_OF_SEVERAL = False  # this process joined a group of several ranks (see leave)
+
+
+def leave(code: int) -> int:
+    """How a process ends: `code` back to the caller, except for a process that was one of several ranks,
+    which exits here without the interpreter's finalization (compat.exit_without_finalization says why)."""
+    if _ONE_OF_SEVERAL:
+        compat.exit_without_finalization(code)
+    return code
 
 
 def _share_cpu_cores(info: DistInfo) -> None:

@@ -83,3 +83,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    dist.leave(0)  # see compat.exit_without_finalization

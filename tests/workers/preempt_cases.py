@@ -72,3 +72,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    from qlora_dist.launch import dist
+
+    dist.leave(0)  # see compat.exit_without_finalization
