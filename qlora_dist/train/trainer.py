@@ -17,7 +17,7 @@ from qlora_dist import compat, run_plan
 from qlora_dist.config import Config
 from qlora_dist.data.batches import BatchSchedule, collate
 from qlora_dist.data.corpus import prepare as prepare_corpus
-from qlora_dist.errors import ConfigError, RunFault
+from qlora_dist.errors import ConfigError
 from qlora_dist.evaluate import mmlu
 from qlora_dist.evaluate.exact_match import builtin_accuracy, format_report
 from qlora_dist.launch import dist
@@ -26,13 +26,11 @@ from qlora_dist.model.base import build_model, count_parameters, load_tokenizer,
 from qlora_dist.paths import RunPaths
 from qlora_dist.train.checkpoint import Checkpointer, Progress
 from qlora_dist.train import loss as objective
+from qlora_dist.train.guard import StepGuard
 from qlora_dist.train.engine import build_ds_config, initialize, zero_stage
 from qlora_dist.train.preempt import StopRequest, Stopped
 from qlora_dist.train.runlog import RunLog
 
-
-# The LoRA weights' norm this many times its value at the start of a run draws a warning (_watch_weight_norm).
-WEIGHT_GROWTH = 100.0
 
 
 class Trainer:
@@ -40,8 +38,6 @@ class Trainer:
         self.user_cfg = cfg  # as given (`auto` kept): what checkpoints save and resume compares
         self.paths = RunPaths.of(cfg)
         self.step = 0
-        self.nonfinite_steps = 0  # steps skipped in this run for a NaN/inf loss or gradient norm
-        self.start_weight_norm, self.weight_warned = None, False  # see _watch_weight_norm
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -64,6 +60,7 @@ class Trainer:
         self.mmlu_questions = self._setup_mmlu()
         self.model = self._setup_model()
         self.engine = self._setup_engine()
+        self.guard = StepGuard(self.cfg, self.log, self.info.world_size, self.checkpointer.newest_good)
         self.step = self.saved_step = self.checkpointer.restore(self.engine)
         self.stop.immediate = False  # from here on signals wait for a point all ranks agree on
 
@@ -152,7 +149,7 @@ class Trainer:
             dist.log(f"{self.paths.root} already completed {cfg.train.max_steps} steps; nothing to do "
                      "(raise train.max_steps to train further)")
             return
-        self.start_weight_norm = math.sqrt(dist.all_reduce_sum([self._weight_sq_share()])[0])
+        self.guard.start(self.engine)
         if self.step == 0 and cfg.eval.at_start:
             self.evaluate("before training")
         while self.step < cfg.train.max_steps:
@@ -203,70 +200,18 @@ class Trainer:
         self.step += 1
         finite = [v for v in losses if math.isfinite(v)]
         loss_sum, token_sum, bad_losses, weight_sq = dist.all_reduce_sum(
-            [sum(finite), tokens, len(losses) - len(finite), self._weight_sq_share()])
+            [sum(finite), tokens, len(losses) - len(finite), self.guard.weight_sq_share(self.engine)])
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = None if grad_norm is None else float(grad_norm)
-        # fp16 alone: an overflow with finite losses is the dynamic loss scale's (DeepSpeed halves it and skips)
-        nonfinite = bad_losses > 0 or not (self.engine.was_step_applied() or self.engine.fp16_enabled())
+        nonfinite = self.guard.nonfinite(self.engine, bad_losses)
         if not nonfinite:
             self.last_loss = loss_sum
-            self._watch_weight_norm(math.sqrt(weight_sq))
+            self.guard.watch(self.step, math.sqrt(weight_sq))
         self.log.step(self.step, math.nan if nonfinite else loss_sum, self.engine.get_lr()[0], token_sum,
                       time.perf_counter() - start, grad_norm,
                       log_this_step=not nonfinite and self.step % self.cfg.train.logging_steps == 0)
         if nonfinite:
-            self._skipped_step(int(bad_losses), grad_norm)
-
-    def _skipped_step(self, bad_losses: int, grad_norm: float | None) -> None:
-        """DeepSpeed skipped this step's update for a NaN/inf gradient norm, as it skips an fp16 overflow
-        (a non-finite loss is made one: train/loss.py): weights, optimizer moments and LR schedule stay, the
-        data position and the step count move on. Count it, say so; past train.max_nonfinite_steps stop."""
-        if self.engine.was_step_applied():  # a ZeRO stage without DeepSpeed's overflow check (stage 0)
-            raise RunFault(f"step {self.step}: the loss was NaN/inf on {bad_losses} micro-batch(es) and ZeRO stage "
-                           f"{self.zero_stage} applied the update anyway; stopped before saving it; "
-                           f"{self._last_good_checkpoint()}")
-        self.nonfinite_steps += 1
-        limit = self.cfg.train.max_nonfinite_steps
-        self.log.write({"event": "nonfinite", "step": self.step, "nonfinite_losses": bad_losses,
-                        "grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
-                        "skipped": self.nonfinite_steps, "max_nonfinite_steps": limit})
-        what = f"a NaN/inf loss in {bad_losses} micro-batch(es)" if bad_losses else f"gradient norm {grad_norm}"
-        self.log.note(f"step {self.step}: {what}: update skipped ({self.nonfinite_steps} so far, "
-                      f"train.max_nonfinite_steps={limit})")
-        if self.nonfinite_steps > limit:
-            raise RunFault(f"step {self.step}: {self.nonfinite_steps} steps with a NaN/inf loss or gradient norm, more "
-                           f"than train.max_nonfinite_steps={limit}; stopped without saving; "
-                           f"{self._last_good_checkpoint()} (lower optim.lr or set optim.max_grad_norm)")
-
-    def _weight_sq_share(self) -> float:
-        """This rank's share of the squared norm of the trainable (LoRA) weights, so that the sum over the
-        ranks is the whole: ZeRO-3 holds a partition of each (ds_tensor), other stages all of it on every rank."""
-        params = [p for p in self.engine.module.parameters() if p.requires_grad]
-        if not params:
-            return 0.0
-        partitioned = hasattr(params[0], "ds_tensor")
-        parts = [(p.ds_tensor if partitioned else p.detach()).double().pow(2).sum() for p in params]
-        return torch.stack(parts).sum().item() / (1 if partitioned else self.info.world_size)
-
-    def _watch_weight_norm(self, norm: float) -> None:
-        """Warn once when the LoRA weights' norm is WEIGHT_GROWTH times what it was when the run started: a
-        sane LR moves it a few fold in a whole run; optim.lr=1e6 took it to 5e6 while the loss stayed stuck
-        and nothing was said (red-team N1). Finite, so no step is skipped: only the user can tell."""
-        if self.start_weight_norm is None:  # a step outside train() (tests, benchmarks): start here
-            self.start_weight_norm = norm
-        if self.weight_warned or not norm > WEIGHT_GROWTH * max(self.start_weight_norm, 1e-12):
-            return
-        self.weight_warned = True
-        self.log.write({"event": "warning", "step": self.step, "weight_norm": norm if math.isfinite(norm) else None,
-                        "start_weight_norm": self.start_weight_norm})
-        self.log.note(f"warning: step {self.step}: the LoRA weights' norm grew from {self.start_weight_norm:.3g} to "
-                      f"{norm:.3g} since the run started (over {WEIGHT_GROWTH:g}x): the updates are exploding; lower "
-                      f"optim.lr (now {self.cfg.optim.lr:g}) or set optim.max_grad_norm")
-
-    def _last_good_checkpoint(self) -> str:
-        newest_good = getattr(self.checkpointer, "newest_good", None)  # manifest verified, tensors finite
-        found = newest_good() if newest_good else next(iter(self.checkpointer.paths.checkpoints()[-1:]), None)
-        return f"last good checkpoint: {found}" if found else "no checkpoint saved yet"
+            self.guard.skip(self.engine, self.step, int(bad_losses), grad_norm, self.zero_stage)
 
     # --------------------------------------------------------------------------------------- evaluate
     def evaluate(self, when: str) -> dict | None:
