@@ -318,3 +318,17 @@ def test_verify_command_verdicts_and_exit_codes(trained, tmp_path, capsys):
     assert lines[1].startswith(f"checkpoint-4: non-finite: {OPTIM}:optimizer_state_dict.single_partition_of_fp32")
     assert lines[2].startswith("adapter_model: damaged: ") and "differs from checkpoint-4" in lines[2]
     assert main(["verify", str(tmp_path / "nothing")]) == 2
+
+
+def test_a_key_newer_than_the_checkpoint_is_named_as_such():
+    """A checkpoint of an older qlora-dist lacks train.loss_normalization (its loss was a mean per
+    micro-batch): resuming it is refused, and the message says why rather than 'checkpoint has None'."""
+    from qlora_dist.config import load_config
+    from qlora_dist.train.checkpoint import config_differences
+
+    cfg = load_config(overrides=list(TINY))
+    saved = cfg.to_dict()
+    del saved["train"]["loss_normalization"]
+    assert config_differences(saved, cfg) == [
+        "train.loss_normalization: not in the checkpoint (saved by a qlora-dist before the key existed), "
+        "this run has 'sequence'"]

@@ -39,6 +39,9 @@ def test_schedules_map_to_deepspeed_schedulers():
     assert build_ds_config(cfg, 1)["scheduler"]["type"] == "WarmupCosineLR"
     cfg.optim.scheduler = "constant"
     assert build_ds_config(cfg, 1)["scheduler"]["type"] == "WarmupLR"
+    for schedule in ("linear", "cosine"):  # DeepSpeed's refuse 0 warm-up steps: said before loading
+        with pytest.raises(ConfigError, match=f"optim.warmup_steps: the {schedule} schedule needs at least 1"):
+            load_config(overrides=[f"optim.scheduler={schedule}", "optim.warmup_steps=0"])
 
 
 def test_a_contradicting_json_value_names_both_values(tmp_path):

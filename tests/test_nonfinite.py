@@ -72,6 +72,24 @@ def test_nan_loss_stops_the_run_with_a_message_and_no_nan_checkpoint(n2_run):
     assert "the LoRA weights' norm grew" in proc.stderr
 
 
+def test_the_count_of_skipped_steps_survives_a_requeue(n2_run, tmp_path):
+    """The skipped step is in the checkpoint's progress record; the same command run again (a requeue)
+    resumes there with that count, so one more NaN step is past the limit at once."""
+    import json
+    import shutil
+
+    out, _, skipped = n2_run
+    first = _first_skip(skipped)
+    counts = [json.loads((out / f"checkpoint-{s}" / "progress.json").read_text())["nonfinite_steps"]
+              for s in (first - 1, first)]
+    assert counts == [0, 1]
+    again = tmp_path / "run"
+    shutil.copytree(out, again)
+    proc = run_cli("train", *N2, f"train.output_dir={again}", check=False, timeout=120)
+    assert proc.returncode == 3 and f"step {first + 1}: 2 steps with a NaN/inf" in proc.stderr, proc.stderr[-2000:]
+    assert [r["skipped"] for r in read_metrics(again) if r.get("event") == "nonfinite"] == [1, 2]
+
+
 def test_a_skipped_step_changes_no_weight_optimizer_or_schedule_state(n2_run):
     out, _, skipped = n2_run
     steps = (_first_skip(skipped) - 1, _first_skip(skipped))  # before and after the skipped step

@@ -66,6 +66,7 @@ class Progress:
     loss: float | None = None
     saved_at: float = 0.0
     data_sha256: str | None = None  # content of the training rows (corpus.content_sha256); None: older run
+    nonfinite_steps: int = 0  # steps skipped so far for a NaN/inf (train/guard.py): the limit spans requeues
 
 
 def read_progress(ckpt: Path) -> Progress:
@@ -187,7 +188,9 @@ def _completed_step(paths: RunPaths) -> int:
 def config_differences(saved: dict, cfg: Config, also_resumable: tuple[str, ...] = ()) -> list[str]:
     old, new = flat(saved), flat(cfg.to_dict())
     keys = sorted(set(old) | set(new))
-    return [f"{k}: checkpoint has {old.get(k)!r}, this run has {new.get(k)!r}" for k in keys
+    return [(f"{k}: checkpoint has {old[k]!r}" if k in old else
+             f"{k}: not in the checkpoint (saved by a qlora-dist before the key existed)")
+            + f", this run has {new.get(k)!r}" for k in keys
             if not k.startswith(RESUMABLE_CHANGES + also_resumable) and old.get(k) != new.get(k)]
 
 
@@ -403,14 +406,14 @@ class Checkpointer:
         if changes := environment.changes(self.resume_from / environment.FILE):
             dist.log(f"{self.resume_from.name} was saved with other software or hardware: {changes}")
 
-    def restore(self, engine) -> int:
-        """The step to continue from: the checkpoint's, with engine and RNG restored; 0 for a fresh start."""
+    def restore(self, engine) -> Progress | None:
+        """The progress record to continue from, with engine and RNG restored; None for a fresh start."""
         if self.resume_from is None:
             torch.manual_seed(self.cfg.train.seed + self.rank)  # each rank its own dropout stream
-            return 0
+            return None
         progress = _load(engine, self.resume_from, self.rank, self.world_size)
         dist.log(f"resuming from {self.resume_from} (step {progress.step}, {progress.samples_seen} samples seen)")
-        return progress.step
+        return progress
 
     def save(self, engine, progress: Progress, zero_stage: int) -> Path:
         """Save a complete checkpoint (collective: every rank calls it). Returns its folder. Non-finite

@@ -23,9 +23,9 @@ WEIGHT_GROWTH = 100.0  # a sane LR moves the LoRA weights' norm a few fold in a 
 
 
 class StepGuard:
-    def __init__(self, cfg, log, world_size: int, last_good: Callable[[], Path | None]):
+    def __init__(self, cfg, log, world_size: int, last_good: Callable[[], Path | None], skipped: int = 0):
         self.cfg, self.log, self.world_size, self.last_good = cfg, log, world_size, last_good
-        self.skipped = 0  # steps skipped in this run for a NaN/inf loss or gradient norm
+        self.skipped = skipped  # steps of this run (its checkpoints included) skipped for a NaN/inf
         self.start_norm: float | None = None
         self.warned = False
 

@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from qlora_dist import atomic
 from qlora_dist.launch import dist
 from qlora_dist.paths import RunPaths
 
@@ -44,7 +45,7 @@ class RunLog:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        atomic.write_text(self.path, "".join(line + "\n" for line in kept))  # a signal here must not truncate it
 
     def note(self, message: str) -> None:
         """A message that does not tear the progress bar."""

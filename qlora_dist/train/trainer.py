@@ -60,8 +60,10 @@ class Trainer:
         self.mmlu_questions = self._setup_mmlu()
         self.model = self._setup_model()
         self.engine = self._setup_engine()
-        self.guard = StepGuard(self.cfg, self.log, self.info.world_size, self.checkpointer.newest_good)
-        self.step = self.saved_step = self.checkpointer.restore(self.engine)
+        restored = self.checkpointer.restore(self.engine)
+        self.step = self.saved_step = restored.step if restored else 0
+        self.guard = StepGuard(self.cfg, self.log, self.info.world_size, self.checkpointer.newest_good,
+                               skipped=restored.nonfinite_steps if restored else 0)
         self.stop.immediate = False  # from here on signals wait for a point all ranks agree on
 
     def _setup_lock(self):
@@ -244,7 +246,8 @@ class Trainer:
         progress = Progress(step=self.step, samples_seen=self.step * self.cfg.train.global_batch_size,
                             epoch=self.schedule.epoch_of(self.step), seed=self.cfg.train.seed,
                             world_size=self.info.world_size, global_batch_size=self.cfg.train.global_batch_size,
-                            zero_stage=self.zero_stage, loss=getattr(self, "last_loss", None))
+                            zero_stage=self.zero_stage, loss=getattr(self, "last_loss", None),
+                            nonfinite_steps=self.guard.skipped)
         path = self.checkpointer.save(self.engine, progress, self.zero_stage)
         self.saved_step = self.step
         self.log.note(f"saved {path}")
