@@ -163,7 +163,7 @@ class OptimConfig:
         for key in ("eps", "weight_decay", "max_grad_norm", "warmup_steps"):
             if getattr(self, key) < 0:
                 errs.append(f"optim.{key}: must be >= 0 (got {getattr(self, key)})")
-        if self.scheduler != "constant" and self.warmup_steps == 0:
+        if self.scheduler in ("linear", "cosine") and self.warmup_steps == 0:
             # deepspeed 0.19.8's WarmupDecayLR and WarmupCosineLR refuse 0 warm-up steps (a ValueError at
             # engine start, after the model has loaded): say it here, before anything is loaded
             errs.append(f"optim.warmup_steps: the {self.scheduler} schedule needs at least 1 warm-up step "
