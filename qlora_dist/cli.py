@@ -396,8 +396,7 @@ def _report(exc: ConfigError) -> None:
 
 
 def _report_fault(exc: RunFault) -> None:
-    import os
+    from qlora_dist.launch import dist
 
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1)
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-    print(f"qlora-dist: {'' if world == 1 else f'rank {rank}: '}error: {exc}", file=sys.stderr)
+    me = dist.launcher_env()  # torchrun's, deepspeed's or srun's description of this rank
+    print(f"qlora-dist: {'' if me.world_size == 1 else f'rank {me.rank}: '}error: {exc}", file=sys.stderr)
