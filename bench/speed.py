@@ -13,7 +13,10 @@ random words cut by tokenization to full rows of `seq` tokens, every token label
 them with qlora-dist's tokenization and batch schedule (data is not what is compared). The base weights
 are the same on both sides: the SmolLM2 folder, or the `random:<size>` weights (layer-wise, seed 0; the
 reference gets them from the same loader, as no 7B/65B files exist here). Tokens/s = tokens of a step /
-the median step time after warm-up; peak memory includes loading on both sides.
+the median step time after warm-up; peak memory includes loading on both sides. MFU: both sides by
+qlora_dist/train/throughput.py (None without a peak, e.g. on CPU). On CPU each side's CPU seconds a step are
+given too: with other jobs on the cores they move far less than wall time. `--time-save` times one save
+(the adapter export, then a whole checkpoint) after our best run.
 
   python bench/speed.py --cpu                                   # SmolLM2-135M on this CPU, a few minutes
   python bench/speed.py --shape 7b,65b --timeout-s 560          # one GPU (carry the .whl wheels)
@@ -56,7 +59,7 @@ def recipe_overrides(shape: str) -> list[str]:
             "model.compute_dtype=bfloat16"]
 
 
-def our_config(shape: str, batch: int, checkpointing: bool, global_batch: int | None = None):
+def our_config(shape: str, batch: int, checkpointing: bool, global_batch: int | None = None, ours=()):
     """The config our runs use, for the planner and for the reference's LR and dropout."""
     from qlora_dist.config import load_config
 
@@ -64,10 +67,10 @@ def our_config(shape: str, batch: int, checkpointing: bool, global_batch: int | 
     overrides = [f"model.path={spec['model']}", f"train.global_batch_size={global_batch or batch}",
                  f"train.micro_batch_size={batch}", f"model.gradient_checkpointing={str(checkpointing).lower()}",
                  f"data.source_max_len={spec['seq'] // 2}", f"data.target_max_len={spec['seq'] - spec['seq'] // 2}"]
-    return load_config(None, spec["preset"], overrides + recipe_overrides(shape))
+    return load_config(None, spec["preset"], overrides + recipe_overrides(shape) + list(ours))
 
 
-def plan_shape(shape: str, on_gpu: bool) -> dict:
+def plan_shape(shape: str, on_gpu: bool, overrides=()) -> dict:
     """Both sides' runs for one shape: the reference at its best batch (checkpointing, as the recipe);
     ours at the planner's best (micro batch, checkpointing) under the cap and at the reference's batch."""
     from qlora_dist import memory
@@ -77,11 +80,12 @@ def plan_shape(shape: str, on_gpu: bool) -> dict:
     ref_batch = spec["ref_batch"]
     same = ref_batch if shape in ("smollm2", "smoke") else 64  # --cpu, --dry-run: one batch for both sides
     mshape = memory.shape_for(our_config(shape, 1, True))
-    chosen = memory.choose_micro_batch(our_config(shape, 1, True, global_batch=same), 1, cap, mshape, on_gpu=on_gpu)
+    chosen = memory.choose_micro_batch(our_config(shape, 1, True, global_batch=same, ours=overrides), 1, cap, mshape,
+                                       on_gpu=on_gpu)  # --ours counts: e.g. dist.ds_config=zero2_offload
 
     def planned(batch: int, ckpt: bool) -> float:
-        return memory.make_plan(memory.setup_from_config(our_config(shape, batch, ckpt), 1, mshape, batch, ckpt,
-                                                         on_gpu=on_gpu)).total / 1e9
+        cfg = our_config(shape, batch, ckpt, ours=overrides)
+        return memory.make_plan(memory.setup_from_config(cfg, 1, mshape, batch, ckpt, on_gpu=on_gpu)).total / 1e9
 
     ours = [{"batch": chosen.micro_batch if chosen else 1, "checkpointing": chosen.checkpointing if chosen else True,
              "role": "best"}]
@@ -154,6 +158,9 @@ def build_reference(shape: str, device, cfg):
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
+    from qlora_dist.model.base import count_parameters
+
+    step.parameters = count_parameters(model)[1]  # for MFU, counted as our Trainer counts them
     return step
 
 
@@ -192,19 +199,25 @@ def run_reference(job: dict) -> dict:
     step = build_reference(job["shape"], device, cfg)
     load_s = time.perf_counter() - t0
     torch.manual_seed(cfg.train.seed)  # the same dropout masks as our Trainer's rank 0
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for i, batch in enumerate(reference_batches(job, cfg, device)):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         losses.append(step(batch))  # .item() waits for the device
+        cpu_times.append(time.process_time() - cpu_start)
         if i >= job["warmup"]:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
+    from qlora_dist.train.throughput import Throughput
+
+    speed = Throughput(step.parameters, 1, "" if device.type == "cpu" else None).of(job["batch"] * job["seq"], median)
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
     return {"step_s": median, "tokens_per_s": job["batch"] * job["seq"] / median, "step_times": times,
-            "losses": losses, "peak_gb": round(peak, 3), "load_s": round(load_s, 1),
+            "losses": losses, "peak_gb": round(peak, 3), "load_s": round(load_s, 1), "mfu": speed["mfu"],
+            "mfu_peak": speed["mfu_peak"], "parameters": step.parameters, "cpu_step_times": cpu_times,
+            "cpu_step_s": statistics.median(cpu_times[job["warmup"]:]),
             "peak_kind": "gpu_peak_gb" if device.type == "cuda" else "rss_peak_gb"}
 
 
@@ -222,7 +235,7 @@ def jobs_for(plan: dict, side: str, ns, warmup: int, steps: int, cpu: bool) -> l
             job["cpu"] = cpu
         else:
             job.update(model=spec["model"], preset=spec["preset"], extra=recipe_overrides(plan["shape"]) + ns.ours,
-                       cap=None if ns.cpu else spec["cap"])
+                       cap=None if ns.cpu else spec["cap"], time_save=ns.time_save and run["role"].startswith("best"))
         jobs.append(job)
     return jobs
 
@@ -255,9 +268,16 @@ def summarize(plan: dict, results: list[dict]) -> dict:
     diffs = None
     if ref and ours_same and ref.get("losses") and ours_same.get("losses"):
         diffs = [abs(a - b) for a, b in zip(ref["losses"], ours_same["losses"])]
+    cpu_ratio = ref["cpu_step_s"] / ours_best["cpu_step_s"] if ref and ours_best and ref.get("cpu_step_s") \
+        and ours_best.get("cpu_step_s") else None  # same tokens a step on CPU (--cpu, --dry-run)
     return {"shape": plan["shape"], "cap": plan["cap"], "ratio_best": ratio(ours_best, ref),
+            "ratio_best_cpu_time": cpu_ratio if ref and ours_best and ref.get("cpu") and ref["batch"] == ours_best["batch"]
+            else None,
             "ratio_same_batch": ratio(ours_same, ref), "loss_abs_diff_per_step": diffs,
             "loss_abs_diff_max": max(diffs) if diffs else None,
+            "mfu_ours_best": (ours_best or {}).get("mfu"), "mfu_reference": (ref or {}).get("mfu"),
+            "save": {k: ours_best[k] for k in ("adapter_export_s", "checkpoint_s", "adapter_bytes", "checkpoint_bytes")
+                     if k in ours_best} if ours_best else {},
             "reference_h100_recipe_md": REFERENCE_H100.get((plan["shape"], plan["ref"][0]["batch"]))}
 
 
@@ -269,7 +289,8 @@ def _row(r: dict) -> str:
         return f"{what} FAILED: {r['error'][-300:]}"
     planned = f" (planned {r['planned_gb']:.1f})" if "planned_gb" in r else ""
     over = "" if r["within_cap"] else " OVER THE CAP"
-    return f"{what} {r['tokens_per_s']:>9,.1f} tok/s  step {r['step_s']:.3f} s  peak {r['peak_gb']:.2f} GB" \
+    mfu = "MFU n/a" if r.get("mfu") is None else f"MFU {100 * r['mfu']:.1f}%"
+    return f"{what} {r['tokens_per_s']:>9,.1f} tok/s  {mfu}  step {r['step_s']:.3f} s  peak {r['peak_gb']:.2f} GB" \
            f"{planned}{over}"
 
 
@@ -299,6 +320,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads a side (default: --cpu 1)")
     parser.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for our side, e.g. model.compile_kernels=true model.fused_lora=false")
+    parser.add_argument("--time-save", action="store_true", help="time one save (adapter export, whole "
+                                                                     "checkpoint) after our best run")
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
     parser.add_argument("--job", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -306,7 +329,8 @@ def parse_args() -> argparse.Namespace:
 
 def write_report(ns, report: dict) -> str:
     variant = "".join(f"_{o.split('.')[-1].replace('=', '-')}" for o in ns.ours)  # e.g. _compile_kernels-true
-    name = f"speed_{'dryrun' if ns.dry_run else report['device']}{variant}_{report['date']}.json"
+    shapes = "" if ns.cpu else "_" + ns.shape.replace(",", "-")  # one file per GPU call: 7b and 65b apart
+    name = f"speed_{'dryrun' if ns.dry_run else report['device']}{shapes}{variant}_{report['date']}.json"
     for folder in filter(None, [ns.out, os.environ.get("OUT")]):
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, name), "w") as f:
@@ -329,11 +353,11 @@ def main() -> None:
     load_start = os.getloadavg()
     if not ns.cpu and not ns.dry_run and not torch.cuda.is_available():
         sys.exit("no CUDA device: use --cpu (SmolLM2 here) or --dry-run (the GPU plan and code path on CPU)")
-    plans = [plan_shape(s, not ns.cpu) for s in (["smollm2"] if ns.cpu else ns.shape.split(","))]
+    plans = [plan_shape(s, not ns.cpu, ns.ours) for s in (["smollm2"] if ns.cpu else ns.shape.split(","))]
     for p in plans:
         print(f"plan {p['shape']} under {p['cap']}: reference {p['ref']}; qlora-dist {p['ours']}", flush=True)
     if ns.dry_run:  # the same code path, on a shape a CPU runs in seconds
-        plans = [plan_shape("smoke", True)]
+        plans = [plan_shape("smoke", True, ns.ours)]
     warmup = ns.warmup if ns.warmup is not None else (1 if ns.cpu or ns.dry_run else 2)
     steps = ns.steps if ns.steps is not None else (1 if ns.dry_run else 3)
     cpu = ns.cpu or ns.dry_run
@@ -355,6 +379,13 @@ def main() -> None:
         loss = "-" if s["loss_abs_diff_max"] is None else f"{s['loss_abs_diff_max']:.4f}"
         print(f"{s['shape']:<8} under {s['cap']}: qlora-dist / reference = {fmt(s['ratio_best'])} at each side's best, "
               f"{fmt(s['ratio_same_batch'])} at the same batch; max |loss difference| over the same steps {loss}")
+        if s["ratio_best_cpu_time"]:
+            print(f"{s['shape']:<8} in CPU seconds a step (one thread a side; less moved by other jobs on the cores): "
+                  f"{fmt(s['ratio_best_cpu_time'])}")
+        if s["save"]:
+            print(f"{s['shape']:<8} one save: adapter export {s['save']['adapter_export_s']} s "
+                  f"({s['save']['adapter_bytes'] / 1e9:.2f} GB), whole checkpoint {s['save']['checkpoint_s']} s "
+                  f"({s['save']['checkpoint_bytes'] / 1e9:.2f} GB)")
     print(f"written: {name}")
 
 

@@ -73,7 +73,14 @@ def figures(metrics: Path, warmup: int, batch: int, seq: int) -> dict:
             "step_s": statistics.median(r["step_s"] for r in measured), "step_times": [r["step_s"] for r in steps],
             "peak_gb": max(r[peak_key] for r in steps), "peak_kind": peak_key, "losses": [r["loss"] for r in steps],
             "tokens_per_step": sorted(tokens), "full_rows": tokens == {batch * seq},
-            "plan": next((r for r in rows if r.get("event") == "plan"), None)}
+            "plan": next((r for r in rows if r.get("event") == "plan"), None), **_mfu(measured)}
+
+
+def _mfu(measured: list[dict]) -> dict:
+    """The trainer's own MFU (train/throughput.py), median over the measured steps; None without a peak."""
+    values = [r["mfu"] for r in measured if r.get("mfu") is not None]
+    return {"mfu": statistics.median(values) if values else None, "mfu_peak": measured[-1].get("mfu_peak"),
+            "tokens_per_s_per_gpu": statistics.median(r["tokens_per_s_per_gpu"] for r in measured)}
 
 
 def run_job(job: dict) -> dict:
@@ -98,12 +105,44 @@ def run_job(job: dict) -> dict:
         trainer.setup()
         setup_s = time.perf_counter() - t0
         after_setup = torch.cuda.memory_allocated() / 1e9 if torch.cuda.is_available() else None
+        cpu_times = time_cpu_steps(trainer)
         trainer.train()
+        saving = time_save(trainer, folder) if job.get("time_save") else {}
     finally:
         trainer.cleanup()
     result = figures(folder / "out" / "metrics.jsonl", job["warmup"], job["batch"], job["seq"])
     shutil.rmtree(folder)  # the final checkpoint: ~11 GB at 65B (LoRA weights and fp32 optimizer states)
-    return {**result, "setup_s": round(setup_s, 1), "allocated_after_setup_gb": after_setup}
+    measured = cpu_times[job["warmup"]:]
+    cpu = {"cpu_step_times": cpu_times, "cpu_step_s": statistics.median(measured) if measured else None}
+    return {**result, **saving, **cpu, "setup_s": round(setup_s, 1), "allocated_after_setup_gb": after_setup}
+
+
+def time_cpu_steps(trainer) -> list[float]:
+    """This process's CPU seconds per training step (filled as the steps run). On cores shared with other
+    jobs a one-thread step's CPU time moves far less with their load than its wall time does."""
+    times, step = [], trainer._train_step
+
+    def timed() -> None:
+        start = time.process_time()
+        step()
+        times.append(time.process_time() - start)
+
+    trainer._train_step = timed  # observes only: the trainer's own step runs unchanged
+    return times
+
+
+def time_save(trainer, folder: Path) -> dict:
+    """The time of one save after training, as the trainer does it: the PEFT adapter export alone, then a
+    whole checkpoint (engine state, RNG, adapter, records, manifest; it replaces the final one)."""
+    from qlora_dist.train.checkpoint import export_adapter, folder_bytes
+
+    start = time.perf_counter()
+    export_adapter(trainer.engine.module, folder / "adapter_probe", trainer.zero_stage)
+    exported = time.perf_counter()
+    path = trainer.save()
+    done = time.perf_counter()
+    return {"adapter_export_s": round(exported - start, 2), "checkpoint_s": round(done - exported, 2),
+            "adapter_bytes": folder_bytes(folder / "adapter_probe"), "checkpoint_bytes": folder_bytes(path)}
 
 
 def launch(job: dict, timeout: float, script: str | None = None) -> dict:

@@ -77,6 +77,10 @@ def _cmd_plan(ns) -> None:
     world, cap = _world_and_cap(ns)
     path, overrides = _split_config_args(ns.args)
     size = (ns.shape or (ns.preset or "").split("-")[0]) or None
+    from qlora_dist.recipe import DATASET_PRESETS
+
+    if ns.preset in DATASET_PRESETS:
+        size = None  # a dataset alone: the size class comes from model.path (recipe.sized_preset)
     if size and not any(o.startswith("model.path=") for o in overrides):
         overrides = [f"model.path=llama-{size}", *overrides]  # the shape alone: no weights are read
     if ns.gpu_memory:
@@ -139,12 +143,14 @@ def _join_ranks():
 
 
 def _cmd_generate(ns) -> None:
-    from qlora_dist.evaluate.generate import answer, load_for_inference
+    from qlora_dist.evaluate.generate import answer, chat_template_of, load_for_inference
     from qlora_dist.launch import dist
+    from qlora_dist.model.base import load_tokenizer
 
+    template = chat_template_of(ns.adapter, ns.chat_template, load_tokenizer(ns.base), ns.base)  # before the model
     if ns.prompt is not None:
         model, tokenizer = load_for_inference(ns.base, ns.adapter, ns.bits, ns.compute_dtype)
-        print(answer(model, tokenizer, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p))
+        print(answer(model, tokenizer, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p, template))
         return
     from pathlib import Path
 
@@ -162,7 +168,7 @@ def _cmd_generate(ns) -> None:
         torch.manual_seed(ns.seed + info.rank)  # sampling only; greedy answers do not depend on it
         model, tokenizer = load_for_inference(ns.base, ns.adapter, ns.bits, ns.compute_dtype)
         answers = answer_questions(model, tokenizer, questions, ns.max_new_tokens, ns.temperature, ns.top_p,
-                                   ns.batch_size, info.rank, info.world_size)
+                                   ns.batch_size, info.rank, info.world_size, template)
         if info.is_main:
             model_id = ns.model_id or Path(ns.adapter or ns.base).name
             write_jsonl(Path(ns.out), answer_records(schema, questions, answers, model_id))
@@ -321,9 +327,11 @@ def _add_data_and_model_commands(sub) -> None:
     p.add_argument("--n", type=int, default=3, help="examples to show")
     p.set_defaults(func=_cmd_data_preview)
 
-    p = sub.add_parser("generate", help="answer a prompt in the Guanaco format")
+    p = sub.add_parser("generate", help="answer a prompt in the Guanaco format (or the adapter's chat template)")
     p.add_argument("--base", required=True, help="HF folder, or smollm2 / tiny-llama")
     p.add_argument("--adapter", help="a PEFT adapter folder, e.g. OUTPUT/adapter_model")
+    p.add_argument("--chat-template", choices=("guanaco", "tokenizer"),
+                   help="prompt format (default: the adapter's data.chat_template, else guanaco)")
     p.add_argument("--bits", type=int, choices=[4, 16], help=bits_help)
     p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="auto", help=dtype_help)
     which = p.add_mutually_exclusive_group(required=True)

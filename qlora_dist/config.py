@@ -46,7 +46,8 @@ def opt(default: Any, help: str = "") -> Any:
 
 @dataclass
 class ModelConfig:
-    path: str | None = opt("smollm2", "local HF LLaMA folder, or 'smollm2' / 'tiny-llama' (built in)")
+    path: str | None = opt("smollm2", "local HF folder of a tested family (README.md), or 'smollm2' / "
+                                      "'tiny-llama' / 'tiny:<family>' (built in)")
     compute_dtype: str = choice("auto", COMPUTE_DTYPES, "auto: bf16 on CUDA and on CPUs with native bf16, fp32 on "
                                                     "other CPUs (qlora_dist/precision.py); NF4 storage is unchanged")
     gradient_checkpointing: bool = opt(True, "recompute activations in backward (saves memory)")
@@ -63,7 +64,8 @@ class ModelConfig:
 
     def check(self) -> list[str]:
         if not self.path:
-            return ["model.path: required: a local Hugging Face LLaMA folder, or 'smollm2' / 'tiny-llama'"]
+            return ["model.path: required: a local Hugging Face model folder (a family of README.md's table), "
+                    "or 'smollm2' / 'tiny-llama' / 'tiny:<family>'"]
         return []
 
 
@@ -96,9 +98,10 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("builtin", "'builtin' (checkable built-in tasks), a dataset name (alpaca, alpaca-clean, "
+    dataset: Any = opt("builtin", "'builtin' (checkable built-in tasks), a dataset name (alpaca, alpaca-clean, "
                                   "chip2, hh-rlhf, unnatural-instructions, longform, self-instruct, flan-v2, "
-                                  "oasst1: read from the HF datasets cache), or a local file or folder")
+                                  "oasst1: read from the HF datasets cache), a local file or folder, or a list of "
+                                  "them (a mixture: each item a name/path or {path, format, weight}; see entries)")
     format: str | None = opt(None, "how to map records to source/target; default: from the name or columns")
     tasks: list[str] = opt(["sort_digits", "add", "uppercase"], "built-in tasks to train on")
     num_train: int = opt(1200, "built-in tasks: training examples per task")
@@ -106,22 +109,29 @@ class DataConfig:
     source_max_len: int = opt(384, "tokens kept of the source (prompt)")
     target_max_len: int = opt(128, "tokens kept of the target (answer)")
     train_on_source: bool = opt(False, "also train on the source tokens")
+    chat_template: str = choice("guanaco", ("guanaco", "tokenizer"),
+                                "chat data (formats messages, sharegpt): guanaco ('### Human: ... ### Assistant:', "
+                                "the seed's) or tokenizer (the model's own chat template); a conversation keeps "
+                                "the whole turns that fit in source_max_len + target_max_len tokens")
     group_by_length: bool = opt(False, "micro-batches of similar lengths (less padding)")
     packing: bool = opt(False, "several examples per sequence, no attention across them")
     pack_length: int = opt(0, "tokens per packed sequence (0: source_max_len + target_max_len)")
     strict: bool = opt(False, "stop at the first bad row (naming file, line, field) instead of skipping it")
     max_row_chars: int = opt(200_000, "rows longer than this (source + target characters) are bad rows")
-    max_examples: int = opt(0, "use only the first N examples (0: all)")
+    max_examples: int = opt(0, "use only the first N examples (of each dataset of a mixture; 0: all)")
     cache_dir: str | None = opt(None, "tokenized-data cache (default: train.output_dir/data-cache); must be "
                                       "visible to every rank")
     allow_changed: bool = opt(False, "resume a checkpoint although the training data's content changed since "
                                      "(logged); by default that is an error")
+    eval_size: int = opt(0, "validation loss on this many tokenized training rows, held out by train.seed "
+                            "(qlora.py's eval_dataset_size; 0: none)")
+    eval_dataset: str | None = opt(None, "validation loss on this file or dataset instead, prepared like data.dataset")
 
     def check(self) -> list[str]:
         from qlora_dist.data.formats import FORMATS  # the names only; neither module imports config
         from qlora_dist.data.tasks import TASKS
 
-        errs = []
+        errs = self._dataset_problems()
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             errs.append(f"data.tasks: unknown task(s) {unknown}; available: {sorted(TASKS)}")
@@ -130,16 +140,58 @@ class DataConfig:
         for key in ("num_train", "num_eval", "source_max_len", "target_max_len", "max_row_chars"):
             if getattr(self, key) <= 0:
                 errs.append(f"data.{key}: must be > 0 (got {getattr(self, key)})")
-        for key in ("pack_length", "max_examples"):
+        for key in ("pack_length", "max_examples", "eval_size"):
             if getattr(self, key) < 0:
                 errs.append(f"data.{key}: must be >= 0 (got {getattr(self, key)})")
         if self.pack_length and self.pack_length < self.source_max_len + self.target_max_len:
             errs.append(f"data.pack_length: {self.pack_length} is shorter than one example can be "
                         f"(source_max_len + target_max_len = {self.source_max_len + self.target_max_len})")
+        if self.eval_size and self.eval_dataset:
+            errs.append("data.eval_size: set it or data.eval_dataset, not both (one validation split)")
         if self.packing and self.group_by_length:
             errs.append("data.group_by_length: has no use with data.packing=true (packed rows are all about "
                         "pack_length long); set one of them")
         return errs
+
+    def entries(self) -> list[DatasetEntry]:
+        """data.dataset as its datasets (one, or a mixture's, in order; call after check)."""
+        if not isinstance(self.dataset, list):
+            return [DatasetEntry("data.dataset", str(self.dataset), self.format)]
+        return [DatasetEntry(f"data.dataset[{i}]", str(e), self.format) if not isinstance(e, dict) else
+                DatasetEntry(f"data.dataset[{i}]", str(e["path"]), e.get("format", self.format),
+                             float(e.get("weight", 1.0))) for i, e in enumerate(self.dataset)]
+
+    def _dataset_problems(self) -> list[str]:
+        from qlora_dist.data.formats import FORMATS
+
+        if isinstance(self.dataset, str) and self.dataset:
+            return []
+        if not isinstance(self.dataset, list) or not self.dataset:
+            return [f"data.dataset: expected a dataset name or path, or a non-empty list of them (got {self.dataset!r})"]
+        errs = []
+        for i, item in enumerate(self.dataset):
+            key, e = f"data.dataset[{i}]", item if isinstance(item, dict) else {"path": item}
+            if not isinstance(e.get("path"), str) or e["path"] in ("", "builtin") or set(e) - {*DatasetEntry.KEYS}:
+                errs.append(f"{key}: expected a dataset name or path, or {{path, format, weight}} (got {item!r}); "
+                            "'builtin' cannot be part of a mixture")
+            elif e.get("format") is not None and e["format"] not in FORMATS:
+                errs.append(f"{key}: format: unknown {e['format']!r}; choose one of {', '.join(FORMATS)}")
+            elif not isinstance(e.get("weight", 1.0), (int, float)) or not 0 < e.get("weight", 1.0) < math.inf:
+                errs.append(f"{key}: weight: must be a number > 0 (got {e.get('weight')!r})")
+        return errs
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One dataset of data.dataset. A mixture's datasets are concatenated in order (the rows then shuffled by
+    the batch schedule); weight w takes round(w x N) of a dataset's N examples: all of them floor(w) times,
+    plus a seeded sample (train.seed) of the rest, each in file order (so 0.5: half, 2.5: each twice and
+    half once more)."""
+    KEYS = ("path", "format", "weight")
+    key: str  # what errors name: data.dataset, or data.dataset[i] in a mixture
+    path: str
+    format: str | None
+    weight: float = 1.0
 
 @dataclass
 class OptimConfig:
@@ -191,9 +243,16 @@ class TrainConfig:
                                      "the same whatever the micro batch, accumulation and world size (train/loss.py)")
     max_nonfinite_steps: int = opt(3, "steps whose loss or gradient norm is NaN/inf are skipped (no update); "
                                       "after more than this many in a run, it stops with an error")
+    report_to: list[str] = opt([], "experiment trackers besides metrics.jsonl: tensorboard, wandb, mlflow "
+                                   "(offline / file store under train.output_dir unless WANDB_* / "
+                                   "MLFLOW_TRACKING_URI say otherwise; train/trackers.py)")
 
     def check(self) -> list[str]:
         errs = []
+        from qlora_dist.train.trackers import TRACKERS  # the names only
+
+        errs += [f"train.report_to: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}"
+                 for name in self.report_to if name not in TRACKERS]
         if not isinstance(self.max_nonfinite_steps, int) or self.max_nonfinite_steps < 0:
             errs.append(f"train.max_nonfinite_steps: must be >= 0 (got {self.max_nonfinite_steps!r})")
         auto = self.micro_batch_size == "auto"
@@ -209,7 +268,7 @@ class TrainConfig:
             except ValueError as exc:
                 errs.append(f"train.max_memory_per_gpu: {exc}")
         elif auto:
-            errs.append("train.micro_batch_size: 'auto' needs train.max_memory_per_gpu (the cap to fit under)")
+            errs.append(AUTO_NEEDS_CAP)
         if isinstance(self.micro_batch_size, str):
             return errs
         if self.global_batch_size > 0 and self.micro_batch_size > 0 and self.global_batch_size % self.micro_batch_size:
@@ -232,9 +291,9 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    at_start: bool = opt(False, "built-in tasks: held-out exact match before training")
+    at_start: bool = opt(False, "built-in tasks: held-out exact match (and the validation loss) before training")
     at_end: bool = opt(True, "built-in tasks: held-out exact match after training")
-    steps: int = opt(0, "also every N steps (0: never)")
+    steps: int = opt(0, "also every N steps (0: never); the validation loss too (data.eval_size / eval_dataset)")
     batch_size: int = opt(32)
     max_new_tokens: int = opt(16)
     mmlu_data: str | None = opt(None, "MMLU questions: a hendrycks folder (dev/ val/ test/ CSVs) or a JSON-lines "
@@ -261,6 +320,8 @@ class EvalConfig:
 class CheckpointConfig:
     keep_last: int = opt(2, "complete checkpoints kept (0: all)")
     resume: bool = opt(True, "continue from the newest complete checkpoint in train.output_dir")
+    keep_best: bool = opt(False, "also keep the checkpoint of the lowest validation loss (needs data.eval_size "
+                                 "or data.eval_dataset; every checkpoint is then validated)")
 
     def check(self) -> list[str]:
         return [f"checkpoint.keep_last: must be >= 0 (got {self.keep_last})"] if self.keep_last < 0 else []
@@ -300,6 +361,7 @@ class Config:
 
 
 GROUPS = [f.name for f in dataclasses.fields(Config) if f.name not in ("preset", "user_keys")]
+AUTO_NEEDS_CAP = "train.micro_batch_size: 'auto' needs train.max_memory_per_gpu (the cap to fit under)"
 # Keys that were renamed: an old name is an error that names the new one.
 RENAMED = {"train.resume_from": "train.init_adapter"}
 
@@ -380,6 +442,8 @@ def _field_type(group: str, key: str) -> Any:
 def _coerce(value: Any, typ: Any) -> Any:
     """Convert a YAML/override value to the field's type; raise TypeError with what was expected."""
     origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if typ is Any:  # checked by its group's check() (data.dataset: a string or a list of entries)
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -462,6 +526,8 @@ def _check_choices(cfg: Config) -> list[str]:
                             + ", ".join(map(str, choices)))
         if hasattr(obj, "check"):
             errs += obj.check()
+    if cfg.checkpoint.keep_best and not (cfg.data.eval_size or cfg.data.eval_dataset):
+        errs.append("checkpoint.keep_best: needs a validation split: set data.eval_size or data.eval_dataset")
     return errs
 
 
@@ -478,6 +544,12 @@ def parse_config(path: str | Path | None = None, preset: str | None = None,
     """The Config and every problem found in it (a value that failed keeps its default), so a preflight
     can add the problems of the files it names and report them all at once."""
     cfg, errs, user = Config(), [], []
+    if preset in recipe.DATASET_PRESETS:  # a dataset alone: the size class from the model (recipe.py)
+        first, first_errs = parse_config(path, None, overrides)  # its problems are found again below
+        try:
+            preset = None if first_errs else recipe.sized_preset(preset, first)
+        except ConfigError as exc:
+            errs, preset = list(exc.problems), None
     if preset is not None:
         if preset not in recipe.PRESETS:
             hint = difflib.get_close_matches(preset, recipe.PRESETS, n=1)
@@ -511,10 +583,13 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 # Keys that may change between a checkpoint and the run that resumes it: they do not change what
 # the next optimizer step computes. Everything else must match (see train/checkpoint.py, resume_point).
+# Keys added after checkpoints existed whose default does what the versions before them did: a checkpoint
+# saved without one resumes under its default (another value is a difference like any other).
+ADDED_AT_DEFAULT = {"data.eval_size": 0, "data.chat_template": "guanaco"}
 RESUMABLE_CHANGES = (
     "train.output_dir", "train.max_steps", "train.save_steps", "train.logging_steps", "train.micro_batch_size",
     "train.max_memory_per_gpu", "model.gradient_checkpointing", "eval.", "checkpoint.", "dist.", "preset",
-    "data.cache_dir", "train.max_nonfinite_steps", "data.allow_changed",
+    "data.cache_dir", "train.max_nonfinite_steps", "data.allow_changed", "train.report_to", "data.eval_dataset",
 )
 
 

@@ -9,7 +9,6 @@ backward pass; the GPU check (bench/gpu_memory.py) compares the total with the a
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -21,6 +20,16 @@ DS_BUCKET = 50_000_000  # ds_configs/*.json reduce_bucket_size (elements)
 CUDA_OVERHEAD = 0.25 * GB  # workspace (cuBLAS, NCCL) and allocator rounding, beside the items
 
 
+# What a model_type's decoder layer holds beyond LLaMA's (transformers 5.24 modeling files): norms per layer,
+# q/k norms of head_dim each, biases of the attention projections, fused projections.
+_FAMILY_LAYOUT = {
+    "qwen2": {"bias": "qkv"},
+    "qwen3": {"qk_norm": True},
+    "gemma2": {"norms": 4, "attention": "eager"},  # transformers refuses sdpa with soft-capping
+    "phi3": {"fused": True},
+}
+
+
 @dataclass(frozen=True)
 class Shape:
     hidden: int
@@ -30,27 +39,61 @@ class Shape:
     kv_heads: int
     vocab: int
     tied: bool = False
+    head_dim: int | None = None  # None: hidden / heads (Qwen3, Gemma set their own)
+    bias: str = ""  # attention projections with a bias: "" | "qkv" (Qwen2) | "qkvo" (attention_bias: true)
+    norms: int = 2  # RMSNorm weights (hidden each) per layer: 2, Gemma-2's 4
+    qk_norm: bool = False  # Qwen3: RMSNorm of head_dim on queries and keys, per layer
+    fused: bool = False  # Phi-3: one qkv_proj and one gate_up_proj
+    attention: str = "sdpa"  # "eager": Gemma-2 (keeps the attention probabilities)
+
+    @property
+    def q_dim(self) -> int:
+        return (self.head_dim or self.hidden // self.heads) * self.heads
 
     @property
     def kv_dim(self) -> int:
-        return self.hidden // self.heads * self.kv_heads
+        return (self.head_dim or self.hidden // self.heads) * self.kv_heads
 
     def linears(self) -> list[tuple[int, int]]:
-        """(in, out) of each linear layer of one decoder layer: q, k, v, o, gate, up, down."""
-        h, i, kv = self.hidden, self.intermediate, self.kv_dim
-        return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+        """(in, out) of each linear layer of one decoder layer: q, k, v, o, gate, up, down (Phi-3: qkv, o,
+        gate_up, down)."""
+        h, i, q, kv = self.hidden, self.intermediate, self.q_dim, self.kv_dim
+        if self.fused:
+            return [(h, q + 2 * kv), (q, h), (h, 2 * i), (i, h)]
+        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+    def layer_16bit(self) -> list[int]:
+        """Element counts of one decoder layer's 16-bit parameters: norms, q/k norms, biases."""
+        head = self.head_dim or self.hidden // self.heads
+        sizes = [self.hidden] * self.norms + ([head, head] if self.qk_norm else [])
+        return sizes + {"": [], "qkv": [self.q_dim, self.kv_dim, self.kv_dim],
+                        "qkvo": [self.q_dim, self.kv_dim, self.kv_dim, self.hidden]}[self.bias]
+
+    def parameters(self) -> int:
+        """Weights of the base model (embeddings, layers, final norm, lm_head unless tied)."""
+        per_layer = sum(a * b for a, b in self.linears()) + sum(self.layer_16bit())
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * per_layer + self.hidden
 
     @classmethod
     def from_hf(cls, config) -> "Shape":
-        return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers,
-                   config.num_attention_heads, getattr(config, "num_key_value_heads", None)
-                   or config.num_attention_heads, config.vocab_size, bool(getattr(config, "tie_word_embeddings", False)))
+        """From a transformers config (or its config.json's keys): the family's layout by model_type."""
+        layout = dict(_FAMILY_LAYOUT.get(getattr(config, "model_type", "llama"), {}))
+        if getattr(config, "attention_bias", False):
+            layout["bias"] = "qkvo"
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None)
+        return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers, heads,
+                   getattr(config, "num_key_value_heads", None) or heads, config.vocab_size,
+                   bool(getattr(config, "tie_word_embeddings", False)),
+                   head_dim if head_dim and head_dim != config.hidden_size // heads else None, **layout)
 
     @classmethod
     def from_folder(cls, path: Path) -> "Shape":
-        from types import SimpleNamespace
+        """From a folder's config.json, with the family's defaults (e.g. Gemma-2 ties its embeddings unless
+        the file says otherwise) filled in by transformers' config class."""
+        from transformers import AutoConfig
 
-        return cls.from_hf(SimpleNamespace(**json.loads((Path(path) / "config.json").read_text())))
+        return cls.from_hf(AutoConfig.from_pretrained(Path(path)))
 
     @classmethod
     def llama(cls, size: str) -> "Shape":
@@ -127,7 +170,8 @@ def weight_items(s: Setup) -> dict[str, int]:
         else:
             linear16 += _part(numel, n3) * 2
     tables = [sh.vocab * sh.hidden] * (1 if sh.tied else 2)
-    w16 = sum(_part(t, n3) * 2 for t in tables) + (2 * sh.layers + 1) * _part(sh.hidden, n3) * 2
+    layer16 = sum(_part(n, n3) for n in sh.layer_16bit()) * 2  # ZeRO-3 pads each parameter on its own
+    w16 = sum(_part(t, n3) * 2 for t in tables) + sh.layers * layer16 + _part(sh.hidden, n3) * 2
     items = {"base_nf4": nf4 * sh.layers, "quant_constants": consts * sh.layers,
              "base_16bit": w16 + linear16 * sh.layers}
     return {k: v for k, v in items.items() if v}
@@ -174,13 +218,26 @@ def lora_items(s: Setup) -> tuple[dict[str, int], dict[str, int]]:
 
 def layer_activation_bytes_per_token(s: Setup) -> int:
     """What autograd keeps of one decoder layer per token (bf16): fitted on the real modules on CPU
-    (tests/test_memory.py re-measures it): 16 B per hidden unit, 8 per MLP unit, 4 per key/value unit, and
-    LoRA dropout's copies and masks (20 per hidden, 2 per MLP unit) when dropout is on."""
+    (tests/test_memory.py and tests/test_families.py re-measure it). LLaMA's layout (also Mistral, Qwen2):
+    12 B per hidden unit, 4 per query unit, 8 per MLP unit, 4 per key/value unit, and LoRA dropout's copies
+    and masks (16 per hidden, 4 per query, 2 per MLP unit) when dropout is on. Qwen3's q/k norms keep their
+    inputs and an fp32 scale per head; Phi-3's fused projections keep less per hidden unit, more per MLP
+    unit. Gemma-2 runs eager attention (no sdpa with soft-capping), which keeps the fp32 attention
+    probabilities, 8 bytes per head per key (a term in the sequence length), and keys and values repeated
+    to every query head."""
     sh = s.shape
-    per = 16 * sh.hidden + 8 * sh.intermediate + 4 * sh.kv_dim + 120
-    if s.lora_dropout:
-        per += 20 * sh.hidden + 2 * sh.intermediate
-    return per
+    h, i, q, kv = sh.hidden, sh.intermediate, sh.q_dim, sh.kv_dim
+    if sh.attention == "eager":  # fitted on Gemma-2's modules (4 norms a layer, GELU-tanh MLP)
+        per = 22 * h + 6 * q + 8 * i + 160 + 8 * sh.heads * s.seq_len
+        dropout = 14 * h + 4 * q + 2 * i
+    else:
+        per = 12 * h + 4 * q + 8 * i + 4 * kv + 120
+        dropout = 16 * h + 4 * q + 2 * i
+    if sh.qk_norm:
+        per += 4 * (q + kv) + 4 * (sh.heads + sh.kv_heads) + 16
+    if sh.fused:  # Phi-3's qkv_proj and gate_up_proj: fewer LoRA inputs kept, the 2 x MLP-wide output whole
+        per += 4 * i + 2 * (q + kv) - 12 * h - 32  # fitted with LoRA dropout on (the recipe's)
+    return per + (dropout if s.lora_dropout else 0)
 
 
 def logits_bytes(s: Setup) -> int:
@@ -296,16 +353,21 @@ def format_plan(plan: Plan) -> str:
 def shape_for(cfg) -> Shape:
     """The model's shape from its config.json (or a `random:<size>` name), or, for a paper preset without a
     model, the LLaMA size."""
-    from qlora_dist.model.builtin import BUILTIN_MODELS, random_llama_config, random_size, resolve_model_path
+    from qlora_dist.model import folder as model_folder
+    from qlora_dist.model.builtin import is_builtin, random_llama_config, random_size, resolve_model_path
 
     path = cfg.model.path
     if size := random_size(path):
         return Shape.from_hf(random_llama_config(size))
-    if path and (path in BUILTIN_MODELS or (Path(path) / "config.json").is_file()):
-        return Shape.from_folder(resolve_model_path(path))
+    from qlora_dist.errors import ConfigError
+
+    if path and (is_builtin(path) or (Path(path) / "config.json").is_file()):
+        folder = resolve_model_path(path)
+        if problems := model_folder.config_problems(folder):
+            raise ConfigError(problems)  # a family we cannot train, or a config we cannot read: no plan either
+        return Shape.from_folder(folder)
     if cfg.preset and cfg.preset.split("-")[0] in ("7b", "13b", "33b", "65b"):
         return Shape.llama(cfg.preset.split("-")[0])
-    from qlora_dist.errors import ConfigError
 
     raise ConfigError([f"model.path: cannot read the model's shape from {path!r} (no config.json); "
                        "the plan needs the model folder or a paper preset such as 65b-all"])

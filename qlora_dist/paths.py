@@ -6,6 +6,7 @@ a file name of another's.
     OUTPUT/adapter_model/       the final adapter (a copy of the last checkpoint's)
     OUTPUT/completed            written last, when the run finished
     OUTPUT/metrics.jsonl, loss.png   rank 0's records and loss curve
+    OUTPUT/tensorboard/, wandb/, mlruns/, trackers.json   train.report_to's trackers (train/trackers.py)
     OUTPUT/data-cache/<fingerprint>/  tokenized data (unless data.cache_dir)
     OUTPUT/submitit/            logs and pickles of `qlora-dist submit` jobs
     OUTPUT/.lock, .lock.json    held by the run writing this folder, and who that is

@@ -36,7 +36,7 @@ class Report:
                 import sys
 
                 print(memory.format_plan(self.memory_plan), file=sys.stderr, flush=True)
-            raise ConfigError(self.problems)
+            raise ConfigError(list(dict.fromkeys(self.problems)))  # a problem two checks find, said once
 
     def format(self) -> str:
         lines = [f"  {note}" for note in self.notes] + [f"  warning: {w}" for w in self.warnings]
@@ -65,7 +65,10 @@ def run(cfg: Config, world_size: int, problems: list[str] = (), cuda: bool | Non
         return report
     model_ok = not _checked(report, lambda: _model(cfg, report))
     _collect(report, lambda: _tokenizer_and_data(cfg, report))
+    if model_ok:
+        _collect(report, lambda: _chat_template(cfg))
     _collect(report, lambda: _mmlu(cfg, report))
+    _collect(report, lambda: _tracking_and_validation(cfg))
     if not _checked(report, lambda: init_adapter.problems(cfg)):
         cfg = init_adapter.adopt(cfg)  # the lora.* values the run will use (the plan and resume check need them)
     if model_ok:
@@ -90,7 +93,7 @@ def _model(cfg: Config, report: Report) -> list[str]:
     if size := builtin.random_size(path):
         report.notes.append(f"model {path}: random weights of the LLaMA-{size.upper()} shape")
         return []
-    if path in builtin.BUILTIN_MODELS:
+    if builtin.is_builtin(path):
         report.notes.append(f"model {path}: built in (prepared in the cache on first use)")
         return []
     errs = folder.problems(Path(path).expanduser())
@@ -106,20 +109,42 @@ def _tokenizer_and_data(cfg: Config, report: Report) -> list[str]:
     if d.dataset == "builtin":
         report.notes.append(f"data: built-in tasks {', '.join(d.tasks)} ({d.num_train} training examples each)")
         return []
-    source = records.resolve(d.dataset, d.format)
-    head, count = records.look(source, corpus.DETECT_ROWS)
-    first = next((r.data for r in head if isinstance(r.data, dict)), None)
-    if first is None:
-        why = f" (first: {head[0].where}: {head[0].data})" if head else ""
-        return [f"data.dataset: {source.name}: no readable record among the first {len(head)}{why}"
-                if head else f"data.dataset: {source.name} is empty: no records"]
-    fmt = corpus.format_of(source, first)
-    usable = min(count, d.max_examples) if d.max_examples else count
-    report.notes.append(f"data {source.name}: format {fmt}, {count:,} records")
-    if usable < cfg.train.global_batch_size and not d.packing:
-        return [f"data.dataset: {source.name} has {usable:,} records, fewer than one global batch "
-                f"(train.global_batch_size={cfg.train.global_batch_size})"]
-    return []
+    errs, usable, entries = [], 0, d.entries()
+    for entry in entries:  # one dataset, or each of a mixture's
+        source = records.resolve(entry.path, entry.format, entry.key)
+        head, count = records.look(source, corpus.DETECT_ROWS)
+        first = next((r.data for r in head if isinstance(r.data, dict)), None)
+        if first is None:
+            why = f" (first: {head[0].where}: {head[0].data})" if head else ""
+            errs.append(f"{entry.key}: {source.name}: no readable record among the first {len(head)}{why}"
+                        if head else f"{entry.key}: {source.name} is empty: no records")
+            continue
+        fmt = corpus.format_of(source, first)
+        usable += round(entry.weight * (min(count, d.max_examples) if d.max_examples else count))
+        weight = f", weight {entry.weight:g}" if entry.weight != 1 else ""
+        report.notes.append(f"data {source.name}: format {fmt}, {count:,} records{weight}")
+    if not errs and usable < cfg.train.global_batch_size and not d.packing:
+        what = source.name if len(entries) == 1 else f"the mixture of {len(entries)} datasets"
+        errs.append(f"data.dataset: {what} has {usable:,} records, fewer than one global batch "
+                    f"(train.global_batch_size={cfg.train.global_batch_size})")
+    return errs
+
+
+def _chat_template(cfg: Config) -> list[str]:
+    """data.chat_template=tokenizer needs a tokenizer that has one (tiny-llama's, e.g., has none)."""
+    from qlora_dist.model.base import load_tokenizer
+
+    if cfg.data.chat_template != "tokenizer" or load_tokenizer(cfg.model.path).chat_template:
+        return []
+    return [f"data.chat_template: 'tokenizer', but the tokenizer of model.path={cfg.model.path} has no chat "
+            "template; use data.chat_template=guanaco"]
+
+
+def _tracking_and_validation(cfg: Config) -> list[str]:
+    from qlora_dist.evaluate import validation
+    from qlora_dist.train import trackers
+
+    return trackers.problems(cfg.train.report_to) + validation.problems(cfg)
 
 
 def _mmlu(cfg: Config, report: Report) -> list[str]:

@@ -12,7 +12,7 @@ import copy
 from dataclasses import asdict, dataclass
 
 from qlora_dist import memory, precision
-from qlora_dist.config import Config, parse_size
+from qlora_dist.config import AUTO_NEEDS_CAP, Config, parse_size
 from qlora_dist.errors import ConfigError
 
 
@@ -59,6 +59,8 @@ def resolve(cfg: Config, world_size: int, cuda: bool | None = None) -> RunPlan:
     dtype, why = precision.resolve_compute_dtype(cfg.model.compute_dtype, cuda=cuda)
     micro, ckpt = cfg.train.micro_batch_size, cfg.model.gradient_checkpointing
     cap = parse_size(cfg.train.max_memory_per_gpu) if cfg.train.max_memory_per_gpu else None
+    if micro == "auto" and not cap:  # the config check says so too; the preflight reports it once
+        raise ConfigError([AUTO_NEEDS_CAP])
     if cap and micro == "auto":
         micro, ckpt = _micro_batch(cfg, world_size, cap, cuda)
     plan = RunPlan(world_size, dtype, why, int(micro), ckpt, 0)

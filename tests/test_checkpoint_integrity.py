@@ -329,6 +329,10 @@ def test_a_key_newer_than_the_checkpoint_is_named_as_such():
     cfg = load_config(overrides=list(TINY))
     saved = cfg.to_dict()
     del saved["train"]["loss_normalization"]
+    # keys whose default is what older versions did (no held-out rows, the guanaco template) resume at it
+    del saved["data"]["eval_size"], saved["data"]["chat_template"]
     assert config_differences(saved, cfg) == [
         "train.loss_normalization: not in the checkpoint (saved by a qlora-dist before the key existed), "
         "this run has 'sequence'"]
+    held_out = load_config(overrides=[*TINY, "data.eval_size=4"])
+    assert config_differences(saved, held_out)[0] == "data.eval_size: checkpoint has 0, this run has 4"

@@ -138,7 +138,7 @@ def test_multi_turn_answers_see_the_earlier_turns(tiny_model_dir, monkeypatch):
     answers = generate.answer_questions(model, tok, questions, max_new_tokens=3)
     assert [len(a) for a in answers] == [2, 1]
     assert seen[:2] == [guanaco_inference("Add 2 and 3."), guanaco_inference("Say hi.")]
-    assert seen[2] == guanaco_conversation(["Add 2 and 3.", "Now double it."], [answers[0][0]])
+    assert seen[2] == guanaco_conversation(["Add 2 and 3.", "Now double it."], [answers[0][0]], end=tok.eos_token)
     assert seen[2].startswith(seen[0]) and seen[2].endswith("### Human: Now double it. ### Assistant:")
     rows = generate.answer_records("llm_judge", questions, answers, "m")
     _check_judge_rows(rows, [1, 2], [2, 1])

@@ -47,6 +47,8 @@ def test_train_writes_checkpoints_metrics_and_learns(tmp_path, tiny_model_dir):
     assert json.loads((out / "completed").read_text())["step"] == 24
     record = read_metrics(out)[1]
     assert record["tokens_per_s"] > 0 and record["rss_peak_gb"] > 0 and record["lr"] == 3e-3
+    assert record["tokens_per_s_per_gpu"] > 0 and record["mfu"] is None and "no peak for CPU" in record["mfu_peak"]
+    assert record["paged_optimizer_gb"] == 0.0  # bitsandbytes pages only into CUDA unified memory
     assert any(r.get("event") == "eval" for r in read_metrics(out))
 
     again = run_cli("train", *TINY, "train.max_steps=24", "train.save_steps=8", "checkpoint.keep_last=2",

@@ -14,8 +14,9 @@ import torch
 
 from qlora_dist.config import Config
 from qlora_dist.data.formats import Example
-from qlora_dist.data.prompts import guanaco_turn
+from qlora_dist.data.prompts import Message, guanaco_segments, guanaco_turn, template_text
 from qlora_dist.data.tasks import TaskItem, make_split
+from qlora_dist.errors import ConfigError
 
 IGNORE_INDEX = -100
 
@@ -35,6 +36,7 @@ class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int] | None = None  # packed rows only: restart at 0 for each example
+    skip: str | None = None  # a formats.SKIP_REASONS reason: no row (drop it and count it; see drop_skipped)
 
 
 def tokenize(example: Example, tokenizer, source_max_len: int, target_max_len: int,
@@ -45,24 +47,172 @@ def tokenize(example: Example, tokenizer, source_max_len: int, target_max_len: i
 
 
 def tokenize_batch(examples: list[Example], tokenizer, source_max_len: int, target_max_len: int,
-                   train_on_source: bool) -> list[TokenizedExample]:
-    """`tokenize` for many examples in one tokenizer call per side (the fast tokenizer batches in Rust)."""
-    if not examples:
-        return []
+                   train_on_source: bool, chat_template: str = "guanaco") -> list[TokenizedExample]:
+    """`tokenize` for many examples in one tokenizer call per side (the fast tokenizer batches in Rust).
+    Chat examples (with messages) are rendered with `chat_template` (data.chat_template) into one row of at
+    most source_max_len + target_max_len tokens (see tokenize_chats)."""
+    out: list[TokenizedExample | None] = [None] * len(examples)
+    for chat, tokenize_some in ((False, _tokenize_pairs), (True, tokenize_chats)):
+        index = [i for i, e in enumerate(examples) if bool(e.messages) == chat]
+        if index:
+            rows = tokenize_some([examples[i] for i in index], tokenizer, source_max_len, target_max_len,
+                                 train_on_source, chat_template)
+            for i, row in zip(index, rows):
+                out[i] = row
+    return out
+
+
+def _tokenize_pairs(examples: list[Example], tokenizer, source_max_len: int, target_max_len: int,
+                    train_on_source: bool, _chat_template: str = "") -> list[TokenizedExample]:
     bos = tokenizer.bos_token or ""
+    # no attention mask: it is all ones here, and building it is ~13% of a large dataset's tokenizing
     sources = tokenizer([bos + e.source for e in examples], add_special_tokens=False, truncation=True,
-                        max_length=source_max_len)["input_ids"]
+                        max_length=source_max_len, return_attention_mask=False)["input_ids"]
     targets = tokenizer([e.target + tokenizer.eos_token for e in examples], add_special_tokens=False,
-                        truncation=True, max_length=target_max_len)["input_ids"]
+                        truncation=True, max_length=target_max_len, return_attention_mask=False)["input_ids"]
     return [TokenizedExample(s + t, (list(s) if train_on_source else [IGNORE_INDEX] * len(s)) + t)
             for s, t in zip(sources, targets)]
+
+
+# ------------------------------------------------------------------------------------------- chat rows
+# A conversation becomes exchanges (user turn with whatever precedes it, then the assistant's answer and its
+# end-of-turn token), each a list of (token ids, trained) pieces; a row keeps the exchanges that fit.
+Exchange = list[tuple[list[int], bool]]
+
+
+def tokenize_chats(examples: list[Example], tokenizer, source_max_len: int, target_max_len: int,
+                   train_on_source: bool, chat_template: str = "guanaco") -> list[TokenizedExample]:
+    """One row per conversation: labels on the assistant turns (each with its end-of-turn token), the rest
+    masked unless train_on_source. Too long a conversation loses whole exchanges from the end; when not
+    even the first fits in source_max_len + target_max_len tokens, the row is skipped ('too_long')."""
+    split = _guanaco_exchanges if chat_template == "guanaco" else _template_exchanges
+    budget = source_max_len + target_max_len
+    return [_fit(exchanges, budget, train_on_source) for exchanges in split([e.messages for e in examples], tokenizer)]
+
+
+def _fit(exchanges: list[Exchange], budget: int, train_on_source: bool) -> TokenizedExample:
+    ids: list[int] = []
+    labels: list[int] = []
+    for exchange in exchanges:
+        if len(ids) + sum(len(p) for p, _ in exchange) > budget:
+            break
+        for piece, trained in exchange:
+            ids += piece
+            labels += piece if trained or train_on_source else [IGNORE_INDEX] * len(piece)
+    return TokenizedExample(ids, labels) if ids else TokenizedExample([], [], skip="too_long")
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of texts, no special tokens added: the fast tokenizer's Rust batch when there is one, as
+    transformers (5.24) calls it, without its per-text conversion to Python objects (3x the encoding)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not texts:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+
+
+def _guanaco_exchanges(conversations: list[tuple[Message, ...]], tokenizer) -> list[list[Exchange]]:
+    """prompts.guanaco_segments with EOS after each answer, BOS first (as the seed's rows); all pieces of
+    all conversations tokenized in one call."""
+    segments = [guanaco_segments(c, end=tokenizer.eos_token) for c in conversations]
+    bos = tokenizer.bos_token or ""
+    texts = [(bos if k == 0 else "") + text for seg in segments for k, (text, _) in enumerate(seg)]
+    ids = iter(_encode(tokenizer, texts))
+    out = []
+    for seg in segments:
+        pieces = [(next(ids), trained) for _, trained in seg]
+        # An exchange: the user piece, then the answer and EOS pieces (guanaco_segments' order).
+        out.append([pieces[k:k + 3] for k in range(0, len(pieces), 3)])
+    return out
+
+
+def _template_exchanges(conversations: list[tuple[Message, ...]], tokenizer) -> list[list[Exchange]]:
+    """The tokenizer's chat template, split per turn by rendering prefixes: the conversation up to an
+    answer (with the generation prompt) and up to the answer's end. Their token counts delimit the answer;
+    its trained part ends at its last special token (the template's end-of-turn token, e.g. <|im_end|>),
+    so what the template puts after it (a line break) is masked. Each prefix's tokens must begin the whole
+    conversation's tokens, i.e. the last prefix's (the conversation ends with an answer; checked here for
+    every row): a template that renders earlier turns differently once later turns follow, or a merge of
+    tokens across a turn's boundary, would make the masks wrong."""
+    from jinja2 import TemplateError
+
+    texts, layout = [], []
+    for conv in conversations:
+        answers = [i for i, m in enumerate(conv) if m.role == "assistant"]
+        layout.append(len(answers))
+        try:
+            for i in answers:
+                texts += [template_text(tokenizer, conv[:i], generation_prompt=True),
+                          template_text(tokenizer, conv[:i + 1])]
+        except TemplateError as exc:  # e.g. a template that refuses system messages
+            raise ConfigError([f"data.chat_template=tokenizer: the chat template of {tokenizer.name_or_path} "
+                               f"refused a conversation: {exc}"]) from None
+    ids = _encode(tokenizer, texts)  # the template spells out BOS where it wants one
+    special = special_ids(tokenizer)
+    out, k = [], 0
+    for n in layout:
+        prefixes = ids[k:k + 2 * n]
+        full, k = prefixes[-1], k + 2 * n
+        if any(full[:len(p)] != p for p in prefixes):
+            raise ConfigError([f"data.chat_template=tokenizer: the chat template of {tokenizer.name_or_path} renders "
+                               "a conversation's earlier turns differently once later turns follow, so its "
+                               "assistant turns cannot be masked one by one; use data.chat_template=guanaco"])
+        out.append(_split_turns(full, [len(p) for p in prefixes], special))
+    return out
+
+
+def _split_turns(full: list[int], bounds: list[int], special: set[int]) -> list[Exchange]:
+    exchanges, done = [], 0
+    for start, end in zip(bounds[0::2], bounds[1::2]):
+        last = max((j for j in range(start, end) if full[j] in special), default=end - 1)  # end-of-turn token
+        exchanges.append([(full[done:start], False), (full[start:last + 1], True), (full[last + 1:end], False)])
+        done = end
+    return exchanges
+
+
+def special_ids(tokenizer) -> set[int]:
+    """Ids of the special tokens (BOS/EOS/pad and the added ones marked special, e.g. <|im_end|>, <|eot_id|>)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+
+
+def end_of_turn_id(tokenizer, chat_template: str) -> int:
+    """The token that ends an assistant turn (generate's stop token): EOS for guanaco; for the tokenizer's
+    template, the one training rows end answers with (found by rendering a probe conversation)."""
+    if chat_template == "guanaco":
+        return tokenizer.eos_token_id
+    probe = (Message("user", "Hi"), Message("assistant", "Hello"))
+    [[_, (answer, _), _]] = _template_exchanges([probe], tokenizer)[0]  # one exchange: prompt, answer, after
+    return answer[-1]
+
+
+def drop_skipped(rows: list[TokenizedExample], counts: dict[str, int]) -> list[TokenizedExample]:
+    """The rows to train on; skipped ones are counted by reason into `counts`."""
+    for r in rows:
+        if r.skip is not None:
+            counts[r.skip] = counts.get(r.skip, 0) + 1
+    return [r for r in rows if r.skip is None]
+
+
+def show_row(row: TokenizedExample, tokenizer) -> str:
+    """A row as text with its trained spans in [[...]] (data preview)."""
+    if row.skip is not None:
+        return f"(skipped: {row.skip})"
+    parts, start = [], 0
+    for end in range(1, len(row.input_ids) + 1):
+        trained = row.labels[start] != IGNORE_INDEX
+        if end == len(row.input_ids) or (row.labels[end] != IGNORE_INDEX) != trained:
+            text = tokenizer.decode(row.input_ids[start:end])
+            parts.append(f"[[{text}]]" if trained else text)
+            start = end
+    return "".join(parts)
 
 
 def tokenize_all(examples: list[Example], tokenizer, cfg: Config) -> list[TokenizedExample]:
     d, out = cfg.data, []
     for start in range(0, len(examples), 1024):
         out += tokenize_batch(examples[start:start + 1024], tokenizer, d.source_max_len, d.target_max_len,
-                              d.train_on_source)
+                              d.train_on_source, chat_template=d.chat_template)
     return out
 
 
@@ -74,13 +224,19 @@ def pack(rows: list[TokenizedExample], length: int, seed: int, open_bins: int = 
     ids when there is no 2D attention mask and no KV cache: training runs with use_cache=False, see
     model.prepare_for_training). Each example's first label is masked: it would otherwise be predicted
     from the previous example's last token, which an unpacked row never does."""
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    done: list[list[TokenizedExample]] = []
-    bins: list[list[TokenizedExample]] = []
+    bins = pack_bins([len(r.input_ids) for r in rows], length, seed, open_bins)
+    return [_concat([rows[i] for i in b], length) for b in bins]
+
+
+def pack_bins(lengths: list[int], length: int, seed: int, open_bins: int = 64) -> list[list[int]]:
+    """`pack`'s plan from the rows' lengths alone (the cache packs rows it never holds all at once): the
+    indices of the rows of each packed row, in order."""
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    done: list[list[int]] = []
+    bins: list[list[int]] = []
     used: list[int] = []
     for i in order:
-        r = rows[i]
-        n = min(len(r.input_ids), length)
+        n = min(lengths[i], length)
         k = next((k for k, u in enumerate(used) if u + n <= length), None)
         if k is None:
             if len(bins) == open_bins:  # close the fullest row to keep the window bounded
@@ -90,9 +246,9 @@ def pack(rows: list[TokenizedExample], length: int, seed: int, open_bins: int = 
             bins.append([])
             used.append(0)
             k = len(bins) - 1
-        bins[k].append(r)
+        bins[k].append(i)
         used[k] += n
-    return [_concat(b, length) for b in done + bins]
+    return done + bins
 
 
 def _concat(members: list[TokenizedExample], length: int) -> TokenizedExample:

@@ -9,7 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-SKIP_REASONS = ("bad_json", "non_utf8", "missing_field", "wrong_type", "empty_output", "too_long")
+from qlora_dist.data.prompts import Message
+
+# unknown_role and turn_order: chat rows (a role outside the schema's; turns not system?, user, assistant, ...).
+SKIP_REASONS = ("bad_json", "non_utf8", "missing_field", "wrong_type", "empty_output", "too_long", "unknown_role",
+                "turn_order")
 
 
 class RowError(ValueError):
@@ -23,6 +27,9 @@ class RowError(ValueError):
 class Example:
     source: str  # the prompt; its labels are masked unless data.train_on_source
     target: str  # what the model learns to produce
+    # Chat rows: the conversation (rendered by data.chat_template when tokenized); source and target then
+    # hold the non-assistant and the assistant texts, for length checks.
+    messages: tuple[Message, ...] = ()
 
 
 # The Alpaca prompt template of the original QLoRA code (with and without the input block).
@@ -54,14 +61,14 @@ def text(record: dict, field: str, allow_empty: bool = True) -> str:
     return value
 
 
-def _items(record: dict, field: str) -> list[dict]:
+def _items(record: dict, field: str, empty: str = "no instances") -> list[dict]:
     value = record.get(field)
     if value is None:
         raise RowError("missing_field", field, "absent")
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise RowError("wrong_type", field, "expected a list of objects")
     if not value:
-        raise RowError("empty_output", field, "no instances")
+        raise RowError("empty_output", field, empty)
     return value
 
 
@@ -124,6 +131,50 @@ def _flan_cot(r: dict) -> list[Example]:
     return [Example(FLAN_COT_SOURCE.format(question=q), FLAN_COT_TARGET.format(rationale=why, answer=a))]
 
 
+# Chat schemas: the list's field, each turn's role and content keys, and the roles each name stands for.
+MESSAGES_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}  # OpenAI's `messages`
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}
+
+
+def _turn(item: dict, where: str, role_key: str, content_key: str, roles: dict[str, str]) -> Message:
+    role = item.get(role_key)
+    if role not in roles:
+        raise RowError("unknown_role", f"{where}.{role_key}", f"{role!r}; expected one of {', '.join(roles)}")
+    content = item.get(content_key)
+    if not isinstance(content, str):
+        kind = "absent" if content is None else f"expected a string, got {type(content).__name__}"
+        raise RowError("missing_field" if content is None else "wrong_type", f"{where}.{content_key}", kind)
+    return Message(roles[role], content)
+
+
+def _check_order(turns: list[Message], field: str) -> list[Message]:
+    """system? then user/assistant alternating from a user turn; a last user turn (no answer) is dropped."""
+    start = 1 if turns and turns[0].role == "system" else 0
+    for i, m in enumerate(turns[start:], start):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if m.role != expected:
+            raise RowError("turn_order", f"{field}[{i}]", f"{m.role} where {expected} was expected (turns go "
+                                                          "system?, user, assistant, user, ...)")
+        if m.role == "assistant" and not m.content.strip():
+            raise RowError("empty_output", f"{field}[{i}]", "empty assistant turn")
+    if turns[-1].role != "assistant":
+        turns = turns[:-1]
+    if not any(m.role == "assistant" for m in turns):
+        raise RowError("empty_output", field, "no assistant turn")
+    return turns
+
+
+def _chat(field: str, role_key: str, content_key: str, roles: dict[str, str]) -> Callable[[dict], list[Example]]:
+    """A conversation -> one example whose loss covers the assistant turns (batches.tokenize_batch)."""
+    def to_example(r: dict) -> list[Example]:
+        items = _items(r, field, empty="no turns")
+        turns = _check_order([_turn(t, f"{field}[{i}]", role_key, content_key, roles) for i, t in enumerate(items)],
+                             field)
+        return [Example("\n".join(m.content for m in turns if m.role != "assistant"),
+                        "\n".join(m.content for m in turns if m.role == "assistant"), tuple(turns))]
+    return to_example
+
+
 @dataclass(frozen=True)
 class Format:
     name: str
@@ -146,6 +197,10 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
     Format("flan-v2", ("inputs", "targets"), _flan, "FLAN v2 inputs/targets"),
     Format("flan-cot", ("question", "answer", "rationale"), _flan_cot, "FLAN v2 CoT source rows (tsv, no header)"),
     Format("input-output", ("input", "output"), _input_output, "generic input/output columns (LongForm too)"),
+    Format("messages", ("messages",), _chat("messages", "role", "content", MESSAGES_ROLES),
+           "chat: messages of {role: system|user|assistant, content} (OpenAI style)"),
+    Format("sharegpt", ("conversations",), _chat("conversations", "from", "value", SHAREGPT_ROLES),
+           "ShareGPT chat: conversations of {from: system|human|gpt, value}"),
 ]}
 
 # Named datasets: their HF hub id (read offline from the HF datasets cache) and format.
@@ -167,7 +222,11 @@ HEADERLESS_COLUMNS = {"flan-cot": ("question", "answer", "rationale")}
 def detect(columns: set[str], first: dict | None) -> str | None:
     """The format a record's columns identify, or None when they are ambiguous or unknown.
     'text' alone is chip2 or oasst1, told apart by their turn markers; 'instances' is Self-Instruct's or
-    Unnatural Instructions', told apart by the instances' fields."""
+    Unnatural Instructions', told apart by the instances' fields. Chat columns come first: chat datasets
+    often carry other columns too (an id, a prompt)."""
+    for name in ("messages", "sharegpt"):
+        if FORMATS[name].fields[0] in columns:
+            return name
     if "text" in columns and not columns & {"input", "output", "instruction", "chosen"}:
         sample = first.get("text") if first else None
         if isinstance(sample, str) and sample.lstrip().startswith("<human>:"):

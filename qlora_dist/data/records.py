@@ -40,6 +40,7 @@ class Source:
     paths: tuple[Path, ...]
     format: str | None  # known from the dataset name, else detected from the columns
     headerless: tuple[str, ...] | None = None
+    key: str = "data.dataset"  # the config key that names it (data.dataset[i] in a mixture): errors say it
 
     def fingerprint(self) -> str:
         """Changes whenever the data could have: content hash of small files, size+mtime of large ones."""
@@ -90,10 +91,10 @@ def resolve(dataset: str, data_format: str | None, key: str = "data.dataset") ->
         else:
             raise ConfigError([f"{key}: {path}: unsupported file type {suffix!r}; use .json, .jsonl, .json.gz, "
                                ".jsonl.gz, .csv, .tsv, .parquet or a folder"])
-        return Source(str(path), kind, (path,), data_format, headerless)
+        return Source(str(path), kind, (path,), data_format, headerless, key)
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
-            return Source(str(path), "disk", (path,), data_format)
+            return Source(str(path), "disk", (path,), data_format, key=key)
         files = sorted(f for f in path.iterdir() if f.is_file() and _suffix(f) in (*JSON_SUFFIXES, *TABLE_SUFFIXES))
         if not files:
             raise ConfigError([f"{key}: folder {path} holds no .json/.jsonl/.csv/.tsv/.parquet file"])
@@ -101,9 +102,9 @@ def resolve(dataset: str, data_format: str | None, key: str = "data.dataset") ->
                  for f in files}
         if len(kinds) > 1:
             raise ConfigError([f"{key}: folder {path} mixes file kinds ({', '.join(sorted(kinds))}); use one"])
-        return Source(str(path), kinds.pop(), tuple(files), data_format, headerless)
+        return Source(str(path), kinds.pop(), tuple(files), data_format, headerless, key)
     if dataset in DATASETS:
-        return Source(dataset, "hub", (), data_format or DATASETS[dataset][1])
+        return Source(dataset, "hub", (), data_format or DATASETS[dataset][1], key=key)
     raise ConfigError([f"{key}: {dataset!r} is neither a file, a folder nor a known dataset "
                        f"({', '.join(sorted(DATASETS))})"])
 
@@ -115,7 +116,7 @@ def read(source: Source) -> Iterator[Record]:
         for path in source.paths:
             yield from readers[source.kind](path, source.headerless)
         return
-    dataset = _load_hub(source) if source.kind == "hub" else _load_disk(source.paths[0])
+    dataset = _load_hub(source) if source.kind == "hub" else _load_disk(source)
     for i, row in enumerate(dataset):
         yield Record(f"{source.name} row {i + 1}", dict(row))
 
@@ -196,18 +197,18 @@ def _load_hub(source: Source):
         folder = snapshot_download(hub_id, repo_type="dataset", local_files_only=True,
                                    cache_dir=os.environ.get("HF_HUB_CACHE"))
     except Exception as exc:
-        raise ConfigError([f"data.dataset: {source.name!r} ({hub_id}) is neither in the HF datasets cache nor in "
+        raise ConfigError([f"{source.key}: {source.name!r} ({hub_id}) is neither in the HF datasets cache nor in "
                            f"the HF hub cache, and this run is offline ({type(exc).__name__}); point "
-                           "data.dataset at a local file or folder of it instead"]) from None
+                           f"{source.key} at a local file or folder of it instead"]) from None
     return datasets.load_dataset(folder, split="train", **kwargs)
 
 
-def _load_disk(path: Path):
+def _load_disk(source: Source):
     datasets = datasets_lib()
-    loaded = datasets.load_from_disk(str(path))
+    loaded = datasets.load_from_disk(str(source.paths[0]))
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
-            raise ConfigError([f"data.dataset: {path} has splits {list(loaded)} and no 'train'"])
+            raise ConfigError([f"{source.key}: {source.name} has splits {list(loaded)} and no 'train'"])
         loaded = loaded["train"]
     return loaded
 
@@ -266,10 +267,10 @@ def look(source: Source, n: int = 1000) -> tuple[list[Record], int]:
         if source.kind == "json-array":
             rows = list(read(source))
             return rows[:n], len(rows)
-        dataset = _load_hub(source) if source.kind == "hub" else _load_disk(source.paths[0])
+        dataset = _load_hub(source) if source.kind == "hub" else _load_disk(source)
         return [Record(f"{source.name} row {i + 1}", dict(dataset[i])) for i in range(min(n, len(dataset)))], len(dataset)
     except ConfigError:
         raise
     except Exception as exc:  # pyarrow, csv, gzip and OS errors all mean: this file cannot be read
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError([f"data.dataset: {source.name}: cannot be read ({detail})"]) from None
+        raise ConfigError([f"{source.key}: {source.name}: cannot be read ({detail})"]) from None

@@ -1,4 +1,5 @@
-"""Inference: batched generation in the Guanaco prompt format, base in 4-bit (default) or 16-bit."""
+"""Inference: batched generation in the prompt format the adapter was trained with (data.chat_template:
+the Guanaco format, or the tokenizer's chat template), base in 4-bit (default) or 16-bit."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,8 @@ from pathlib import Path
 import torch
 
 from qlora_dist import atomic
-from qlora_dist.data.prompts import cut_answer, guanaco_conversation, guanaco_inference
+from qlora_dist.data.batches import end_of_turn_id
+from qlora_dist.data.prompts import CHAT_TEMPLATES, chat_prompt, cut_answer
 from qlora_dist.errors import ConfigError
 from qlora_dist.launch import dist
 from qlora_dist.model import adapter_settings
@@ -18,9 +20,10 @@ from qlora_dist.model.base import check_adapter, load_adapter, load_base, load_t
 from qlora_dist.model.builtin import resolve_model_path
 
 
-def _encode_left_padded(tokenizer, texts: list[str], device) -> dict[str, torch.Tensor]:
-    """BOS + text, padded on the left so every row's continuation starts at the same column."""
-    bos = tokenizer.bos_token or ""
+def _encode_left_padded(tokenizer, texts: list[str], device, bos: bool = True) -> dict[str, torch.Tensor]:
+    """BOS + text (the tokenizer's chat template writes its own), padded on the left so every row's
+    continuation starts at the same column."""
+    bos = (tokenizer.bos_token or "") if bos else ""
     rows = [tokenizer(bos + t, add_special_tokens=False)["input_ids"] for t in texts]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -34,24 +37,26 @@ def _encode_left_padded(tokenizer, texts: list[str], device) -> dict[str, torch.
 @torch.no_grad()
 def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int = 128, batch_size: int = 16,
                    temperature: float = 0.0, top_p: float = 1.0, synced_gpus: bool = False,
-                   progress: str | None = None, check_stop=None) -> list[str]:
+                   progress: str | None = None, check_stop=None, chat_template: str = "guanaco") -> list[str]:
     """Continuations of already formatted prompts; greedy unless temperature > 0. progress: the label of
     a progress bar over the batches, on rank 0 only (leave=False: the training step bar stays clean).
     check_stop: called before every batch (on every rank, which must then run equal batch counts); it
-    may raise to end the generation there (a preemption)."""
+    may raise to end the generation there (a preemption). Generation stops at EOS and at the template's
+    end-of-turn token (the one training rows end answers with)."""
     from tqdm import tqdm
 
     device = next(p for p in model.parameters()).device
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    stop = sorted({tokenizer.eos_token_id, end_of_turn_id(tokenizer, chat_template)})
     out: list[str] = []
     starts = tqdm(range(0, len(texts), batch_size), desc=progress, unit="batch", leave=False,
                   disable=progress is None or not dist.is_main())
     for start in starts:
         if check_stop:
             check_stop()
-        enc = _encode_left_padded(tokenizer, texts[start:start + batch_size], device)
+        enc = _encode_left_padded(tokenizer, texts[start:start + batch_size], device, chat_template == "guanaco")
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, use_cache=True, synced_gpus=synced_gpus,
+                             eos_token_id=stop, use_cache=True, synced_gpus=synced_gpus,
                              **sampling)
         new = gen[:, enc["input_ids"].shape[1]:]
         out += tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -76,11 +81,28 @@ def load_for_inference(base: str, adapter: str | None = None, bits: int | None =
     return model, load_tokenizer(path)
 
 
+def chat_template_of(adapter: str | None, chosen: str | None, tokenizer, base: str) -> str:
+    """The prompt format to answer in: `chosen` (--chat-template), else the adapter's (its qlora_dist.json
+    prompt_template: the run's data.chat_template), else guanaco."""
+    saved = adapter_settings.read(adapter) if adapter else None
+    template = chosen or (saved or {}).get("prompt_template", "guanaco")
+    why = "--chat-template" if chosen else f"{adapter}/{adapter_settings.FILE}" if saved else "the default"
+    if template not in CHAT_TEMPLATES:
+        raise ConfigError([f"{adapter}/{adapter_settings.FILE}: prompt_template {template!r} is not one of "
+                           f"{', '.join(CHAT_TEMPLATES)}"])
+    if template == "tokenizer" and not tokenizer.chat_template:
+        raise ConfigError([f"{why}: 'tokenizer', but the tokenizer of {base} has no chat template; "
+                           "use --chat-template guanaco"])
+    dist.log(f"prompt format: {template} (from {why})")
+    return template
+
+
 def answer(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0,
-           top_p: float = 1.0) -> str:
-    """One prompt in the released models' inference format; the assistant's reply."""
-    text = generate_texts(model, tokenizer, [guanaco_inference(prompt)], max_new_tokens, 1, temperature, top_p)[0]
-    return cut_answer(text)
+           top_p: float = 1.0, chat_template: str = "guanaco") -> str:
+    """One prompt in the inference format of `chat_template` (guanaco: the released models'); the reply."""
+    text = generate_texts(model, tokenizer, [chat_prompt(chat_template, tokenizer, [prompt], [])], max_new_tokens,
+                          1, temperature, top_p, chat_template=chat_template)[0]
+    return cut_answer(text, template=chat_template)
 
 
 # ------------------------------------------------------------------------------------ prompt files
@@ -139,7 +161,7 @@ def random_answer_id() -> str:
 
 def answer_questions(model, tokenizer, questions: list[Question], max_new_tokens: int = 256,
                      temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8, rank: int = 0,
-                     world_size: int = 1) -> list[list[str]]:
+                     world_size: int = 1, chat_template: str = "guanaco") -> list[list[str]]:
     """Each question's answers, one per turn, in question order on every rank. Question i is answered by
     rank i % world_size (each rank holds the whole model, so ranks need not run equal counts); turn k
     of a conversation is answered with the earlier turns and answers in the prompt."""
@@ -147,10 +169,11 @@ def answer_questions(model, tokenizer, questions: list[Question], max_new_tokens
     answers: dict[int, list[str]] = {i: [] for i in mine}
     for turn in range(max((len(questions[i].turns) for i in mine), default=0)):
         todo = [i for i in mine if len(questions[i].turns) > turn]
-        prompts = [guanaco_conversation(questions[i].turns[:turn + 1], answers[i]) for i in todo]
-        texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p)
+        prompts = [chat_prompt(chat_template, tokenizer, questions[i].turns[:turn + 1], answers[i]) for i in todo]
+        texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p,
+                               chat_template=chat_template)
         for i, text in zip(todo, texts):
-            answers[i].append(cut_answer(text))
+            answers[i].append(cut_answer(text, template=chat_template))
     merged: dict[int, list[str]] = {}
     for part in dist.gather_objects(answers):
         merged.update(part)

@@ -1,7 +1,8 @@
-"""The model: a local LLaMA folder loaded in NF4 (double quant, bf16 compute), LoRA on every linear layer.
+"""The model: a local Hugging Face folder of a tested family (model/folder.py TESTED_FAMILIES: LLaMA 1-3,
+Mistral, Qwen2, Qwen3, Gemma-2, Phi-3) loaded in NF4 (double quant, bf16 compute), LoRA on every linear layer.
 
-Loading goes through transformers' `from_pretrained` with a `BitsAndBytesConfig`, so any HF LLaMA folder
-works, exactly as the seed's own loading code does.
+Loading goes through transformers' `from_pretrained` with a `BitsAndBytesConfig`, exactly as the seed's own
+loading code does, or through our layer-wise loader (model/loader.py) under ZeRO-3.
 """
 from __future__ import annotations
 
@@ -26,9 +27,12 @@ def check_model_folder(path: Path, key: str = "model.path") -> None:
 def load_base(path: Path, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
               compute_dtype: str = "bfloat16", attn_implementation: str = "sdpa", device=None):
     """The frozen base model, quantized on load unless bits == 16."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora_dist.model.loader import attention_for
 
     check_model_folder(path)
+    attn_implementation = attention_for(AutoConfig.from_pretrained(path), attn_implementation)
     kwargs = {}
     if device is not None and device.type == "cuda":
         kwargs["device_map"] = {"": device.index}
@@ -46,8 +50,9 @@ def load_tokenizer(path: Path | str):
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(path))
     if tokenizer.pad_token is None:
-        # Padding positions are masked (attention and labels), so any id will do; reusing EOS avoids
-        # resizing the embeddings, which would change the base model.
+        # Llama-3 (and others) ship no pad token. Padding positions are masked by length (attention and
+        # labels: data/batches.py collate), never by id, so reusing EOS as padding keeps each example's own
+        # EOS label; a new token would mean resizing the embeddings, which would change the base model.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -110,12 +115,15 @@ def prepare_for_training(model: torch.nn.Module, cfg: Config) -> None:
     model.config.use_cache = False
     from qlora_dist.model import fastpath
 
-    if cfg.model.fused_loss:
-        fastpath.install_fused_loss(model)  # needs lm_head frozen, as just set
+    from qlora_dist.launch import dist
+
+    if cfg.model.fused_loss and not fastpath.install_fused_loss(model):  # needs lm_head frozen, as just set
+        dist.log(f"model.fused_loss: not used ({fastpath.fused_loss_refusal(model.get_base_model())}): "
+                 "transformers' loss instead")
     if cfg.model.fused_lora:
         fastpath.install_fused_lora(model)
-    if cfg.model.compile_kernels:
-        fastpath.install_compiled_kernels(model)
+    if cfg.model.compile_kernels and not fastpath.install_compiled_kernels(model):
+        dist.log("model.compile_kernels: LLaMA's modules only; this model keeps transformers' eager kernels")
 
 
 def use_layerwise(cfg: Config, zero_stage: int) -> bool:

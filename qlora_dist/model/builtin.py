@@ -1,7 +1,8 @@
-"""Built-in models: the embedded SmolLM2-135M-Instruct and a tiny random LLaMA for fast tests.
+"""Built-in models: the embedded SmolLM2-135M-Instruct, a tiny random LLaMA for fast tests, and one tiny
+random model per tested family (`model.path=tiny:qwen2` and so on: TINY_FAMILIES below).
 
-`model.path=smollm2` and `model.path=tiny-llama` resolve to a normal Hugging Face folder in the cache
-(`$QLORA_DIST_CACHE`, default ~/.cache/qlora-dist), made once on first use. Several processes may ask
+`model.path=smollm2`, `tiny-llama` and `tiny:<family>` resolve to a normal Hugging Face folder in the
+cache (`$QLORA_DIST_CACHE`, default ~/.cache/qlora-dist), made once on first use. Several processes may ask
 at the same time (ranks, parallel tests): a file lock lets one build it, and the folder appears by an
 atomic rename, so nobody ever reads a half-written model.
 
@@ -27,6 +28,7 @@ import torch
 from qlora_dist.launch import dist
 
 BUILTIN_MODELS = ("smollm2", "tiny-llama")
+TINY_PREFIX = "tiny:"  # model.path=tiny:<family>: see TINY_FAMILIES
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -39,7 +41,14 @@ def resolve_model_path(path: str) -> Path:
     name stays as it is: it has no folder, see random_size)."""
     if path in BUILTIN_MODELS:
         return ensure_builtin(path, cache_dir() / path)
+    if family := tiny_family(path):
+        return ensure_builtin(path, cache_dir() / f"tiny-{family}")
     return Path(path).expanduser()
+
+
+def is_builtin(path: str | os.PathLike | None) -> bool:
+    """A name this module builds (smollm2, tiny-llama, tiny:<family>), not a folder of the user's."""
+    return path is not None and (str(path) in BUILTIN_MODELS or tiny_family(path) is not None)
 
 
 # What building each one costs the first time (the SmolLM2 conversion: ~30 s on 2 CPU cores).
@@ -68,11 +77,14 @@ def ensure_builtin(name: str, out: Path) -> Path:
     with _locked(out):
         if (out / "config.json").is_file():  # another process built it while we waited
             return out
-        dist.log(f"{_BUILDING[name]} ({out})")
+        dist.log(f"{_BUILDING.get(name, f'writing the tiny test model {name} (random weights) once: a few seconds')} ({out})")
         start = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
-            {"smollm2": _write_smollm2, "tiny-llama": _write_tiny_llama}[name](tmp)
+            if family := tiny_family(name):
+                _write_tiny_family(tmp, family)
+            else:
+                {"smollm2": _write_smollm2, "tiny-llama": _write_tiny_llama}[name](tmp)
             if out.exists():
                 shutil.rmtree(out)
             tmp.rename(out)
@@ -194,3 +206,65 @@ def random_llama_config(size: str):
 def tokenizer_folder(path: str | os.PathLike) -> Path:
     """Where the tokenizer of model.path lives: tiny-llama's folder for `random:` weights, else the model's."""
     return resolve_model_path(RANDOM_TOKENIZER if random_size(path) else str(path))
+
+
+# --------------------------------------------------------------------------------- tiny:<family> models
+# One tiny random model per tested family, built from transformers' own config class (no download), with
+# what makes the family differ from LLaMA-1 in the places our code touches: grouped-query attention,
+# rope scaling, tied embeddings, attention biases, q/k norms, soft-capping and Gemma's four norms per
+# layer, fused projections. Sizes are multiples of 64 (bitsandbytes' NF4 block); every one has 2 layers,
+# hidden 64, 4 heads and the tiny-llama tokenizer (512 ids).
+_TINY_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 128}
+# family: (config class name, its own settings, whether the tokenizer ships a pad token)
+TINY_FAMILIES: dict[str, tuple[str, dict, bool]] = {
+    "llama1": ("LlamaConfig", dict(num_key_value_heads=4, tie_word_embeddings=False), True),
+    "llama2": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=False), True),
+    # Llama-3.2-1B-like: GQA, llama3 rope scaling, tied embeddings, and (as Llama-3) no pad token.
+    "llama3": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_parameters=_LLAMA3_ROPE,
+                                   pad_token_id=None), False),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, tie_word_embeddings=False, sliding_window=4096), True),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True), True),  # q/k/v biases
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=True), True),
+    # Gemma-2: head_dim apart from hidden/heads, logit soft-capping (attention and final), 4 norms a layer.
+    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
+                                    sliding_window=256, tie_word_embeddings=True), True),
+    "phi3": ("Phi3Config", dict(num_key_value_heads=2, tie_word_embeddings=False,
+                                original_max_position_embeddings=512), True),  # fused qkv and gate_up
+}
+
+
+def tiny_family(path: str | os.PathLike | None) -> str | None:
+    """'qwen2' for model.path 'tiny:qwen2'; None for any other path; a ConfigError for an unknown family."""
+    path = None if path is None else str(path)
+    if not path or not path.startswith(TINY_PREFIX):
+        return None
+    family = path[len(TINY_PREFIX):]
+    if family not in TINY_FAMILIES:
+        from qlora_dist.errors import ConfigError
+
+        raise ConfigError([f"model.path: {path!r}: unknown family {family!r}; tiny models: "
+                           + ", ".join(TINY_PREFIX + f for f in TINY_FAMILIES)])
+    return family
+
+
+def tiny_family_config(family: str, vocab_size: int):
+    import transformers
+
+    class_name, own, _ = TINY_FAMILIES[family]
+    return getattr(transformers, class_name)(**{**_TINY_COMMON, **own, "vocab_size": vocab_size,
+                                                "dtype": torch.bfloat16})
+
+
+def _write_tiny_family(out: Path, family: str, seed: int = 0) -> None:
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = _tiny_tokenizer()
+    if not TINY_FAMILIES[family][2]:
+        tokenizer.pad_token = None  # as Llama-3's tokenizer: model/base.py load_tokenizer must cope
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_family_config(family, len(tokenizer)))
+    model.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)

@@ -13,7 +13,7 @@ token) is kept for the backward. Positions whose label is ignored (-100: the sou
 reach lm_head at all. Numerics follow transformers' path: logits from a matmul in the model's dtype,
 softmax in fp32, the logits' gradient rounded to the model's dtype before the matmul with the weight.
 
-`install_fused_loss(model)` gives the model's LlamaForCausalLM its own forward: with labels it returns
+`install_fused_loss(model)` gives the model's causal LM (the families of FUSED_LOSS_FAMILIES) its own forward: with labels it returns
 the loss (logits None); without labels (generation, evaluation) it is transformers' own forward. The
 engine's forward still goes through the root module, so DeepSpeed's hooks (ZeRO-3 gathering) run as
 usual; the lm_head weight, partitioned under ZeRO-3, is gathered for the loss explicitly.
@@ -138,11 +138,32 @@ def linear_cross_entropy(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels:
                                          token_weights)
 
 
-def supports_fused_loss(causal_lm: torch.nn.Module) -> bool:
-    """A plain, frozen, bias-free lm_head (LoRA never targets it); anything else keeps transformers' path."""
+# Families whose causal LM computes `lm_head(hidden)` and the loss, nothing between (transformers 5.24):
+# the fused loss computes exactly that. Gemma-2 caps the logits (tanh(logits / c) * c) before the loss
+# when final_logit_softcapping is set, which the chunked loss does not do: it declines there.
+FUSED_LOSS_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def fused_loss_refusal(causal_lm: torch.nn.Module) -> str | None:
+    """Why the fused loss does not apply to this model (None: it does)."""
+    config = getattr(causal_lm, "config", None)
+    family = getattr(config, "model_type", None)
+    if family not in FUSED_LOSS_FAMILIES:
+        return f"model_type {family!r} is not among the families it was checked on ({', '.join(FUSED_LOSS_FAMILIES)})"
+    if transform := next((k for k in LOGIT_TRANSFORMS if getattr(config, k, None) is not None), None):
+        return f"{family} transforms its logits before the loss ({transform}={getattr(config, transform)})"
     head = getattr(causal_lm, "lm_head", None)
-    return (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
-            and hasattr(causal_lm, "model") and getattr(causal_lm.config, "final_logit_softcapping", None) is None)
+    if not (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+            and hasattr(causal_lm, "model")):
+        return "lm_head is not a plain, frozen, bias-free linear layer"
+    return None
+
+
+def supports_fused_loss(causal_lm: torch.nn.Module) -> bool:
+    """A plain, frozen, bias-free lm_head (LoRA never targets it) of a checked family whose logits go to the
+    loss as they are; anything else keeps transformers' path."""
+    return fused_loss_refusal(causal_lm) is None
 
 
 def install_fused_loss(model: torch.nn.Module) -> bool:
@@ -274,9 +295,13 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
 def install_compiled_kernels(model: torch.nn.Module) -> int:
     """Compiled RMSNorm and SwiGLU forwards on this model's modules; the rotary embedding for the process:
     transformers 5.24's LlamaAttention.forward calls the module-level apply_rotary_pos_emb, so that name
-    is replaced in transformers.models.llama.modeling_llama. Returns how many modules were changed."""
+    is replaced in transformers.models.llama.modeling_llama. Returns how many modules were changed: 0 for
+    any other family (their norms, MLPs and rotary functions are their own classes: Gemma's norm scales by
+    1 + weight, Phi-3's MLP is fused), which keep transformers' eager forwards."""
     from transformers.models.llama import modeling_llama as llama
 
+    if getattr(getattr(model, "config", None), "model_type", None) != "llama":
+        return 0
     count = 0
     for module in model.modules():
         if isinstance(module, llama.LlamaRMSNorm):

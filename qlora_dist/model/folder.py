@@ -7,7 +7,22 @@ import json
 import struct
 from pathlib import Path
 
-SUPPORTED_MODEL_TYPES = ("llama",)
+# The families tests/test_families.py trains end to end (tiny random models of model/builtin.py): NF4 load
+# through from_pretrained and the layer-wise loader, LoRA on every linear layer, 2-rank ZeRO-3, export,
+# reload, packing, MMLU, generate, merge; and the planner to the byte. README.md has the same table.
+TESTED_FAMILIES = {
+    "llama": "LLaMA-1, Llama-2, Llama-3.x (GQA, llama3 rope scaling, tied or untied embeddings)",
+    "mistral": "Mistral (GQA, sliding window)",
+    "qwen2": "Qwen2 / Qwen2.5 (q/k/v biases)",
+    "qwen3": "Qwen3 dense (q/k norms)",
+    "gemma2": "Gemma-2 (soft-capping, 4 norms a layer; the fused loss steps aside)",
+    "phi3": "Phi-3 (fused qkv and gate_up projections)",
+}
+SUPPORTED_MODEL_TYPES = tuple(TESTED_FAMILIES)
+# Mixture-of-experts: transformers 5.x keeps each layer's experts as fused 3-D parameters (MixtralExperts,
+# Qwen3MoeExperts: gate_up_proj [experts, 2 x inter, hidden]), which are not nn.Linear, so bitsandbytes
+# leaves them in 16 bit (no NF4) and LoRA on "all linear layers" never reaches them.
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
 CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 MAX_HEADER = 100 * 2**20  # safetensors refuses headers over 100 MB too
@@ -36,7 +51,8 @@ def safetensors_problems(path: Path, key: str = "model.path") -> list[str]:
     return []
 
 
-def _config_problems(path: Path, key: str) -> list[str]:
+def config_problems(path: Path, key: str = "model.path") -> list[str]:
+    """config.json's problems: missing, unreadable, a family we cannot train, missing sizes."""
     file = path / "config.json"
     if not file.is_file():
         return [f"{key}: {path} has no config.json: not a Hugging Face model folder"]
@@ -48,11 +64,24 @@ def _config_problems(path: Path, key: str) -> list[str]:
         return [f"{key}: {file}:{exc.lineno}: not valid JSON: {exc.msg}"]
     if not isinstance(config, dict):
         return [f"{key}: {file}: expected a JSON object"]
-    if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        return [f"{key}: {path} holds a {config.get('model_type')!r} model; qlora-dist trains LLaMA-architecture "
-                "models (model_type llama)"]
+    if family_problem := unsupported(config):
+        return [f"{key}: {path} holds a {config.get('model_type')!r} model: {family_problem}"]
     missing = [k for k in CONFIG_KEYS if not isinstance(config.get(k), int)]
     return [f"{key}: {file}: missing or non-integer {', '.join(missing)}"] if missing else []
+
+
+def unsupported(config: dict) -> str | None:
+    """Why a config.json's model cannot be trained here and what would work; None when it can."""
+    tested = ", ".join(TESTED_FAMILIES)
+    experts = next((config[k] for k in EXPERT_KEYS if isinstance(config.get(k), int) and config[k] > 0), None)
+    if experts:
+        return (f"a mixture of {experts} experts, which transformers stores as fused 3-D parameters that "
+                "bitsandbytes does not quantize to NF4 and LoRA on linear layers does not reach; "
+                f"qlora-dist trains dense decoder-only models: {tested} (e.g. a dense Qwen3 or Mistral instead "
+                "of Qwen3-MoE or Mixtral)")
+    if config.get("model_type") not in TESTED_FAMILIES:
+        return f"not a tested family; qlora-dist trains model_type {tested} (see the families table in README.md)"
+    return None
 
 
 def _weight_files(path: Path, key: str) -> tuple[list[Path], list[str]]:
@@ -77,7 +106,7 @@ def problems(path: Path, key: str = "model.path") -> list[str]:
     """Everything wrong with a model folder that can be known without reading a tensor."""
     if not path.is_dir():
         return [f"{key}: model folder not found: {path}" if not path.exists() else f"{key}: {path} is not a folder"]
-    errs = _config_problems(path, key)
+    errs = config_problems(path, key)
     if not any(all((path / f).is_file() for f in group) for group in TOKENIZER_FILES):
         errs.append(f"{key}: {path} has no tokenizer files (tokenizer.json, tokenizer.model, or vocab.json + merges.txt)")
     files, weight_errs = _weight_files(path, key)

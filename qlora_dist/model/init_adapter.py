@@ -19,8 +19,6 @@ from qlora_dist.model import folder
 # adapter_config.json key -> our key
 LORA_KEYS = {"r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
              "target_modules": "lora.target_modules"}
-# What lora.target_modules=all-linear means on a LLaMA-architecture model (every linear layer but lm_head).
-LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def read(adapter_dir: str | Path, key: str = "train.init_adapter") -> dict:
@@ -46,10 +44,28 @@ def _ours(adapter_key: str, value):
     return value
 
 
-def _same(our_key: str, mine, theirs) -> bool:
+def _all_linear(model_path: str) -> set[str]:
+    """What lora.target_modules=all-linear means for this model's family (Phi-3 has qkv_proj, LLaMA q/k/v):
+    the linear layers of the model built from its config on the meta device (no weights read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora_dist.model.base import lora_target_names
+    from qlora_dist.model.builtin import random_llama_config, random_size, resolve_model_path
+
+    size = random_size(model_path)
+    config = random_llama_config(size) if size else AutoConfig.from_pretrained(resolve_model_path(model_path))
+    with init_empty_weights():
+        return set(lora_target_names(AutoModelForCausalLM.from_config(config)))
+
+
+def _same(our_key: str, mine, theirs, model_path: str) -> bool:
     if our_key == "lora.target_modules":
-        expand = lambda names: set(LLAMA_LINEAR) if names == ["all-linear"] else set(names)  # noqa: E731
-        return expand(list(mine)) == expand(list(theirs))
+        mine, theirs = set(mine), set(theirs)
+        if mine != theirs and {"all-linear"} in (mine, theirs):
+            expand = _all_linear(model_path)
+            mine, theirs = (expand if s == {"all-linear"} else s for s in (mine, theirs))
+        return mine == theirs
     return float(mine) == float(theirs)
 
 
@@ -68,7 +84,7 @@ def problems(cfg: Config) -> list[str]:
     for theirs, ours in LORA_KEYS.items():
         if ours in cfg.user_keys and theirs in data:
             mine = getattr(cfg.lora, ours.split(".")[1])
-            if not _same(ours, mine, _ours(theirs, data[theirs])):
+            if not _same(ours, mine, _ours(theirs, data[theirs]), cfg.model.path):
                 errs.append(f"{ours}: you set {mine!r} but the adapter {cfg.train.init_adapter} was trained with "
                             f"{theirs}={data[theirs]!r}; drop {ours} to take the adapter's value")
     return errs

@@ -75,24 +75,52 @@ class RandomSource:
 
 
 def _pieces(model) -> list[tuple[str, torch.nn.Module]]:
-    """The units loaded (and partitioned) one at a time, in forward order."""
+    """The units loaded (and partitioned) one at a time, in forward order. Every tested family (see
+    model/folder.py TESTED_FAMILIES) names them alike: model.embed_tokens, model.layers.N, model.norm,
+    lm_head; a model with parameters elsewhere is refused here rather than left on `meta`."""
     inner = model.model
     pieces = [("model.embed_tokens", inner.embed_tokens)]
     pieces += [(f"model.layers.{i}", layer) for i, layer in enumerate(inner.layers)]
     pieces += [("model.norm", inner.norm), ("lm_head", model.lm_head)]
+    covered = {id(p) for _, piece in pieces for p in piece.parameters()}
+    if stray := [name for name, p in model.named_parameters() if id(p) not in covered]:
+        raise NotImplementedError(f"{type(model).__name__}: the layer-wise loader does not know where "
+                                  f"{', '.join(stray[:3])} belong (use model.loader=hf)")
     return pieces
 
 
-def _linear4bit(linear: torch.nn.Linear, weight: torch.Tensor, quant: dict, device) -> torch.nn.Module:
+def _linear4bit(linear: torch.nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None, quant: dict,
+                device) -> torch.nn.Module:
+    """An NF4 Linear4bit as transformers' from_pretrained makes it: weight packed, bias kept in 16 bit."""
     import bitsandbytes as bnb
 
-    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, device="meta",
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias is not None, device="meta",
                               compute_dtype=quant["compute_dtype"], compress_statistics=quant["double_quant"],
                               quant_type=quant["quant_type"], quant_storage=quant["compute_dtype"])
     layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=quant["double_quant"],
                                      quant_type=quant["quant_type"], quant_storage=quant["compute_dtype"],
                                      module=layer).to(device)  # .to() quantizes
+    if bias is not None:
+        layer.bias = torch.nn.Parameter(bias, requires_grad=False)
     return layer
+
+
+def _real_buffers(root: torch.nn.Module, config, device) -> None:
+    """Give the buffers that `meta` left empty their values: they are computed, not stored (persistent=False).
+    Rotary embeddings are rebuilt from the config; Gemma's scaled embedding holds sqrt(hidden)."""
+    for name, module in list(root.named_modules()):
+        if not any(b.device.type == "meta" for b in module.buffers(recurse=False)):
+            continue
+        if hasattr(module, "scalar_embed_scale"):  # Gemma2TextScaledWordEmbedding (transformers 5.24)
+            module.embed_scale = torch.tensor(module.scalar_embed_scale, device=device)
+        elif "RotaryEmbedding" in type(module).__name__ and not list(module.parameters(recurse=False)):
+            with torch.device(device):
+                new = type(module)(config)
+            parent_name, _, attr = name.rpartition(".")
+            setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
+        else:
+            raise NotImplementedError(f"{type(module).__name__} ({name}): a buffer the layer-wise loader cannot "
+                                      "rebuild (use model.loader=hf)")
 
 
 def _materialize(piece: torch.nn.Module, prefix: str, source: TensorSource, quant: dict | None,
@@ -100,9 +128,10 @@ def _materialize(piece: torch.nn.Module, prefix: str, source: TensorSource, quan
     """Give one meta piece real (and, for linear layers, quantized) weights."""
     for name, child in list(piece.named_modules()):
         full = f"{prefix}.{name}" if name else prefix
-        if quant and isinstance(child, torch.nn.Linear) and child.bias is None and prefix != "lm_head":
+        if quant and isinstance(child, torch.nn.Linear) and prefix != "lm_head":
             weight = source.get(f"{full}.weight", child.weight.shape, dtype, device)
-            new = _linear4bit(child, weight, quant, device)
+            bias = None if child.bias is None else source.get(f"{full}.bias", child.bias.shape, dtype, device)
+            new = _linear4bit(child, weight, bias, quant, device)
             del weight
             if name:
                 parent_name, _, attr = name.rpartition(".")
@@ -114,19 +143,35 @@ def _materialize(piece: torch.nn.Module, prefix: str, source: TensorSource, quan
                 child._parameters[pname] = torch.nn.Parameter(value, requires_grad=False)
 
 
+def attention_for(config, wanted: str) -> str:
+    """`wanted` unless the family's class cannot run it: Gemma-2 refuses sdpa (transformers 5.24:
+    `_supports_sdpa = False`, sdpa has no attention soft-capping), so it runs eager attention."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if wanted == "sdpa" and cls is not None and not getattr(cls, "_supports_sdpa", True):
+        from qlora_dist.launch import dist
+
+        dist.log(f"{cls.__name__} has no sdpa attention in transformers (soft-capping): using eager")
+        return "eager"
+    return wanted
+
+
 def load_layerwise(config, source: TensorSource, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
                    compute_dtype: str = "bfloat16", device=None, ds_config: dict | None = None,
                    attn_implementation: str = "sdpa", on_piece=None):
-    """A LlamaForCausalLM built piece by piece; partitioned as it goes when ds_config is ZeRO-3.
-    on_piece(name): called after each piece, on every rank alike (progress, or a stop point that raises)."""
+    """The config's causal LM (its family's own class, built on `meta` by AutoModelForCausalLM) loaded piece
+    by piece; partitioned as it goes when ds_config is ZeRO-3. on_piece(name): called after each piece, on
+    every rank alike (progress, or a stop point that raises)."""
     import deepspeed
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     device = torch.device(device or "cpu")
     dtype = DTYPES[compute_dtype]
+    attn_implementation = attention_for(config, attn_implementation)
     config._attn_implementation = attn_implementation
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     quant = None if bits == 16 else {"compute_dtype": dtype, "quant_type": quant_type, "double_quant": double_quant}
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for prefix, piece in _pieces(model):
@@ -134,14 +179,14 @@ def load_layerwise(config, source: TensorSource, bits: int = 4, quant_type: str 
             model.lm_head.weight = model.model.embed_tokens.weight  # already loaded (and partitioned)
             continue
         _materialize(piece, prefix, source, quant, dtype, device)
+        _real_buffers(piece, config, device)  # before zero.Init, which moves buffers
         if ds_config is not None:
             deepspeed.zero.Init(module=piece, config_dict_or_path=ds_config)
         gc.collect()
         compat.release_freed_memory()
         if on_piece:
             on_piece(prefix)
-    with torch.device(device):  # the rotary buffers were made on meta: rebuild them for real
-        model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    _real_buffers(model, config, device)  # the rotary embedding, outside every piece
     if quant:
         model.config.quantization_config = quantization_config(bits, quant_type, double_quant, compute_dtype)
         model.is_loaded_in_4bit = True  # what peft checks to wrap Linear4bit layers with 4-bit LoRA

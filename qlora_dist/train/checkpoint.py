@@ -9,7 +9,8 @@ Layout of OUTPUT/checkpoint-<step>/ (the adapter part is the original QLoRA code
     config.yaml                the run's configuration as given (`auto` stays `auto`; a starting
                                adapter's lora.* values filled in where the user set none)
     run_plan.json              what `auto` resolved to on this run (compute dtype, micro batch, ...)
-    progress.json              step, data position, seed, world size, data content sha256
+    progress.json              step, data position, seed, world size, data content sha256, validation
+                               loss, and the best checkpoint so far (checkpoint.keep_best)
     manifest.json              size and sha256 of every other file: written last (see train/manifest.py)
 
 Everything is written into OUTPUT/.tmp-checkpoint-<step>/ and renamed into place only when complete,
@@ -42,7 +43,7 @@ import torch
 import yaml
 
 from qlora_dist import atomic, compat
-from qlora_dist.config import RESUMABLE_CHANGES, Config, flat
+from qlora_dist.config import ADDED_AT_DEFAULT, RESUMABLE_CHANGES, Config, flat
 from qlora_dist.errors import ConfigError, RunFault
 from qlora_dist.launch import dist
 from qlora_dist.paths import CHECKPOINT_RE, RunPaths
@@ -67,6 +68,9 @@ class Progress:
     saved_at: float = 0.0
     data_sha256: str | None = None  # content of the training rows (corpus.content_sha256); None: older run
     nonfinite_steps: int = 0  # steps skipped so far for a NaN/inf (train/guard.py): the limit spans requeues
+    eval_loss: float | None = None  # validation loss at this step (evaluate/validation.py), if validated
+    best_step: int | None = None  # the checkpoint of the lowest eval_loss so far, this one included
+    best_eval_loss: float | None = None  # (checkpoint.keep_best keeps it; recorded here to survive resume)
 
 
 def read_progress(ckpt: Path) -> Progress:
@@ -186,7 +190,7 @@ def _completed_step(paths: RunPaths) -> int:
 
 
 def config_differences(saved: dict, cfg: Config, also_resumable: tuple[str, ...] = ()) -> list[str]:
-    old, new = flat(saved), flat(cfg.to_dict())
+    old, new = {**ADDED_AT_DEFAULT, **flat(saved)}, flat(cfg.to_dict())
     keys = sorted(set(old) | set(new))
     return [(f"{k}: checkpoint has {old[k]!r}" if k in old else
              f"{k}: not in the checkpoint (saved by a qlora-dist before the key existed)")
@@ -476,22 +480,40 @@ class Checkpointer:
         q = self.cfg.quantization
         adapter_settings.write(tmp / "adapter_model", base_model=str(self.cfg.model.path), bits=q.bits,
                                quant_type=q.quant_type, double_quant=q.double_quant,
-                               compute_dtype=self.plan["compute_dtype"])
+                               compute_dtype=self.plan["compute_dtype"], prompt_template=self.cfg.data.chat_template)
         (tmp / "config.yaml").write_text(self.cfg.to_yaml())
         atomic.write_text(tmp / "run_plan.json", json.dumps(self.plan, indent=2))
         atomic.write_text(tmp / environment.FILE, json.dumps(environment.describe(), indent=2))
         progress.saved_at = time.time()
+        self._rank_best(progress)
         atomic.write_text(tmp / "progress.json", json.dumps(asdict(progress), indent=2))
 
+    def _rank_best(self, progress: Progress) -> None:
+        """Carry the best checkpoint so far (lowest validation loss) from the newest earlier checkpoint's
+        progress record into this one's, replaced by this one where its loss is lower."""
+        earlier = [c for c in self.paths.checkpoints() if int(CHECKPOINT_RE.match(c.name).group(1)) < progress.step]
+        try:
+            before = read_progress(earlier[-1]) if earlier else None
+        except ConfigError:  # damaged since (it was verified when resumed): rank from here
+            before = None
+        best = (before.best_eval_loss, before.best_step) if before and before.best_step is not None else None
+        if progress.eval_loss is not None and (best is None or progress.eval_loss < best[0]):
+            best = (progress.eval_loss, progress.step)
+        progress.best_eval_loss, progress.best_step = best or (None, None)
+
     def _prune(self) -> None:
-        """Keep the newest checkpoint.keep_last checkpoints; never the newest one unless it verifies."""
+        """Keep the newest checkpoint.keep_last checkpoints, and under checkpoint.keep_best the one of the
+        lowest validation loss (named by the newest one's progress record); never prune unless the newest
+        one verifies."""
         keep, ckpts = self.cfg.checkpoint.keep_last, self.paths.checkpoints()
         if keep <= 0 or len(ckpts) <= keep:
             return
         if why := checkpoint_problem(ckpts[-1], deep=False):
             raise RunFault(f"{why}: the checkpoint just written does not verify; pruning nothing")
+        best = read_progress(ckpts[-1]).best_step if self.cfg.checkpoint.keep_best else None
         for old in ckpts[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if best is None or old != self.paths.checkpoint(best):
+                shutil.rmtree(old, ignore_errors=True)
 
     def finalize(self, ckpt: Path, info: dict) -> None:
         """Rank 0 at the end: OUTPUT/adapter_model (a copy of the last adapter) and the `completed` record."""

@@ -134,3 +134,16 @@ def initialize(cfg: Config, model: torch.nn.Module, ds: dict[str, Any]):
                                            model_parameters=params, config=ds)
     compat.engine_train_mode(engine)
     return engine
+
+
+def paged_optimizer_gb() -> float:
+    """GB of the paged optimizer's states (bitsandbytes keeps them in CUDA unified memory, outside the
+    allocator that `max_memory_allocated` counts): reported beside the allocator's peak, never hidden.
+    0 on CPU, where bitsandbytes 0.50.2 falls back to ordinary tensors."""
+    import sys
+
+    if "bitsandbytes" not in sys.modules:
+        return 0.0
+    from bitsandbytes.functional import GlobalPageManager
+
+    return sum(t.numel() * t.element_size() for t in GlobalPageManager.get_instance().paged_tensors) / 1e9

@@ -68,14 +68,19 @@ class StepObjective:
 
 
 def micro_loss(engine, batch: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """This micro-batch's share of the step's objective: the sum of weight x cross-entropy. The fused loss
-    (model.fused_loss, fastpath.py) takes the weights in its forward; transformers' forward knows no such
-    key, so without the fused loss the logits come back and the loss is computed here."""
-    model = engine.module
+    """This micro-batch's share of the step's objective: the sum of weight x cross-entropy."""
+    return weighted_loss(engine, engine.module, batch, weights)
+
+
+def weighted_loss(forward, model, batch: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """sum of weight x cross-entropy of `batch`, run through `forward` (the engine in training, the module
+    itself in validation). The fused loss (model.fused_loss, fastpath.py) takes the weights in its forward;
+    transformers' forward knows no such key, so without the fused loss the logits come back and the loss
+    is computed here."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(causal_lm, "_qlora_fused_loss", False):
-        return engine(**batch, loss_weights=weights).loss
-    logits = engine(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return forward(**batch, loss_weights=weights).loss
+    logits = forward(**{k: v for k, v in batch.items() if k != "labels"}).logits
     return weighted_cross_entropy(logits, batch["labels"], weights)
 
 

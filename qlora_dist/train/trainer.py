@@ -18,7 +18,7 @@ from qlora_dist.config import Config
 from qlora_dist.data.batches import BatchSchedule, collate
 from qlora_dist.data.corpus import prepare as prepare_corpus
 from qlora_dist.errors import ConfigError
-from qlora_dist.evaluate import mmlu
+from qlora_dist.evaluate import mmlu, validation
 from qlora_dist.evaluate.exact_match import builtin_accuracy, format_report
 from qlora_dist.launch import dist
 from qlora_dist.model import init_adapter
@@ -30,6 +30,7 @@ from qlora_dist.train.guard import StepGuard
 from qlora_dist.train.engine import build_ds_config, initialize, zero_stage
 from qlora_dist.train.preempt import StopRequest, Stopped
 from qlora_dist.train.runlog import RunLog
+from qlora_dist.train.throughput import Throughput
 
 
 
@@ -52,7 +53,9 @@ class Trainer:
         self.completed = self.checkpointer.completed()
         if self.completed:
             return
-        self.log = RunLog(self.paths, self.checkpointer.start_step, self.cfg.train.max_steps)
+        self.log = RunLog(self.paths, self.checkpointer.start_step, self.cfg.train.max_steps,
+                          self.cfg.train.report_to, self.cfg.to_dict())
+        self.log.throughput = Throughput(0, self.info.world_size)  # its peak read now: a bad one fails early
         self.log.write({"event": "plan", "step": self.checkpointer.start_step, **self.plan.to_json(),
                         "resume_from": str(resume_from) if resume_from else None})
         self.tokenizer = self._setup_tokenizer()
@@ -105,6 +108,9 @@ class Trainer:
         if report:
             self.log.write({"event": "data", **report})
             dist.log(f"{report['summary']}; {report['rows']:,} training rows (cache {report['cache']})")
+        # held out by index after the hash above: the split is a function of (rows, seed, data.eval_size)
+        rows, self.validation_rows = validation.held_out(
+            cfg, rows, lambda other: prepare_corpus(other, self.tokenizer, self.info, self.paths.data_cache)[0])
         if len(rows) < cfg.train.global_batch_size:
             raise ConfigError([f"data.dataset: {len(rows)} training rows, fewer than one global batch "
                                f"(train.global_batch_size={cfg.train.global_batch_size})"])
@@ -123,6 +129,7 @@ class Trainer:
                  + (", partitioned layer by layer (ZeRO-3)" if self.zero_stage == 3 else "") + " ...")
         model = self._load_model()
         trainable, total = count_parameters(model)
+        self.log.throughput.parameters = total  # MFU counts every weight (train/throughput.py)
         dist.log(f"model {self.cfg.model.path} loaded in {time.perf_counter() - start:.1f} s: {trainable:,} trainable LoRA parameters of {total:,}; "
                  f"{self.cfg.quantization.bits}-bit base; ZeRO stage {self.zero_stage}; world size "
                  f"{self.info.world_size}; micro batch {self.ds['train_micro_batch_size_per_gpu']} x accumulation "
@@ -154,8 +161,12 @@ class Trainer:
         self.guard.start(self.engine)
         if self.step == 0 and cfg.eval.at_start:
             self.evaluate("before training")
+        if self.step == 0 and cfg.eval.at_start and self.validation_rows is not None:
+            self.validate("before training")
         while self.step < cfg.train.max_steps:
             self._train_step()
+            if self._validation_due():
+                self.validate(f"step {self.step}")  # before the save: the checkpoint records it (keep_best)
             self._save_or_stop()
             if cfg.eval.steps and self.step % cfg.eval.steps == 0 and self.step < cfg.train.max_steps:
                 self.evaluate(f"step {self.step}")
@@ -240,6 +251,27 @@ class Trainer:
         self.log.note(mmlu.format_report(report, f"MMLU, {when} (step {self.step}):", per_subject=False))
         return report
 
+    def _validation_due(self) -> bool:
+        """Every eval.steps, at the end, and at every save under checkpoint.keep_best (to rank them)."""
+        s, t = self.step, self.cfg.train
+        return self.validation_rows is not None and (
+            s == t.max_steps or bool(self.cfg.eval.steps and s % self.cfg.eval.steps == 0)
+            or (self.cfg.checkpoint.keep_best and s % t.save_steps == 0))
+
+    def validate(self, when: str) -> float:
+        """Validation loss on the held-out rows, each row once over the ranks (evaluate/validation.py)."""
+        self.engine.eval()
+        value = validation.validation_loss(self.engine.module, self.validation_rows, self.cfg.eval.batch_size,
+                                           self.tokenizer.pad_token_id, self.cfg.train.loss_normalization,
+                                           self.info.rank, self.info.world_size, self.device,
+                                           check_stop=lambda: self.stop.point("validate"))
+        compat.engine_train_mode(self.engine)
+        self.validated = (self.step, value)
+        rows = len(self.validation_rows)
+        self.log.write({"event": "validation", "step": self.step, "when": when, "eval_loss": value, "eval_rows": rows})
+        self.log.note(f"validation loss, {when}: {value:.4f} ({rows:,} held-out rows)")
+        return value
+
     # ------------------------------------------------------------------------------------------- save
     def save(self):
         self.stop.at("save")  # a signal from here to the end of the save is only recorded
@@ -247,7 +279,8 @@ class Trainer:
                             epoch=self.schedule.epoch_of(self.step), seed=self.cfg.train.seed,
                             world_size=self.info.world_size, global_batch_size=self.cfg.train.global_batch_size,
                             zero_stage=self.zero_stage, loss=getattr(self, "last_loss", None),
-                            nonfinite_steps=self.guard.skipped)
+                            nonfinite_steps=self.guard.skipped,
+                            eval_loss=self.validated[1] if getattr(self, "validated", (None,))[0] == self.step else None)
         path = self.checkpointer.save(self.engine, progress, self.zero_stage)
         self.saved_step = self.step
         self.log.note(f"saved {path}")
@@ -272,6 +305,11 @@ class Trainer:
             lines = [f"  {t:<12} {100 * first['builtin'][t]['accuracy']:5.1f}% -> "
                      f"{100 * last['builtin'][t]['accuracy']:5.1f}%" for t in last["builtin"]]
             self.log.note("held-out exact match, before -> after:\n" + "\n".join(lines))
+        if losses := self.log.records("validation"):
+            best = min(losses, key=lambda r: r["eval_loss"])
+            self.log.note(f"validation loss: {losses[0]['eval_loss']:.4f} (step {losses[0]['step']}) -> "
+                          f"{losses[-1]['eval_loss']:.4f} (step {losses[-1]['step']}); lowest {best['eval_loss']:.4f} "
+                          f"at step {best['step']}")
         self.log.note(f"done: adapter in {self.paths.adapter}, metrics in {self.paths.metrics}, "
                       f"curve in {self.paths.loss_png}")
 
