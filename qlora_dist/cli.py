@@ -80,7 +80,7 @@ def _cmd_plan(ns) -> None:
     from qlora_dist.recipe import DATASET_PRESETS
 
     if ns.preset in DATASET_PRESETS:
-        size = None  # a dataset alone: the size class comes from model.path (recipe.sized_preset)
+        size = None  # a dataset alone: the size class comes from model.path (memory.sized_preset)
     if size and not any(o.startswith("model.path=") for o in overrides):
         overrides = [f"model.path=llama-{size}", *overrides]  # the shape alone: no weights are read
     if ns.gpu_memory:

@@ -249,8 +249,6 @@ class TrainConfig:
 
     def check(self) -> list[str]:
         errs = []
-        from qlora_dist.train.trackers import TRACKERS  # the names only
-
         errs += [f"train.report_to: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}"
                  for name in self.report_to if name not in TRACKERS]
         if not isinstance(self.max_nonfinite_steps, int) or self.max_nonfinite_steps < 0:
@@ -361,6 +359,8 @@ class Config:
 
 
 GROUPS = [f.name for f in dataclasses.fields(Config) if f.name not in ("preset", "user_keys")]
+# train.report_to name -> (the module that must be importable, the pip extra that brings it): train/trackers.py
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
 AUTO_NEEDS_CAP = "train.micro_batch_size: 'auto' needs train.max_memory_per_gpu (the cap to fit under)"
 # Keys that were renamed: an old name is an error that names the new one.
 RENAMED = {"train.resume_from": "train.init_adapter"}
@@ -547,7 +547,9 @@ def parse_config(path: str | Path | None = None, preset: str | None = None,
     if preset in recipe.DATASET_PRESETS:  # a dataset alone: the size class from the model (recipe.py)
         first, first_errs = parse_config(path, None, overrides)  # its problems are found again below
         try:
-            preset = None if first_errs else recipe.sized_preset(preset, first)
+            from qlora_dist.memory import sized_preset  # reads the model's config.json
+
+            preset = None if first_errs else sized_preset(preset, first)
         except ConfigError as exc:
             errs, preset = list(exc.problems), None
     if preset is not None:

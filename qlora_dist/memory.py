@@ -373,11 +373,37 @@ def shape_for(cfg) -> Shape:
                        "the plan needs the model folder or a paper preset such as 65b-all"])
 
 
+# `--preset oasst1` (a dataset alone, recipe.DATASET_PRESETS): the size class from the model's parameter count.
+def size_class(parameters: int) -> str:
+    """The paper's size class nearest to a parameter count, by ratio (an 8B model is 7b, a 72B one 65b)."""
+    import math
+
+    from qlora_dist.recipe import LLAMA_SHAPES
+
+    return min(LLAMA_SHAPES, key=lambda s: abs(math.log(parameters / Shape.llama(s).parameters())))
+
+
+def sized_preset(dataset: str, cfg) -> str:
+    """The paper preset of `dataset` for the size class of cfg's model (model.path: a folder's config.json,
+    a built-in or random: name); logged. A ConfigError when the model's size cannot be read."""
+    from qlora_dist.errors import ConfigError
+    from qlora_dist.launch import dist
+
+    if not cfg.model.path or "model.path" not in cfg.user_keys:  # the default (smollm2) is no paper base
+        raise ConfigError([f"--preset {dataset}: takes its size class (7b/13b/33b/65b) from the model's parameter "
+                           f"count: set model.path, or name the size (--preset 65b-{dataset})"])
+    params = shape_for(cfg).parameters()
+    name = f"{size_class(params)}-{dataset}"
+    dist.log(f"--preset {dataset}: {cfg.model.path} has {params / 1e9:.2f}B parameters; nearest size class "
+             f"{name.split('-')[0]}: preset {name}")
+    return name
+
+
 def setup_from_config(cfg, world_size: int, shape: Shape | None = None, micro_batch: int | None = None,
                       checkpointing: bool | None = None, on_gpu: bool | None = None) -> Setup:
     import torch
 
-    from qlora_dist.train.engine import read_ds_config, zero_stage
+    from qlora_dist.ds_files import read_ds_config, zero_stage
 
     ds, _ = read_ds_config(cfg.dist.ds_config)
     return Setup(

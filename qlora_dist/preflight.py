@@ -182,13 +182,14 @@ def _memory_plan(resolved: Config, world_size: int, cuda: bool | None, report: R
 
 
 def _ds_config(cfg: Config, world_size: int, report: Report) -> list[str]:
-    from qlora_dist.train.engine import build_ds_config, known_ds_configs
+    from qlora_dist.ds_files import known_ds_configs
+    from qlora_dist.train.engine import build_ds_config
 
     name = cfg.dist.ds_config
     if name not in known_ds_configs() and Path(name).suffix != ".json":
         return [f"dist.ds_config: unknown {name!r}; allowed: {', '.join(known_ds_configs())} or a .json path"]
     if report.plan is None:  # no plan (its problem is reported): check the file alone
-        from qlora_dist.train.engine import read_ds_config
+        from qlora_dist.ds_files import read_ds_config
 
         read_ds_config(name)
         return []

@@ -144,32 +144,6 @@ PRESETS["demo"] = DEMO_PRESET
 DATASET_PRESETS = tuple(dict.fromkeys(r.dataset for r in RECIPE_TABLE))
 
 
-def size_class(parameters: int) -> str:
-    """The paper's size class nearest to a parameter count, by ratio (an 8B model is 7b, a 72B one 65b)."""
-    import math
-
-    from qlora_dist.memory import Shape
-
-    return min(LLAMA_SHAPES, key=lambda s: abs(math.log(parameters / Shape.llama(s).parameters())))
-
-
-def sized_preset(dataset: str, cfg) -> str:
-    """The paper preset of `dataset` for the size class of cfg's model (model.path: a folder's config.json,
-    a built-in or random: name); logged. A ConfigError when the model's size cannot be read."""
-    from qlora_dist import memory
-    from qlora_dist.errors import ConfigError
-    from qlora_dist.launch import dist
-
-    if not cfg.model.path or "model.path" not in cfg.user_keys:  # the default (smollm2) is no paper base
-        raise ConfigError([f"--preset {dataset}: takes its size class (7b/13b/33b/65b) from the model's parameter "
-                           f"count: set model.path, or name the size (--preset 65b-{dataset})"])
-    params = memory.shape_for(cfg).parameters()
-    name = f"{size_class(params)}-{dataset}"
-    dist.log(f"--preset {dataset}: {cfg.model.path} has {params / 1e9:.2f}B parameters; nearest size class "
-             f"{name.split('-')[0]}: preset {name}")
-    return name
-
-
 def format_table() -> str:
     """The recipe table as printed by `qlora-dist presets`."""
     head = f"{'preset':<14}{'batch':>6}{'LR':>9}{'steps':>7}{'src len':>9}{'tgt len':>9}{'dropout':>9}"

@@ -4,7 +4,8 @@ import pytest
 
 from qlora_dist.config import load_config
 from qlora_dist.errors import ConfigError
-from qlora_dist.train.engine import build_ds_config, known_ds_configs, zero_stage
+from qlora_dist.ds_files import known_ds_configs, zero_stage
+from qlora_dist.train.engine import build_ds_config
 
 
 def test_shipped_ds_configs():

@@ -161,7 +161,7 @@ def load_base_random(size: str, cfg: Config, device=None, ds_config: dict | None
 def build_model(cfg: Config, device=None, ds_config: dict | None = None, on_piece=None):
     """Base + LoRA (fresh, or from train.init_adapter) ready for the engine. on_piece(name): called on
     every rank after each piece the layer-wise loader loads (the trainer's stop point; it may raise)."""
-    from qlora_dist.train.engine import zero_stage
+    from qlora_dist.ds_files import zero_stage
 
     path = resolve_model_path(cfg.model.path)
     stage = zero_stage(ds_config or {})

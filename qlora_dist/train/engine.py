@@ -7,40 +7,15 @@ JSON value that contradicts ours is an error naming both, never silently one or 
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from qlora_dist import compat
 from qlora_dist.config import Config
+from qlora_dist.ds_files import read_ds_config
 from qlora_dist.errors import ConfigError
 from qlora_dist.precision import dtype_name
-
-
-def ds_configs_dir() -> Path:
-    # Source checkout and editable installs: the top-level ds_configs/; a wheel: packaged beside us.
-    top = Path(__file__).resolve().parents[2] / "ds_configs"
-    if top.is_dir():
-        return top
-    from importlib.resources import files
-
-    return Path(str(files("qlora_dist.ds_configs")))
-
-
-def known_ds_configs() -> list[str]:
-    return sorted(p.stem for p in ds_configs_dir().glob("*.json"))
-
-
-def read_ds_config(name_or_path: str) -> tuple[dict[str, Any], str]:
-    path = Path(name_or_path) if name_or_path.endswith(".json") else ds_configs_dir() / f"{name_or_path}.json"
-    try:
-        return json.loads(path.read_text()), str(path)
-    except FileNotFoundError:
-        raise ConfigError([f"dist.ds_config: file not found: {path}"]) from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError([f"dist.ds_config: {path}:{exc.lineno}: not valid JSON: {exc.msg}"]) from None
 
 
 def _scheduler(cfg: Config) -> dict[str, Any] | None:
@@ -105,10 +80,6 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     if offload and not torch.cuda.is_available():
         offload["pin_memory"] = False  # pinning needs CUDA
     return ds
-
-
-def zero_stage(ds: dict[str, Any]) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
 def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

@@ -33,11 +33,10 @@ import uuid
 from pathlib import Path
 
 from qlora_dist import atomic
+from qlora_dist.config import TRACKERS, flat
 from qlora_dist.errors import RunFault
 
 PROJECT = "qlora-dist"  # wandb project and MLflow experiment unless the environment names one
-# name -> (module that must be importable, the pip extra that brings it)
-TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
 # metrics.jsonl record kind (its "event"; None: a training step) -> tracker name prefix
 PREFIXES = {None: "train", "validation": "eval", "eval": "heldout", "mmlu": "mmlu"}
 NOT_METRICS = ("event", "step", "time", "when")
@@ -72,8 +71,6 @@ def _flatten(prefix: str, value, out: dict[str, float]) -> None:
 
 def hyperparameters(config: dict) -> dict[str, str | float | int | bool]:
     """The resolved config as flat `group.key` scalars (lists and None as text): what every tracker takes."""
-    from qlora_dist.config import flat
-
     return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flat(config).items()}
 
 

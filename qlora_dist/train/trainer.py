@@ -27,7 +27,8 @@ from qlora_dist.paths import RunPaths
 from qlora_dist.train.checkpoint import Checkpointer, Progress
 from qlora_dist.train import loss as objective
 from qlora_dist.train.guard import StepGuard
-from qlora_dist.train.engine import build_ds_config, initialize, zero_stage
+from qlora_dist.ds_files import zero_stage
+from qlora_dist.train.engine import build_ds_config, initialize
 from qlora_dist.train.preempt import StopRequest, Stopped
 from qlora_dist.train.runlog import RunLog
 from qlora_dist.train.throughput import Throughput
