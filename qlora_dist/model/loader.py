@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 
 from qlora_dist import compat
+from qlora_dist.errors import ConfigError
 from qlora_dist.precision import DTYPES, quantization_config
 
 
@@ -84,8 +85,8 @@ def _pieces(model) -> list[tuple[str, torch.nn.Module]]:
     pieces += [("model.norm", inner.norm), ("lm_head", model.lm_head)]
     covered = {id(p) for _, piece in pieces for p in piece.parameters()}
     if stray := [name for name, p in model.named_parameters() if id(p) not in covered]:
-        raise NotImplementedError(f"{type(model).__name__}: the layer-wise loader does not know where "
-                                  f"{', '.join(stray[:3])} belong (use model.loader=hf)")
+        raise ConfigError([f"model.loader: {type(model).__name__}: the layer-wise loader does not know where "
+                           f"{', '.join(stray[:3])} belong; use model.loader=hf"])
     return pieces
 
 
@@ -119,8 +120,8 @@ def _real_buffers(root: torch.nn.Module, config, device) -> None:
             parent_name, _, attr = name.rpartition(".")
             setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
         else:
-            raise NotImplementedError(f"{type(module).__name__} ({name}): a buffer the layer-wise loader cannot "
-                                      "rebuild (use model.loader=hf)")
+            raise ConfigError([f"model.loader: {type(module).__name__} ({name}): a buffer the layer-wise loader "
+                               "cannot rebuild; use model.loader=hf"])
 
 
 def _materialize(piece: torch.nn.Module, prefix: str, source: TensorSource, quant: dict | None,
