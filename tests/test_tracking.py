@@ -51,6 +51,7 @@ def test_validation_loss_is_the_same_on_one_and_two_ranks_and_normalised_like_tr
     from transformers import AutoModelForCausalLM
 
     from qlora_dist.data.batches import IGNORE_INDEX, TokenizedExample, collate
+    from qlora_dist.data.corpus import TokenizedRows
     from qlora_dist.evaluate.validation import loss_sums
     from qlora_dist.model.fastpath import weighted_cross_entropy
     from qlora_dist.train.loss import StepObjective
@@ -62,13 +63,14 @@ def test_validation_loss_is_the_same_on_one_and_two_ranks_and_normalised_like_tr
     for n in [5, 9, 14, 7, 20, 11, 6, 17, 9, 13, 8]:  # prompts masked out, answers of several lengths
         ids = torch.randint(3, vocab, (n,)).tolist()
         rows.append(TokenizedExample(ids, [IGNORE_INDEX] * (n // 2) + ids[n // 2:], None))
+    rows = TokenizedRows.from_rows(rows)  # as the trainer holds them (the cache's rows)
     for norm in ("sequence", "token"):
         one = loss_sums(model, rows, 3, 0, norm, 0, 1, "cpu")
         two = [loss_sums(model, rows, 3, 0, norm, r, 2, "cpu") for r in (0, 1)]
         v1, v2 = one[0] / one[1], sum(s for s, _ in two) / sum(w for _, w in two)
         assert abs(v1 - v2) < 1e-6, (norm, v1, v2)
         # the training objective of one global batch holding all these rows (train/loss.py)
-        batch = collate(rows, 0)
+        batch = collate(rows[:], 0)
         weights = StepObjective.of(norm, batch).weights(batch)
         with torch.no_grad():
             objective = float(weighted_cross_entropy(model(input_ids=batch["input_ids"],

@@ -74,8 +74,7 @@ def loss_sums(model, rows, batch_size: int, pad_id: int, normalization: str, ran
     with divisor 1: each example's tokens weigh 1/its target count (sequence), or 1 each (token)."""
     per_example = StepObjective(normalization, 1)
     loss_sum = weight_sum = 0.0
-    lengths = [len(rows[i].input_ids) for i in range(len(rows))]  # held-out rows: few, read once
-    for indices, keep in deal_batches(lengths, batch_size, rank, world_size):
+    for indices, keep in deal_batches(rows.lengths(), batch_size, rank, world_size):
         if check_stop:
             check_stop()
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in indices], pad_id).items()}

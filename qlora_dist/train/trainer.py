@@ -40,6 +40,7 @@ class Trainer:
         self.user_cfg = cfg  # as given (`auto` kept): what checkpoints save and resume compares
         self.paths = RunPaths.of(cfg)
         self.step = 0
+        self.validated: tuple[int | None, float | None] = (None, None)  # (step, validation loss) of the latest
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -281,7 +282,7 @@ class Trainer:
                             world_size=self.info.world_size, global_batch_size=self.cfg.train.global_batch_size,
                             zero_stage=self.zero_stage, loss=getattr(self, "last_loss", None),
                             nonfinite_steps=self.guard.skipped,
-                            eval_loss=self.validated[1] if getattr(self, "validated", (None,))[0] == self.step else None)
+                            eval_loss=self.validated[1] if self.validated[0] == self.step else None)
         path = self.checkpointer.save(self.engine, progress, self.zero_stage)
         self.saved_step = self.step
         self.log.note(f"saved {path}")
