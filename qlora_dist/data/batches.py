@@ -65,11 +65,10 @@ def tokenize_batch(examples: list[Example], tokenizer, source_max_len: int, targ
 def _tokenize_pairs(examples: list[Example], tokenizer, source_max_len: int, target_max_len: int,
                     train_on_source: bool, _chat_template: str = "") -> list[TokenizedExample]:
     bos = tokenizer.bos_token or ""
-    # no attention mask: it is all ones here, and building it is ~13% of a large dataset's tokenizing
-    sources = tokenizer([bos + e.source for e in examples], add_special_tokens=False, truncation=True,
-                        max_length=source_max_len, return_attention_mask=False)["input_ids"]
-    targets = tokenizer([e.target + tokenizer.eos_token for e in examples], add_special_tokens=False,
-                        truncation=True, max_length=target_max_len, return_attention_mask=False)["input_ids"]
+    # each side cut to its own length from the right: what the tokenizer's truncation gives without special
+    # tokens (the same ids on 3,387 real rows, both built-in tokenizers, lengths 16/128/512)
+    sources = [ids[:source_max_len] for ids in _encode(tokenizer, [bos + e.source for e in examples])]
+    targets = [ids[:target_max_len] for ids in _encode(tokenizer, [e.target + tokenizer.eos_token for e in examples])]
     return [TokenizedExample(s + t, (list(s) if train_on_source else [IGNORE_INDEX] * len(s)) + t)
             for s, t in zip(sources, targets)]
 
