@@ -15,11 +15,13 @@ import pytest
 import torch
 
 from conftest import TINY, run_cli
+from qlora_dist.precision import dtype_name
 
 pytestmark = pytest.mark.slow  # every case works on the folder of one real training run
 
 ARGS = [*TINY, "train.save_steps=2", "checkpoint.keep_last=0"]
-OPTIM = "engine/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+# DeepSpeed names the file by the run's dtype: bf16_ on a CPU with native bf16, none where `auto` is fp32
+OPTIM = f"engine/{'bf16_' if dtype_name('auto') == 'bfloat16' else ''}zero_pp_rank_0_mp_rank_00_optim_states.pt"
 ADAPTER = "adapter_model/adapter_model.safetensors"
 
 
