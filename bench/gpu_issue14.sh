@@ -7,7 +7,8 @@
 #   3. speed65  bench/speed.py --shape 65b under 48 GB, with the time of one save at the 65B shape (adapter
 #               export and whole checkpoint, --time-save on our best run)
 #   4. compile  the compile A/B at 7B (model.compile_kernels=true; the default run is section 2)
-#   5. ranks2   two ranks sharing the one GPU (what NCCL did)
+#   5. ranks2   two ranks on the one GPU: under NCCL the launch error (exit 2, before loading); under
+#               dist.backend=gloo the ranks share it (what DeepSpeed's collectives on CUDA tensors over gloo did)
 #   6. offload65 if time remains: 65B with dist.ds_config=zero2_offload (fp32 masters and gradients in host
 #               memory: the planner then picks 8 x 512 at 45.1 GB, the reference's batch) against the reference
 # At most 8 files come back from $OUT: the section JSONs, sections.jsonl (exit and seconds of each) and log.txt.
@@ -50,9 +51,11 @@ else
   section speed65 150 "$PY" bench/speed.py --shape 65b --warmup 1 --steps 2 --time-save --timeout-s "$(left 5)"
   section compile 90 "$PY" bench/speed.py --shape 7b --warmup 2 --steps 3 --ours model.compile_kernels=true \
     --timeout-s "$(left 5)"
-  section ranks2 40 "$PY" -m torch.distributed.run --nproc_per_node 2 -m qlora_dist train model.path=random:7b \
-    train.max_steps=3 train.global_batch_size=2 train.micro_batch_size=1 eval.at_start=false eval.at_end=false \
-    train.output_dir="$(mktemp -d)/run"
+  for backend in nccl gloo; do  # nccl: the launch error before loading (exit 2); gloo: ranks share the GPU
+    section "ranks2_$backend" 40 "$PY" -m torch.distributed.run --nproc_per_node 2 -m qlora_dist train \
+      model.path=random:7b dist.backend=$backend train.max_steps=3 train.global_batch_size=2 \
+      train.micro_batch_size=1 eval.at_start=false eval.at_end=false train.output_dir="$(mktemp -d)/run"
+  done
   section offload65 150 "$PY" bench/speed.py --shape 65b --warmup 1 --steps 2 --ours dist.ds_config=zero2_offload \
     --timeout-s "$(left 5)"
 fi

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, free_port, load_adapter_tensors, read_metrics, run_cli
-from qlora_dist.launch.dist import expand_hostlist, planned_ranks, slurm_env
+from qlora_dist.errors import ConfigError
+from qlora_dist.launch.dist import DistInfo, expand_hostlist, gpu_index, planned_ranks, slurm_env
 
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
 # Tiny model, 2 nodes x 2 ranks, ZeRO-2, global batch 8 (micro 2, one micro-batch per rank per step).
@@ -97,6 +98,21 @@ def test_planned_ranks_match_what_each_task_reads():
 
 
 @pytest.mark.slow
+def test_ranks_map_one_to_a_gpu_and_more_ranks_than_gpus_is_a_launch_error():
+    """NCCL refuses two ranks on one GPU at the first collective; here every rank finds it before loading."""
+    two = {"LOCAL_WORLD_SIZE": "2"}
+    assert [gpu_index(DistInfo(r, r, 2), 2, "nccl", two) for r in (0, 1)] == [0, 1]
+    assert gpu_index(DistInfo(3, 1, 4), 4, "nccl", two) == 1  # node 2 of 2: LOCAL_RANK picks the GPU
+    for r in (0, 1):  # both ranks fail alike (rank 0 too: it would otherwise wait for rank 1 until the timeout)
+        with pytest.raises(ConfigError) as err:
+            gpu_index(DistInfo(r, r, 2), 1, "nccl", {**two, "CUDA_VISIBLE_DEVICES": "3"})
+        assert "2 ranks on this node but 1 GPU(s) visible (CUDA_VISIBLE_DEVICES=3)" in err.value.problems[0]
+        assert "dist.backend=gloo" in err.value.problems[0]
+    assert [gpu_index(DistInfo(r, r, 3), 2, "gloo", {"LOCAL_SIZE": "3"}) for r in range(3)] == [0, 1, 0]
+    with pytest.raises(ConfigError):  # no launcher count: LOCAL_RANK alone still says it
+        gpu_index(DistInfo(1, 1, 2), 1, "nccl", {})
+
+
 def test_submit_local_runs_two_ranks_end_to_end(tmp_path):
     out = tmp_path / "local"
     proc = run_cli("submit", "--cluster", "local", "--tasks-per-node", "2", "--wait", "model.path=tiny-llama",

@@ -117,10 +117,37 @@ def launcher_env() -> DistInfo:
     return read_env()  # a plain process: a world of one (nothing is written into the environment here)
 
 
+def local_ranks(info: DistInfo, environ=os.environ) -> int:
+    """How many ranks the launcher started on this node (torchrun/srun: LOCAL_WORLD_SIZE, deepspeed: LOCAL_SIZE)."""
+    return max(int(environ.get("LOCAL_WORLD_SIZE") or environ.get("LOCAL_SIZE") or 1), info.local_rank + 1)
+
+
+def gpu_index(info: DistInfo, gpus: int, backend: str, environ=os.environ) -> int:
+    """This rank's GPU. NCCL runs one rank per GPU: since NCCL 2.5 two ranks on one GPU fail at the first
+    collective ("Duplicate GPU detected", ncclInvalidUsage), after the model may have loaded. So more ranks
+    than GPUs on a node is a launch error here, found by every rank alike before anything loads; under
+    gloo (dist.backend=gloo) the ranks share the GPUs round-robin instead."""
+    from qlora_dist.errors import ConfigError
+
+    ranks = local_ranks(info, environ)
+    if ranks <= gpus:
+        return info.local_rank
+    if backend == "gloo":
+        return info.local_rank % gpus
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    raise ConfigError([
+        f"{ranks} ranks on this node but {gpus} GPU(s) visible"
+        f"{f' (CUDA_VISIBLE_DEVICES={visible})' if visible is not None else ''}: NCCL runs one rank per GPU; "
+        f"start at most {gpus} rank(s) per node (torchrun --nproc_per_node, deepspeed --num_gpus, "
+        "srun --ntasks-per-node), or set dist.backend=gloo to let ranks share GPUs (slow: collectives through "
+        "host memory)"])
+
+
 def device_for(info: DistInfo) -> torch.device:
     if torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank)
-        return torch.device("cuda", info.local_rank)
+        index = gpu_index(info, torch.cuda.device_count(), _BACKEND)
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
@@ -132,6 +159,8 @@ def init(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     info = read_env()
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    global _BACKEND, _ONE_OF_SEVERAL
+    _BACKEND = backend
     quiet_other_ranks(info)
     _share_cpu_cores(info)
     device_for(info)
@@ -140,12 +169,12 @@ def init(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
             log(f"building DeepSpeed's CPU communication op once (~40 s, cached in {folder})")
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                    verbose=False)
-    global _ONE_OF_SEVERAL
     _ONE_OF_SEVERAL = _ONE_OF_SEVERAL or info.world_size > 1
     return info
 
 
 _ONE_OF_SEVERAL = False  # this process joined a group of several ranks (see leave)
+_BACKEND = "nccl"  # the process group's backend once init ran (device_for maps ranks to GPUs by it)
 
 
 def leave(code: int) -> int:
