@@ -5,6 +5,7 @@ import torch
 from qlora_dist.config import load_config
 from qlora_dist.errors import ConfigError
 from qlora_dist.model.base import add_lora, check_model_folder, load_base, lora_target_names, prepare_for_training
+from qlora_dist.precision import DTYPES, dtype_name
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +37,14 @@ def test_lora_wraps_every_linear_layer_and_only_lora_trains(tiny_model_dir):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert len(trainable) == 2 * 7 * 2  # lora_A and lora_B of every linear layer
     assert all("lora_" in n for n in trainable)
-    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if p.requires_grad)
+    want = DTYPES[dtype_name(cfg.model.compute_dtype)]  # bf16, or fp32 on a CPU without native bf16
+    assert all(p.dtype == want for n, p in model.named_parameters() if p.requires_grad)
     assert model.base_model.model.lm_head.weight.requires_grad is False
     again = add_lora(load_base(tiny_model_dir, bits=4), cfg, seed=0)
     a = dict(model.named_parameters())
     for n, p in again.named_parameters():
         if "lora_A" in n:
-            assert torch.equal(p.to(torch.bfloat16), a[n])  # seeded init: every rank starts identical
+            assert torch.equal(p.to(want), a[n])  # seeded init: every rank starts identical
 
 
 def test_missing_or_wrong_model_folder(tmp_path):

@@ -91,9 +91,15 @@ def test_resume_on_another_world_size_is_exact(tmp_path, stage, before, after):
     proc = run_torchrun(after, "train", *args, f"train.output_dir={resumed}")
     if before != after:
         assert f"saved by {before} rank(s)" in proc.stderr and "resharding" in proc.stderr
-    a, b = load_adapter_tensors(full / "adapter_model"), load_adapter_tensors(resumed / "adapter_model")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert _losses(resumed) == _losses(full)[5:]
+    if before == after:
+        a, b = load_adapter_tensors(full / "adapter_model"), load_adapter_tensors(resumed / "adapter_model")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert _losses(resumed) == _losses(full)[5:]
+        return
+    # Another world size sums the gradients in another order: fp32 rounding (bf16 weights round it away;
+    # fp32 ones, `auto` on a CPU without native bf16, keep ~1e-7 of it), far below any lost state.
+    assert _relative_difference(full / "adapter_model", resumed / "adapter_model") < 1e-5
+    assert _losses(resumed) == pytest.approx(_losses(full)[5:], rel=1e-5)
 
 
 @pytest.mark.parametrize("form", [["--module", "qlora_dist"], [str(REPO / "launcher" / "train.py")]],

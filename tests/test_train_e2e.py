@@ -82,11 +82,12 @@ def _last_logged_step(out: Path) -> int:
         return 0
 
 
-def _assert_same_adapter(a: Path, b: Path) -> None:
+def _assert_same_adapter(a: Path, b: Path, atol: float = 0.0) -> None:
     ta, tb = load_adapter_tensors(a), load_adapter_tensors(b)
     assert ta.keys() == tb.keys()
     for name in ta:
-        assert torch.equal(ta[name], tb[name]), f"{name} differs: max {(ta[name] - tb[name]).abs().max()}"
+        diff = (ta[name] - tb[name]).abs().max().item()
+        assert diff <= atol, f"{name} differs: max {diff}"
 
 
 def test_sigkill_between_checkpoints_then_same_command_resumes_exactly(tmp_path, uninterrupted):
@@ -135,7 +136,8 @@ def test_init_adapter_starts_from_its_weights(tmp_path, uninterrupted):
     args = [a for a in TINY if not a.startswith("lora.r=")]  # r not set: taken from the adapter
     run_cli("train", *args, "train.max_steps=1", "train.save_steps=1", "optim.lr=1e-12",
             f"train.init_adapter={uninterrupted / 'adapter_model'}", f"train.output_dir={out}")
-    _assert_same_adapter(uninterrupted / "adapter_model", out / "adapter_model")
+    # In fp32 (`auto` on a CPU without native bf16) that one step moves them by ~lr; bf16 rounds it away.
+    _assert_same_adapter(uninterrupted / "adapter_model", out / "adapter_model", atol=1e-10)
     saved = yaml.safe_load((out / "checkpoint-1" / "config.yaml").read_text())
     assert saved["lora"]["r"] == 8 and len(saved["lora"]["target_modules"]) == 7
     # It starts where the adapter ended: its first loss is the uninterrupted run's level, not the initial one.
