@@ -21,7 +21,8 @@ TARGETS = {f: SEPARATE for f in FAMILIES} | {"phi3": {"qkv_proj", "o_proj", "gat
 # Three optimizer steps on 2 ranks (micro batch 2, no accumulation), dropout off: the trained logits are a
 # pure function of the adapter.
 ZERO3_ARGS = [*TINY, "lora.dropout=0", "train.global_batch_size=4", "train.micro_batch_size=2", "data.num_train=8",
-              "data.num_eval=4", "train.max_steps=3", "train.save_steps=3", "dist.ds_config=zero3"]
+              "data.num_eval=4", "train.max_steps=3", "train.save_steps=3", "dist.ds_config=zero3",
+              "model.compute_dtype=bfloat16"]  # the planner's bytes and the seed's reload are bf16
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:

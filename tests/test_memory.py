@@ -65,7 +65,9 @@ def saved_bytes_per_token_per_layer(make_config, vocab: int, dropout: float, seq
     from qlora_dist.model.loader import RandomSource, load_layerwise
 
     def saved(layers: int) -> int:
-        cfg = load_config(overrides=["lora.r=8", f"lora.dropout={dropout}", "model.gradient_checkpointing=false"])
+        # bf16 as on a GPU, which is what the planner models (`auto` is fp32 on a CPU without native bf16)
+        cfg = load_config(overrides=["lora.r=8", f"lora.dropout={dropout}", "model.gradient_checkpointing=false",
+                                     "model.compute_dtype=bfloat16"])
         model = add_lora(load_layerwise(make_config(layers), RandomSource()), cfg, 0)
         prepare_for_training(model, cfg)
         model.train()
@@ -122,7 +124,7 @@ def test_planned_bytes_equal_the_real_tensors(tmp_path, model, stage, world):
 
     run_torchrun(world, str(tmp_path), f"model.path={model}", "lora.r=8", "train.micro_batch_size=1",
                  f"train.global_batch_size={world}", "data.num_train=8", "data.num_eval=4",
-                 "model.gradient_checkpointing=false", f"dist.ds_config={stage}",
+                 "model.gradient_checkpointing=false", f"dist.ds_config={stage}", "model.compute_dtype=bfloat16",
                  script=str(REPO / "tests" / "workers" / "memory_actual.py"))
     rows = json.loads((tmp_path / "memory_actual.json").read_text())
     assert len(rows) == world
