@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-import torch
 
 from conftest import REPO, TINY, load_adapter_tensors, read_metrics, run_cli
 
