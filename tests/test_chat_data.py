@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from conftest import TINY, read_metrics, run_cli
+from conftest import REPO, SHARED_DATA, TINY, read_metrics, run_cli
 from qlora_dist.config import load_config
-from qlora_dist.data.batches import IGNORE_INDEX, collate, tokenize_all
+from qlora_dist.data.batches import IGNORE_INDEX, TEMPLATE_SPLITS, collate, tokenize_all, tokenize_chats
 from qlora_dist.data.corpus import preview, read_examples, tokenize_examples
 from qlora_dist.data.formats import Example
 from qlora_dist.data.prompts import GUANACO_SYSTEM, Message
@@ -156,3 +156,38 @@ def test_tiny_model_learns_from_a_chat_file(tmp_path):
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
     assert chat_template_of(str(out / "adapter_model"), None, None, "tiny-llama") == "guanaco"  # generate's choice
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} (real dataset samples) is absent")
+def test_fast_template_split_gives_the_exact_rows_on_real_conversations(tiny_model_dir, monkeypatch):
+    """data.chat_template=tokenizer: one encoding of each whole conversation (batches._fast_bounds) gives the
+    ids, labels and skips of tokenizing every turn prefix, on the first 480 OASST1 conversations (260, 209 and
+    11 with 1, 2 and 3 user turns; every other with a system message), for SmolLM2's ChatML and, on the tiny tokenizer, a Llama-2 style
+    template (BOS and EOS inside the text, no line break after them); no conversation needs the exact split.
+    A template whose answer merges with the prompt's last word falls back to it and the row is skipped alike."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from chat_tokenize import conversations, load_template_tokenizer
+
+    examples = [Example("", "", conv) for conv in conversations("oasst1", 480)]
+    assert len(examples) == 480
+    for model, skipped in (("smollm2", 23), ("tiny-llama", 163)):  # longer than 512 + 512 tokens
+        tok = load_template_tokenizer(model)
+        TEMPLATE_SPLITS.clear()
+        fast = tokenize_chats(examples, tok, 512, 512, False, chat_template="tokenizer")
+        assert TEMPLATE_SPLITS == {"fast": 480, "exact": 0}
+        exact = tokenize_chats(examples, tok, 512, 512, False, chat_template="tokenizer", exact=True)
+        assert [(r.input_ids, r.labels, r.skip) for r in fast] == [(r.input_ids, r.labels, r.skip) for r in exact]
+        assert sum(r.skip == "too_long" for r in fast) == skipped, model
+    # SmolLM2's template trims an answer's leading line break only once a later turn follows: that row
+    # alone is skipped and counted, the others kept (it used to refuse the whole dataset).
+    smol, ok = load_template_tokenizer("smollm2"), (Message("user", "Hi"), Message("assistant", "Yes"))
+    trimmed = (*ok, Message("user", "Sure?"), Message("assistant", "\n\nYes."))
+    for exact in (False, True):
+        rows = tokenize_chats([Example("", "", trimmed), Example("", "", ok)], smol, 64, 64, False,
+                              chat_template="tokenizer", exact=exact)
+        assert [r.skip for r in rows] == ["template_mismatch", None] and rows[1].input_ids
+    tok.chat_template = "{% for m in messages %}{{ m['content'] + ('\\nAnswer' if m['role'] == 'user' else '') }}{% endfor %}"
+    merged = [Example("", "", (Message("user", "Hi"), Message("assistant", "s")))]  # 'Hi\nAnswer', 'Hi\nAnswers'
+    for exact in (False, True):
+        rows = tokenize_chats(merged, tok, 64, 64, False, chat_template="tokenizer", exact=exact)
+        assert [r.skip for r in rows] == ["template_mismatch"]

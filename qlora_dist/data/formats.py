@@ -12,8 +12,10 @@ from typing import Callable
 from qlora_dist.data.prompts import Message
 
 # unknown_role and turn_order: chat rows (a role outside the schema's; turns not system?, user, assistant, ...).
+# template_mismatch: data.chat_template=tokenizer renders the row's earlier turns differently once later turns
+# follow, so its answers cannot be masked one by one (batches._exact_bounds).
 SKIP_REASONS = ("bad_json", "non_utf8", "missing_field", "wrong_type", "empty_output", "too_long", "unknown_role",
-                "turn_order")
+                "turn_order", "template_mismatch")
 
 
 class RowError(ValueError):
