@@ -6,6 +6,8 @@
 #   2. speed7   bench/speed.py --shape 7b under 24 GB: ratio, MFU, peak memory
 #   3. speed65  bench/speed.py --shape 65b under 48 GB, with the time of one save at the 65B shape (adapter
 #               export and whole checkpoint, --time-save on our best run)
+#   3b. paged   optim.master_weights=paged against gpu at 7B, 5 steps each: equal losses, the allocator peak
+#               down by the planned fp32 master bytes (bench/paged_masters_ab.py)
 #   4. compile  the compile A/B at 7B (model.compile_kernels=true; the default run is section 2)
 #   5. ranks2   two ranks on the one GPU: under NCCL the launch error (exit 2, before loading); under
 #               dist.backend=gloo the ranks share it (what DeepSpeed's collectives on CUDA tensors over gloo did)
@@ -38,6 +40,7 @@ if [ "$DRY" = 1 ]; then
   section e2e 30 "$PY" bench/gpu_e2e.py --dry-run --steps 6 --out "$OUT"
   section speed7 30 "$PY" bench/speed.py --shape 7b --dry-run --out "$OUT" --timeout-s "$(left)"
   section speed65 30 "$PY" bench/speed.py --shape 65b --dry-run --time-save --out "$OUT" --timeout-s "$(left)"
+  section paged 30 "$PY" bench/paged_masters_ab.py --dry-run --out "$OUT" --timeout-s "$(left)"
   section compile 30 "$PY" bench/speed.py --shape 7b --dry-run --ours model.compile_kernels=true --out "$OUT" \
     --timeout-s "$(left)"
   section ranks2 20 "$PY" -m torch.distributed.run --nproc_per_node 2 -m qlora_dist train model.path=tiny-llama \
@@ -49,6 +52,7 @@ else
   section e2e 120 "$PY" bench/gpu_e2e.py --out "$OUT" --timeout-s 100
   section speed7 100 "$PY" bench/speed.py --shape 7b --warmup 1 --steps 3 --timeout-s "$(left 5)"
   section speed65 150 "$PY" bench/speed.py --shape 65b --warmup 1 --steps 2 --time-save --timeout-s "$(left 5)"
+  section paged 150 "$PY" bench/paged_masters_ab.py --out "$OUT" --timeout-s "$(left 5)"
   section compile 90 "$PY" bench/speed.py --shape 7b --warmup 2 --steps 3 --ours model.compile_kernels=true \
     --timeout-s "$(left 5)"
   for backend in nccl gloo; do  # nccl: the launch error before loading (exit 2); gloo: ranks share the GPU

@@ -63,8 +63,11 @@ def _cmd_presets(ns) -> None:
 
 
 def _cmd_prepare_model(ns) -> None:
-    from qlora_dist.model.builtin import ensure_builtin
+    from qlora_dist.model.builtin import builtin_names, ensure_builtin, is_builtin
 
+    if not is_builtin(ns.name):  # (an unknown tiny:<family> is refused in is_builtin, naming the families)
+        raise ConfigError([f"prepare-model: {ns.name!r} is not a built-in model; built-ins: "
+                           + ", ".join(builtin_names())])
     print(ensure_builtin(ns.name, ns.out))
 
 
@@ -275,7 +278,8 @@ def _add_training_commands(sub) -> None:
     p.set_defaults(func=_cmd_presets)
 
     p = sub.add_parser("prepare-model", help="write a built-in model as a Hugging Face folder")
-    p.add_argument("name", choices=["smollm2", "tiny-llama"])
+    # Checked when run (model/builtin.py builtin_names), so that building the parser imports no torch.
+    p.add_argument("name", metavar="NAME", help="smollm2, tiny-llama or tiny:<family> (tiny:llama3, tiny:qwen2, ...)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_prepare_model)
 

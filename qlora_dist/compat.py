@@ -110,6 +110,34 @@ def paged_optimizer_note() -> str | None:
     return "no CUDA: the paged optimizer runs non-paged (paging needs CUDA unified memory)"
 
 
+def repage_optimizer_states(zero_optimizer, page=None, on_device=lambda p: p.device.type == "cuda") -> int:
+    """bitsandbytes 0.50.2: `Optimizer8bit.load_state_dict` (what DeepSpeed's load_checkpoint calls on the
+    client optimizer) leaves the loaded states as ordinary tensors, and the next `step` moves them into the GPU
+    allocator (`to_gpu`): a resumed run's paged AdamW states, 8 bytes per LoRA parameter, would leave unified
+    memory for the allocator the plan keeps them out of. Here each state a fresh paged optimizer would have
+    paged (get_state_buffer: paged optimizer, CUDA parameter of >= 1e5 elements) is copied into a paged buffer
+    again; DeepSpeed's links to the state fragments are rebuilt on their next use. `page(p, dtype)` and
+    `on_device(p)`: tests stand in for CUDA. Returns the bytes moved."""
+    optimizer = getattr(zero_optimizer, "optimizer", zero_optimizer)  # the client optimizer under DeepSpeed's
+    if not getattr(optimizer, "is_paged", False):
+        return 0
+    page = page or optimizer.get_state_buffer
+    moved = 0
+    for p, state in optimizer.state.items():
+        if not isinstance(p, torch.Tensor) or not on_device(p) or p.numel() < 1e5:
+            continue
+        for key in ("state1", "state2"):
+            old = state.get(key)
+            if isinstance(old, torch.Tensor) and old.shape == p.shape and not getattr(old, "is_paged", False):
+                new = page(p, dtype=old.dtype)
+                new.copy_(old)
+                state[key] = new
+                moved += new.numel() * new.element_size()
+    if moved and hasattr(zero_optimizer, "_hp_optimizer_states_linked"):
+        zero_optimizer._hp_optimizer_states_linked = False
+    return moved
+
+
 def engine_train_mode(engine) -> None:
     # transformers returns from_pretrained models in eval mode and deepspeed.initialize keeps it:
     # without this, LoRA dropout is silently off during training.

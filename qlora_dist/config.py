@@ -204,6 +204,11 @@ class OptimConfig:
     max_grad_norm: float = opt(recipe.MAX_GRAD_NORM, "0 disables clipping")
     scheduler: str = choice(recipe.LR_SCHEDULE, ("constant", "linear", "cosine"), "after warm-up")
     warmup_steps: int = opt(0)
+    master_weights: str = choice("gpu", ("gpu", "paged"),
+                                 "where DeepSpeed's fp32 master copy of the LoRA weights lives: gpu (DeepSpeed's "
+                                 "layout, in the GPU allocator) or paged (CUDA unified memory beside the paged "
+                                 "optimizer states, outside the allocator; the driver evicts it to host RAM under "
+                                 "pressure). CUDA only; not with an offload ds_config (masters already on the host)")
 
     def check(self) -> list[str]:
         errs = []
@@ -592,6 +597,7 @@ RESUMABLE_CHANGES = (
     "train.output_dir", "train.max_steps", "train.save_steps", "train.logging_steps", "train.micro_batch_size",
     "train.max_memory_per_gpu", "model.gradient_checkpointing", "eval.", "checkpoint.", "dist.", "preset",
     "data.cache_dir", "train.max_nonfinite_steps", "data.allow_changed", "train.report_to", "data.eval_dataset",
+    "optim.master_weights",  # where the masters live, not their values (tests/test_paged_masters.py: bitwise)
 )
 
 

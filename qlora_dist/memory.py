@@ -28,6 +28,14 @@ _FAMILY_LAYOUT = {
     "gemma2": {"norms": 4, "attention": "eager"},  # transformers refuses sdpa with soft-capping
     "phi3": {"fused": True},
 }
+# The config flags that give a family's projections biases, and which (Shape.bias letters). Only these
+# modeling files read them: the same key in another family's config.json changes none of its modules.
+_BIAS_FLAGS = {
+    "llama": {"attention_bias": "qkvo", "mlp_bias": "gud"},
+    "qwen3": {"attention_bias": "qkvo"},
+    "gemma2": {"attention_bias": "qkvo"},
+}
+_BIAS_ORDER = "qkvogud"  # q, k, v, o, gate, up, down
 
 
 @dataclass(frozen=True)
@@ -40,11 +48,15 @@ class Shape:
     vocab: int
     tied: bool = False
     head_dim: int | None = None  # None: hidden / heads (Qwen3, Gemma set their own)
-    bias: str = ""  # attention projections with a bias: "" | "qkv" (Qwen2) | "qkvo" (attention_bias: true)
+    bias: str = ""  # projections with a bias, a letter each of _BIAS_ORDER: "qkv" (Qwen2), "qkvo" (attention_bias),
+    # "gud" (LLaMA's mlp_bias)
     norms: int = 2  # RMSNorm weights (hidden each) per layer: 2, Gemma-2's 4
     qk_norm: bool = False  # Qwen3: RMSNorm of head_dim on queries and keys, per layer
     fused: bool = False  # Phi-3: one qkv_proj and one gate_up_proj
     attention: str = "sdpa"  # "eager": Gemma-2 (keeps the attention probabilities)
+    # The config key by which the model changes its logits before the loss (Gemma-2's
+    # final_logit_softcapping): the fused loss declines (fastpath.fused_loss_refusal), transformers' loss runs.
+    logit_transform: str = ""
 
     @property
     def q_dim(self) -> int:
@@ -66,8 +78,9 @@ class Shape:
         """Element counts of one decoder layer's 16-bit parameters: norms, q/k norms, biases."""
         head = self.head_dim or self.hidden // self.heads
         sizes = [self.hidden] * self.norms + ([head, head] if self.qk_norm else [])
-        return sizes + {"": [], "qkv": [self.q_dim, self.kv_dim, self.kv_dim],
-                        "qkvo": [self.q_dim, self.kv_dim, self.kv_dim, self.hidden]}[self.bias]
+        width = dict(zip(_BIAS_ORDER, [self.q_dim, self.kv_dim, self.kv_dim, self.hidden, self.intermediate,
+                                       self.intermediate, self.hidden]))
+        return sizes + [width[p] for p in self.bias]
 
     def parameters(self) -> int:
         """Weights of the base model (embeddings, layers, final norm, lm_head unless tied)."""
@@ -77,9 +90,14 @@ class Shape:
     @classmethod
     def from_hf(cls, config) -> "Shape":
         """From a transformers config (or its config.json's keys): the family's layout by model_type."""
-        layout = dict(_FAMILY_LAYOUT.get(getattr(config, "model_type", "llama"), {}))
-        if getattr(config, "attention_bias", False):
-            layout["bias"] = "qkvo"
+        from qlora_dist.model.fastpath import LOGIT_TRANSFORMS
+
+        family = getattr(config, "model_type", "llama")
+        layout = dict(_FAMILY_LAYOUT.get(family, {}))
+        biased = layout.get("bias", "") + "".join(b for flag, b in _BIAS_FLAGS.get(family, {}).items()
+                                                  if getattr(config, flag, False))
+        layout["bias"] = "".join(p for p in _BIAS_ORDER if p in biased)
+        layout["logit_transform"] = next((k for k in LOGIT_TRANSFORMS if getattr(config, k, None) is not None), "")
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None)
         return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers, heads,
@@ -119,6 +137,7 @@ class Setup:
     optimizer: str = "paged_adamw_32bit"
     on_gpu: bool = True  # paged optimizer states live in CUDA unified memory only on a GPU
     fused_loss: bool = True  # model.fused_loss: the loss by chunks of tokens (qlora_dist/fastpath.py)
+    paged_masters: bool = False  # optim.master_weights=paged: fp32 masters in CUDA unified memory
 
 
 @dataclass
@@ -205,7 +224,10 @@ def lora_items(s: Setup) -> tuple[dict[str, int], dict[str, int]]:
     outside: dict[str, int] = {}
     on_host = outside if s.offload_optimizer else items  # offload keeps masters and fp32 grads in CPU memory
     on_host["lora_grads_fp32"] = grads
-    on_host["master_weights_fp32"] = master
+    if s.paged_masters and s.on_gpu and not s.offload_optimizer:  # train/paged_masters.py
+        outside["master_weights_fp32 (paged, unified memory)"] = master
+    else:  # with offload the masters are on the host, paged or not
+        on_host["master_weights_fp32"] = master
     paged = "paged" in s.optimizer and s.on_gpu
     if s.offload_optimizer:
         outside["optimizer_states (host)"] = states
@@ -241,13 +263,16 @@ def layer_activation_bytes_per_token(s: Setup) -> int:
 
 
 def logits_bytes(s: Setup) -> int:
-    """Peak bytes of the loss. transformers' path: logits in bf16 for the output, fp32 for the loss (saved
-    log-softmax), and the fp32 and bf16 gradients of the backward's first step: about 10 bytes per
-    vocabulary entry per token. The fused loss: one chunk's fp32 logits and its bf16 product and softmax
-    (8 bytes per entry), plus the labelled hidden states and their gradient, kept for the backward."""
+    """Peak bytes of the loss, per vocabulary entry per token as the CPU allocator's peak of a step shows
+    (tests/test_planner_gaps.py). Without the fused loss (transformers' logits, train/loss.py's cross-entropy):
+    the log-softmax's backward holds its saved fp32 output, the fp32 gradient coming in and the one going
+    out, 12 bytes (the bf16 logits are freed by then), plus 2 where the model soft-caps its logits (tanh
+    keeps its bf16 output for the backward). Such a model (Shape.logit_transform) declines the fused loss
+    whatever model.fused_loss says. The fused loss: one chunk's fp32 logits and its bf16 product and
+    softmax (8 bytes per entry), plus the labelled hidden states and their gradient, kept for the backward."""
     sh, tokens = s.shape, s.micro_batch * s.seq_len
-    if not s.fused_loss:
-        return 10 * sh.vocab * tokens
+    if not s.fused_loss or sh.logit_transform:
+        return (12 + 2 * (sh.logit_transform == "final_logit_softcapping")) * sh.vocab * tokens
     from qlora_dist.model.fastpath import chunk_tokens
 
     return 8 * sh.vocab * min(tokens, chunk_tokens(sh.vocab)) + 4 * sh.hidden * tokens
@@ -303,12 +328,21 @@ def cheaper_changes(s: Setup, cap: int) -> list[tuple[str, Setup]]:
     if not s.checkpointing:
         out.append(("turn activation checkpointing on (model.gradient_checkpointing=true)",
                     replace(s, checkpointing=True)))
+    if not s.paged_masters and not s.offload_optimizer and s.on_gpu:  # no host step: cheaper than offload
+        out.append(("keep fp32 masters in paged memory (optim.master_weights=paged)", replace(s, paged_masters=True)))
+    if s.zero_stage < 3 and not s.offload_optimizer:
+        # ds_configs/zero2_offload.json: the fp32 state goes to host memory, the base stays whole on each rank
+        # (no ZeRO-3 gathers) and the micro batch stays as it is (at 65B 8 -> 4 x 512 costs ~20% of tokens/s,
+        # relative_speed); the host step is the price.
+        out.append(("fp32 masters, gradients and optimizer states in CPU memory (dist.ds_config=zero2_offload)",
+                    replace(s, zero_stage=2, offload_optimizer=True)))
     if s.micro_batch > 1:
         half = s.micro_batch // 2
         out.append((f"micro batch {half} with twice the accumulation (train.micro_batch_size={half})",
                     replace(s, micro_batch=half)))
     if s.zero_stage < 3:
-        out.append(("partition the NF4 base across ranks (dist.ds_config=zero3)", replace(s, zero_stage=3)))
+        ds = "zero3_offload" if s.offload_optimizer else "zero3"
+        out.append((f"partition the NF4 base across ranks (dist.ds_config={ds})", replace(s, zero_stage=3)))
     if not s.offload_optimizer:
         out.append(("offload optimizer states to CPU memory (dist.ds_config=zero3_offload)",
                     replace(s, zero_stage=3, offload_optimizer=True)))
@@ -414,7 +448,8 @@ def setup_from_config(cfg, world_size: int, shape: Shape | None = None, micro_ba
         checkpointing=cfg.model.gradient_checkpointing if checkpointing is None else checkpointing,
         bits=cfg.quantization.bits, double_quant=cfg.quantization.double_quant, lora_r=cfg.lora.r,
         lora_dropout=cfg.lora.dropout > 0, optimizer=cfg.optim.name,
-        on_gpu=torch.cuda.is_available() if on_gpu is None else on_gpu, fused_loss=cfg.model.fused_loss)
+        on_gpu=torch.cuda.is_available() if on_gpu is None else on_gpu, fused_loss=cfg.model.fused_loss,
+        paged_masters=cfg.optim.master_weights == "paged")
 
 
 def relative_speed(s: Setup) -> float:

@@ -74,6 +74,7 @@ def run(cfg: Config, world_size: int, problems: list[str] = (), cuda: bool | Non
     if model_ok:
         _collect(report, lambda: _plan(cfg, world_size, cuda, report))
     _collect(report, lambda: _ds_config(cfg, world_size, report))
+    _collect(report, lambda: _master_weights(cfg, cuda))
     _collect(report, lambda: _output(cfg, report, for_train))
     return report
 
@@ -195,6 +196,31 @@ def _ds_config(cfg: Config, world_size: int, report: Report) -> list[str]:
         return []
     build_ds_config(report.plan.apply(cfg), world_size)
     return []
+
+
+def _master_weights(cfg: Config, cuda: bool | None) -> list[str]:
+    """optim.master_weights=paged needs CUDA unified memory and fp32 masters on the GPU to move there."""
+    if cfg.optim.master_weights != "paged":
+        return []
+    import torch
+
+    from qlora_dist.ds_files import read_ds_config, zero_stage
+
+    try:
+        ds, source = read_ds_config(cfg.dist.ds_config)
+    except ConfigError:  # reported by the ds_config check
+        ds, source = {}, cfg.dist.ds_config
+    errs = []
+    if "offload_optimizer" in ds.get("zero_optimization", {}):
+        errs.append(f"optim.master_weights: paged, but {source} offloads the optimizer (offload_optimizer): the fp32 "
+                    "masters are already in host memory; use optim.master_weights=gpu or a ds_config without offload")
+    elif ds and zero_stage(ds) == 0:
+        errs.append(f"optim.master_weights: paged needs ZeRO stage 1, 2 or 3 ({source} has stage 0): only ZeRO "
+                    "keeps fp32 master weights to move")
+    if not (torch.cuda.is_available() if cuda is None else cuda):
+        errs.append("optim.master_weights: paged (unified) memory exists only on CUDA GPUs, and the ranks have "
+                    "none; use optim.master_weights=gpu")
+    return errs
 
 
 def _writable_folder(path: Path, key: str) -> list[str]:

@@ -46,6 +46,11 @@ def resolve_model_path(path: str) -> Path:
     return Path(path).expanduser()
 
 
+def builtin_names() -> list[str]:
+    """Every model.path this module builds: smollm2, tiny-llama and tiny:<family> for each family."""
+    return [*BUILTIN_MODELS, *(TINY_PREFIX + f for f in TINY_FAMILIES)]
+
+
 def is_builtin(path: str | os.PathLike | None) -> bool:
     """A name this module builds (smollm2, tiny-llama, tiny:<family>), not a folder of the user's."""
     return path is not None and (str(path) in BUILTIN_MODELS or tiny_family(path) is not None)

@@ -5,8 +5,8 @@ The loss.
 
 transformers' LlamaForCausalLM computes `logits = lm_head(hidden)` for every position (bf16), upcasts
 them to fp32 and runs cross-entropy; autograd keeps the fp32 log-softmax and the backward makes fp32 and
-bf16 gradients of the same size: ~10 bytes per vocabulary entry per token at the peak (7B, 32 x 512:
-5.2 GB, more than all checkpointed activations). Here the loss walks the labelled tokens in chunks and,
+bf16 gradients of the same size: 12 bytes per vocabulary entry per token at the peak (measured with the
+CPU allocator, tests/test_planner_gaps.py; 7B, 32 x 512: 6.3 GB, more than all checkpointed activations). Here the loss walks the labelled tokens in chunks and,
 since lm_head is frozen in QLoRA, computes the gradient with respect to the hidden states in the same
 pass (softmax - one-hot, times the weight), so that only that gradient (2 bytes per hidden unit per
 token) is kept for the backward. Positions whose label is ignored (-100: the source part, padding) never

@@ -47,7 +47,7 @@ from qlora_dist.config import ADDED_AT_DEFAULT, RESUMABLE_CHANGES, Config, flat
 from qlora_dist.errors import ConfigError, RunFault
 from qlora_dist.launch import dist
 from qlora_dist.paths import CHECKPOINT_RE, RunPaths
-from qlora_dist.train import environment, manifest
+from qlora_dist.train import environment, manifest, paged_masters
 
 # Test hook, named as such: kill this process half-way through writing the checkpoint of this step
 # (after the engine state, before the rename), as a node failure would. Used by tests/test_train_e2e.py.
@@ -251,8 +251,7 @@ def local_nonfinite(engine) -> str | None:
     for name, p in lora_parameters(engine.module).items():
         if not bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()):
             return f"LoRA weight {name}"
-    # deepspeed 0.19.8 keeps this rank's fp32 masters here under ZeRO-1/2, ZeRO-3, and its bf16 optimizer.
-    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
+    for attr in paged_masters.MASTER_LISTS:  # where deepspeed 0.19.8 keeps this rank's fp32 masters
         for i, flat_group in enumerate(getattr(engine.optimizer, attr, None) or []):
             if not bool(torch.isfinite(flat_group).all()):
                 return f"fp32 master weights (parameter group {i})"
@@ -416,6 +415,8 @@ class Checkpointer:
             torch.manual_seed(self.cfg.train.seed + self.rank)  # each rank its own dropout stream
             return None
         progress = _load(engine, self.resume_from, self.rank, self.world_size)
+        compat.repage_optimizer_states(engine.optimizer)  # bitsandbytes' load unpages them (compat says why)
+        paged_masters.apply(engine, self.cfg, f"after loading {self.resume_from.name}")  # masters DeepSpeed replaced
         dist.log(f"resuming from {self.resume_from} (step {progress.step}, {progress.samples_seen} samples seen)")
         return progress
 

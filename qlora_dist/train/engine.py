@@ -97,13 +97,17 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.opti
 
 
 def initialize(cfg: Config, model: torch.nn.Module, ds: dict[str, Any]):
-    """deepspeed.initialize with our client optimizer; returns the engine, in train mode."""
+    """deepspeed.initialize with our client optimizer; returns the engine, in train mode, its fp32 masters
+    moved to paged memory under optim.master_weights=paged (train/paged_masters.py)."""
     import deepspeed
+
+    from qlora_dist.train import paged_masters
 
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(cfg, params),
                                            model_parameters=params, config=ds)
     compat.engine_train_mode(engine)
+    paged_masters.apply(engine, cfg, "set-up")
     return engine
 
 

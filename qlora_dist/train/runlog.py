@@ -15,6 +15,7 @@ from qlora_dist import atomic
 from qlora_dist.launch import dist
 from qlora_dist.paths import RunPaths
 from qlora_dist.train.engine import paged_optimizer_gb
+from qlora_dist.train.paged_masters import paged_masters_gb
 from qlora_dist.train import trackers
 
 
@@ -102,6 +103,7 @@ class RunLog:
         if log_this_step:
             self.write({"step": step, "loss": loss, "lr": lr, "tokens": tokens, "tokens_per_s": tps, **speed,
                         "grad_norm": grad_norm, f"{kind}_peak_gb": mem, "paged_optimizer_gb": paged_optimizer_gb(),
+                        "paged_masters_gb": paged_masters_gb(),
                         "step_s": seconds})
 
     def _read(self) -> list[dict]:
