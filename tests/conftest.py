@@ -74,3 +74,20 @@ def load_adapter_tensors(adapter_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+def held_weight_bytes(model) -> dict[str, int]:
+    """One rank's weight bytes by planner item, counted from a loaded model's parameters (16-bit items at
+    2 bytes whatever the compute dtype, as the planner plans them)."""
+    import bitsandbytes as bnb
+
+    held = {"base_nf4": 0, "quant_constants": 0, "base_16bit": 0}
+    for p in model.parameters():
+        if isinstance(p, bnb.nn.Params4bit):
+            q = p.quant_state
+            held["base_nf4"] += p.numel() * p.element_size()
+            held["quant_constants"] += sum(t.numel() * t.element_size() for t in
+                                           (q.absmax, q.code, q.offset, q.state2.absmax, q.state2.code))
+        else:
+            held["base_16bit"] += p.numel() * 2
+    return held

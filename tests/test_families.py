@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, TINY, load_adapter_tensors, run_torchrun
+from conftest import REPO, TINY, held_weight_bytes, load_adapter_tensors, run_torchrun
 from qlora_dist import memory
 from qlora_dist.model.builtin import TINY_FAMILIES, resolve_model_path
 
@@ -293,24 +293,13 @@ def test_plan_of_published_shapes_equals_a_hand_count(tmp_path, capsys, name):
 def test_planned_weights_equal_the_real_tensors(family):
     """One rank, whole model: the planner's weight and LoRA element counts from config.json alone against the
     loaded model (the 2-rank ZeRO-3 shares are checked in test_zero3_trains_exports_and_reloads_every_family)."""
-    import bitsandbytes as bnb
-
     from qlora_dist.config import load_config
     from qlora_dist.model.base import add_lora
 
     model, _ = _base(family)
     shape = memory.Shape.from_folder(resolve_model_path(f"tiny:{family}"))
     planned = memory.weight_items(memory.Setup(shape=shape, lora_r=8))
-    held = {"base_nf4": 0, "quant_constants": 0, "base_16bit": 0}
-    for p in model.parameters():
-        if isinstance(p, bnb.nn.Params4bit):
-            q = p.quant_state
-            held["base_nf4"] += p.numel() * p.element_size()
-            held["quant_constants"] += sum(t.numel() * t.element_size() for t in
-                                           (q.absmax, q.code, q.offset, q.state2.absmax, q.state2.code))
-        else:
-            held["base_16bit"] += p.numel() * 2  # planned in the model's 16-bit dtype (fp32 here for exactness)
-    assert held == planned
+    assert held_weight_bytes(model) == planned  # 16-bit items as planned (the model is fp32 here for exactness)
     assert shape.parameters() == sum(p.quant_state.shape.numel() if hasattr(p, "quant_state") else p.numel()
                                      for p in model.parameters())
     lora = add_lora(_base.__wrapped__(family)[0], load_config(overrides=["lora.r=8"]), 0)

@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import held_weight_bytes
 from qlora_dist import cli, memory
 from qlora_dist.model.builtin import resolve_model_path
 
@@ -88,23 +89,6 @@ def test_the_planned_loss_peak_agrees_with_the_allocator(family, fused_loss):
     assert abs(planned - measured) <= 0.02 * measured, (measured, planned)
 
 
-def _held_weight_bytes(model) -> dict[str, int]:
-    """One rank's weight bytes by planner item, counted from the loaded model's parameters (as
-    tests/test_families.py counts them; 16-bit items at 2 bytes whatever the compute dtype)."""
-    import bitsandbytes as bnb
-
-    held = {"base_nf4": 0, "quant_constants": 0, "base_16bit": 0}
-    for p in model.parameters():
-        if isinstance(p, bnb.nn.Params4bit):
-            q = p.quant_state
-            held["base_nf4"] += p.numel() * p.element_size()
-            held["quant_constants"] += sum(t.numel() * t.element_size() for t in
-                                           (q.absmax, q.code, q.offset, q.state2.absmax, q.state2.code))
-        else:
-            held["base_16bit"] += p.numel() * 2
-    return held
-
-
 @pytest.mark.parametrize("flags", [{"mlp_bias": True}, {"mlp_bias": True, "attention_bias": True}])
 def test_llama_bias_flags_are_planned_to_the_byte(tmp_path, tiny_model_dir, flags):
     """LLaMA's config.json flags mlp_bias (gate, up, down) and attention_bias (q, k, v, o): 16-bit bias
@@ -127,7 +111,7 @@ def test_llama_bias_flags_are_planned_to_the_byte(tmp_path, tiny_model_dir, flag
     biases = [n for n, _ in model.named_parameters() if n.endswith(".bias")]
     assert len(biases) == 2 * (3 + 4 * flags.get("attention_bias", False))
     setup = memory.Setup(shape=shape, lora_r=8)
-    assert memory.weight_items(setup) == _held_weight_bytes(model)
+    assert memory.weight_items(setup) == held_weight_bytes(model)
     assert shape.parameters() == sum(p.quant_state.shape.numel() if hasattr(p, "quant_state") else p.numel()
                                      for p in model.parameters())
     lora = add_lora(model, load_config(overrides=["lora.r=8"]), 0)
