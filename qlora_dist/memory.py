@@ -369,13 +369,14 @@ def format_plan(plan: Plan) -> str:
     head = (f"per-rank memory plan: {s.shape.layers} layers x {s.shape.hidden} hidden, {s.bits}-bit base, "
             f"ZeRO-{s.zero_stage}{' + optimizer offload' if s.offload_optimizer else ''}, {s.world_size} rank(s), "
             f"micro batch {s.micro_batch} x {s.seq_len} tokens, checkpointing {'on' if s.checkpointing else 'off'}")
+    width = max([44] + [len(k) + 2 for k in plan.outside])  # the figures in one column
     lines = [head]
-    lines += [f"  {k:<44}{v / GB:>9.2f} GB" for k, v in plan.items.items()]
-    lines.append(f"  {'total on the GPU':<44}{plan.total / GB:>9.2f} GB")
+    lines += [f"  {k:<{width}}{v / GB:>9.2f} GB" for k, v in plan.items.items()]
+    lines.append(f"  {'total on the GPU':<{width}}{plan.total / GB:>9.2f} GB")
     if plan.outside:
         lines.append("  outside the GPU allocator:")
-        lines += [f"    {k:<42}{v / GB:>9.2f} GB" for k, v in plan.outside.items()]
-    lines.append(f"  {'host RAM per rank while loading':<44}{plan.host_peak_load / GB:>9.2f} GB")
+        lines += [f"    {k:<{width - 2}}{v / GB:>9.2f} GB" for k, v in plan.outside.items()]
+    lines.append(f"  {'host RAM per rank while loading':<{width}}{plan.host_peak_load / GB:>9.2f} GB")
     if plan.cap is not None:
         lines.append(f"  cap {plan.cap / GB:.2f} GB per GPU: {'fits' if plan.fits else 'DOES NOT FIT'}")
     return "\n".join(lines)
