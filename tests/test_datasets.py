@@ -206,7 +206,8 @@ def test_bad_rows_are_skipped_and_counted_per_reason(tmp_path):
     print(report.summary())
     assert report.records == 1000 and report.examples == 950 == len(examples)
     assert report.skipped == {"bad_json": 0, "non_utf8": 10, "missing_field": 10, "wrong_type": 10,
-                              "empty_output": 10, "too_long": 10, "unknown_role": 0, "turn_order": 0}
+                              "empty_output": 10, "too_long": 10, "unknown_role": 0, "turn_order": 0,
+                              "template_mismatch": 0}
     assert report.first_skip.startswith(f"{path}:20: missing_field in field 'output'")
 
 
