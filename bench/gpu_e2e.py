@@ -96,6 +96,11 @@ def resume_and_check(report: dict, cmd: list[str], run_dir: Path, model: str, ns
     report["second"]["resumed_from"] = plans[-1].get("resume_from") if plans else None
     report["second"]["completed"] = json.loads((run_dir / "completed").read_text()) if second.returncode == 0 else None
     report["last_step"] = steps[-1] if steps else None
+    # The resumed run's paged AdamW states must stay paged (compat.repage_optimizer_states): the paged GB
+    # of its steps no lower than the first run's, the allocator peak no higher by their size.
+    report["paged_by_step"] = [(r["step"], r.get("paged_optimizer_gb"), r.get("gpu_peak_gb")) for r in steps]
+    before = [g for step, g, _ in report["paged_by_step"] if step <= ns.steps // 2 and g is not None]
+    report["paged_kept_after_resume"] = bool(steps) and (steps[-1].get("paged_optimizer_gb") or 0) >= max(before or [0])
     report["adapter"] = adapter_check(model, run_dir / "adapter_model") if second.returncode == 0 else None
     report["ok"] = bool(report["first"]["killed"] and second.returncode == 0 and report["adapter"]
                         and report["adapter"]["max_abs_diff"] == 0.0 and report["second"]["resumed_from"])
