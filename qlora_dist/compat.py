@@ -133,9 +133,21 @@ def repage_optimizer_states(zero_optimizer, page=None, on_device=lambda p: p.dev
                 new.copy_(old)
                 state[key] = new
                 moved += new.numel() * new.element_size()
-    if moved and hasattr(zero_optimizer, "_hp_optimizer_states_linked"):
-        zero_optimizer._hp_optimizer_states_linked = False
+    if moved:
+        relink_deepspeed_fragments(zero_optimizer, masters_moved=False)
     return moved
+
+
+def relink_deepspeed_fragments(zero_optimizer, masters_moved: bool) -> None:
+    """deepspeed 0.19.8 ZeRO-1/2 and BF16_Optimizer map each LoRA weight to views of its fp32 master
+    (`_hp_mapping`, built at init and after a load) and, lazily, of its optimizer states: after we swap
+    either storage, the map must be rebuilt on the new one (safe_get/set_full_* and resharding read it).
+    ZeRO-3 narrows its masters at each use instead: nothing to do there."""
+    if not hasattr(zero_optimizer, "_hp_optimizer_states_linked"):
+        return
+    if masters_moved:
+        zero_optimizer._link_all_hp_params()
+    zero_optimizer._hp_optimizer_states_linked = False  # states linked again on their next use
 
 
 def engine_train_mode(engine) -> None:

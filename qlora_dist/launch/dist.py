@@ -117,9 +117,11 @@ def launcher_env() -> DistInfo:
     return read_env()  # a plain process: a world of one (nothing is written into the environment here)
 
 
-def local_ranks(info: DistInfo, environ=os.environ) -> int:
-    """How many ranks the launcher started on this node (torchrun/srun: LOCAL_WORLD_SIZE, deepspeed: LOCAL_SIZE)."""
-    return max(int(environ.get("LOCAL_WORLD_SIZE") or environ.get("LOCAL_SIZE") or 1), info.local_rank + 1)
+def local_ranks(info: DistInfo, environ=os.environ, unknown: int | None = None) -> int:
+    """How many ranks the launcher started on this node (torchrun/srun: LOCAL_WORLD_SIZE, deepspeed:
+    LOCAL_SIZE); where it says nothing, `unknown`, else as many as this rank's LOCAL_RANK implies."""
+    told = environ.get("LOCAL_WORLD_SIZE") or environ.get("LOCAL_SIZE")
+    return max(int(told or unknown or 1), info.local_rank + 1)
 
 
 def gpu_index(info: DistInfo, gpus: int, backend: str, environ=os.environ) -> int:
@@ -190,7 +192,7 @@ def _share_cpu_cores(info: DistInfo) -> None:
     launcher sets nothing, and N ranks each using every core ran ZeRO-3 steps ~2.5x slower on 2 cores."""
     if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ or info.world_size == 1:
         return
-    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or info.world_size)
+    local = local_ranks(info, unknown=info.world_size)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from qlora_dist import compat
 from qlora_dist.launch import dist
 
 # Where deepspeed 0.19.8 keeps this rank's fp32 masters, by optimizer wrapper (see the docstring).
@@ -70,20 +71,11 @@ def page_masters(engine, allocate: Callable[[torch.Tensor], torch.Tensor]) -> in
         _MOVED[id(t)] = t
         moved += t.numel() * t.element_size()
     if moved:
-        _relink(optimizer)
+        compat.relink_deepspeed_fragments(optimizer, masters_moved=True)
         del new
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # hand the old masters' blocks back (they count in reserved memory)
     return moved
-
-
-def _relink(optimizer) -> None:
-    """deepspeed 0.19.8 ZeRO-1/2 and BF16_Optimizer map each LoRA weight to a view of the masters
-    (`_hp_mapping`, built at init and after a load): rebuild it on the new storage, and let the optimizer
-    state fragments be linked again on their next use (they hang off the same mapping objects)."""
-    if hasattr(optimizer, "_hp_optimizer_states_linked"):  # ZeRO-3 narrows its masters at each use instead
-        optimizer._link_all_hp_params()
-        optimizer._hp_optimizer_states_linked = False
 
 
 def apply(engine, cfg, when: str) -> int:
