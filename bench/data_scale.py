@@ -73,7 +73,7 @@ def build(data: Path, model: str, cache: Path, overrides: list[str]) -> dict:
     """One cache build, in this process, as rank 0 of a one-rank run builds it."""
     from qlora_dist.config import load_config
     from qlora_dist.data.corpus import cached_rows
-    from qlora_dist.launch.dist import DistInfo
+    from qlora_dist.dist import DistInfo
     from qlora_dist.model.base import load_tokenizer
     from qlora_dist.model.builtin import resolve_model_path
 

@@ -88,7 +88,7 @@ def _nf4_bytes(model) -> int:
 
 def case_load(size: str) -> dict:
     from qlora_dist import compat
-    from qlora_dist.launch import dist
+    from qlora_dist import dist
     from qlora_dist.model.base import load_base_random
     from qlora_dist.model.builtin import random_llama_config
     from qlora_dist.train.engine import build_ds_config

@@ -60,6 +60,7 @@ def common_overrides(job: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------ qlora-dist
 def run_ours(job: dict, folder: Path) -> dict:
     from qlora_dist.config import load_config
+    from qlora_dist.launch.job import prepare
     from qlora_dist.train.trainer import Trainer
 
     steps = job["warmup"] + job["steps"]
@@ -68,7 +69,7 @@ def run_ours(job: dict, folder: Path) -> dict:
         f"train.save_steps={steps}", "train.logging_steps=1", f"train.output_dir={folder / 'out'}", *job["ours"]])
     from trainer_run import time_cpu_steps
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, prepare(cfg))
     try:
         trainer.setup()
         cpu_times = time_cpu_steps(trainer)

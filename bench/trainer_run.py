@@ -88,6 +88,7 @@ def run_job(job: dict) -> dict:
     import torch
 
     from qlora_dist.config import load_config
+    from qlora_dist.launch.job import prepare
     from qlora_dist.train.trainer import Trainer
 
     if job.get("threads"):
@@ -100,7 +101,7 @@ def run_job(job: dict) -> dict:
     overrides = bench_overrides(job["model"], job["batch"], job["seq"], job["warmup"] + job["steps"], data,
                                 folder / "out", job["checkpointing"], job.get("cap"))
     cfg = load_config(None, job.get("preset"), overrides + list(job.get("extra", [])))
-    trainer, t0, after_setup = Trainer(cfg), time.perf_counter(), None
+    trainer, t0, after_setup = Trainer(cfg, prepare(cfg)), time.perf_counter(), None
     try:
         trainer.setup()
         setup_s = time.perf_counter() - t0

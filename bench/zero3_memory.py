@@ -54,7 +54,7 @@ def worker(model_name: str) -> None:
     compat.quiet_known_warnings()
     import torch
 
-    from qlora_dist.launch import dist
+    from qlora_dist import dist
     from qlora_dist.config import load_config
     from qlora_dist.train.engine import build_ds_config
     from qlora_dist.model.base import load_base_layerwise
@@ -111,7 +111,7 @@ def main() -> None:
     resolve_model_path(ns.model)
     rows = []
     for n in ns.ranks:
-        from qlora_dist.launch.dist import _free_port
+        from qlora_dist.dist import _free_port
 
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={_free_port()}",
                __file__, "--worker", "--model", ns.model]

@@ -17,7 +17,7 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _cmd_train(ns) -> None:
-    from qlora_dist.train.trainer import main as train
+    from qlora_dist.launch.job import train
 
     path, overrides = _split_config_args(ns.args)
     train(path, ns.preset, overrides)
@@ -42,13 +42,13 @@ def _world_and_cap(ns) -> tuple[int, int | None]:
 def _cmd_check(ns) -> None:
     """Everything the preflight of `train` checks, without training: the problems (exit 2) or the plan."""
     from qlora_dist import preflight
-    from qlora_dist.config import parse_config
+    from qlora_dist.run_plan import parse_run_config
 
     world, cap = _world_and_cap(ns)
     path, overrides = _split_config_args(ns.args)
     if ns.gpu_memory:
         overrides = [*overrides, f"train.max_memory_per_gpu={ns.gpu_memory}"]
-    cfg, problems = parse_config(path, ns.preset, overrides)
+    cfg, problems = parse_run_config(path, ns.preset, overrides)
     # A cap per GPU plans for GPUs, also when checked from a login node without one.
     cuda = True if cap or cfg.train.max_memory_per_gpu else None
     report = preflight.run(cfg, world, problems, cuda=cuda, for_train=False)
@@ -75,7 +75,7 @@ def _cmd_plan(ns) -> None:
     import json
 
     from qlora_dist import memory
-    from qlora_dist.config import load_config
+    from qlora_dist.run_plan import load_run_config
 
     world, cap = _world_and_cap(ns)
     path, overrides = _split_config_args(ns.args)
@@ -88,7 +88,7 @@ def _cmd_plan(ns) -> None:
         overrides = [f"model.path=llama-{size}", *overrides]  # the shape alone: no weights are read
     if ns.gpu_memory:
         overrides = [*overrides, f"train.max_memory_per_gpu={ns.gpu_memory}"]
-    cfg = load_config(path, ns.preset, overrides)
+    cfg = load_run_config(path, ns.preset, overrides)
     shape = memory.Shape.llama(size) if ns.shape else None
     if cfg.train.micro_batch_size == "auto":  # what `train` would pick under the cap (the smallest if none fits)
         setup = memory.choose_micro_batch(cfg, world, cap, shape, on_gpu=True) or memory.setup_from_config(
@@ -108,7 +108,7 @@ def _cmd_plan(ns) -> None:
 def _cmd_launch_plan(ns) -> None:
     import shlex
 
-    from qlora_dist.launch.dist import planned_ranks
+    from qlora_dist.dist import planned_ranks
 
     command = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
     ranks = planned_ranks()
@@ -135,7 +135,7 @@ def _join_ranks():
     import contextlib
     import os
 
-    from qlora_dist.launch import dist
+    from qlora_dist import dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return dist.read_env()
@@ -147,7 +147,7 @@ def _join_ranks():
 
 def _cmd_generate(ns) -> None:
     from qlora_dist.evaluate.generate import answer, chat_template_of, load_for_inference
-    from qlora_dist.launch import dist
+    from qlora_dist import dist
     from qlora_dist.model.base import load_tokenizer
 
     template = chat_template_of(ns.adapter, ns.chat_template, load_tokenizer(ns.base), ns.base)  # before the model
@@ -187,7 +187,7 @@ def _cmd_eval_mmlu(ns) -> None:
 
     from qlora_dist.evaluate import mmlu
     from qlora_dist.evaluate.generate import load_for_inference
-    from qlora_dist.launch import dist
+    from qlora_dist import dist
 
     if ns.batch_size <= 0 or ns.max_questions < 0:
         raise ConfigError([f"--batch-size: must be > 0 (got {ns.batch_size}); --max-questions: must be >= 0 "
@@ -229,13 +229,13 @@ def _cmd_merge(ns) -> None:
 
 
 def _cmd_data_preview(ns) -> None:
-    from qlora_dist.config import load_config
+    from qlora_dist.run_plan import load_run_config
     from qlora_dist.data.corpus import preview
     from qlora_dist.model.base import load_tokenizer
     from qlora_dist.model.builtin import resolve_model_path
 
     path, overrides = _split_config_args(ns.args)
-    cfg = load_config(path, ns.preset, [f"data.dataset={ns.dataset}", *overrides])
+    cfg = load_run_config(path, ns.preset, [f"data.dataset={ns.dataset}", *overrides])
     print(preview(cfg, load_tokenizer(resolve_model_path(cfg.model.path)), ns.n))
 
 
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         code = RunFault.EXIT_CODE
     except SystemExit as exc:  # a stop after a signal (train/preempt.py): 128 + its number
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    from qlora_dist.launch import dist
+    from qlora_dist import dist
 
     return dist.leave(code)
 
@@ -408,7 +408,7 @@ def _report(exc: ConfigError) -> None:
 
 
 def _report_fault(exc: RunFault) -> None:
-    from qlora_dist.launch import dist
+    from qlora_dist import dist
 
     me = dist.launcher_env()  # torchrun's, deepspeed's or srun's description of this rank
     print(f"qlora-dist: {'' if me.world_size == 1 else f'rank {me.rank}: '}error: {exc}", file=sys.stderr)

@@ -230,7 +230,7 @@ def exit_without_finalization(code: int) -> None:
     SIGABRT) in about 1 of 40 two-rank jobs — a job that had written everything reported a failure. Process
     groups that DeepSpeed's globals still reference are destroyed during finalization, where gloo's
     threads meet a half torn-down interpreter (pytorch PR #179291 describes the mechanism). Only for a
-    process that was one of several ranks (launch/dist.leave)."""
+    process that was one of several ranks (dist.leave)."""
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -23,6 +23,12 @@ from qlora_dist import recipe
 from qlora_dist.errors import ConfigError
 from qlora_dist.precision import COMPUTE_DTYPES, QUANT_TYPES
 
+# The names data.format and data.tasks accept: part of the schema, so they live here, below their owners
+# (data/formats.py, data/tasks.py), which define one entry per name and check at import that the names match.
+FORMAT_NAMES = ("alpaca", "chip2", "hh-rlhf", "oasst1", "self-instruct", "self-instruct-instances",
+                "unnatural-instructions", "flan-v2", "flan-cot", "input-output", "messages", "sharegpt")
+TASK_NAMES = ("sort_digits", "add", "uppercase")
+
 
 def parse_size(text: str) -> int:
     """'24000MB', '40GiB', '48GB', '1.5TB' -> bytes (MB/GB decimal, MiB/GiB binary)."""
@@ -128,15 +134,12 @@ class DataConfig:
     eval_dataset: str | None = opt(None, "validation loss on this file or dataset instead, prepared like data.dataset")
 
     def check(self) -> list[str]:
-        from qlora_dist.data.formats import FORMATS  # the names only; neither module imports config
-        from qlora_dist.data.tasks import TASKS
-
         errs = self._dataset_problems()
-        unknown = [t for t in self.tasks if t not in TASKS]
+        unknown = [t for t in self.tasks if t not in TASK_NAMES]
         if unknown:
-            errs.append(f"data.tasks: unknown task(s) {unknown}; available: {sorted(TASKS)}")
-        if self.format is not None and self.format not in FORMATS:
-            errs.append(f"data.format: unknown {self.format!r}; choose one of {', '.join(FORMATS)}")
+            errs.append(f"data.tasks: unknown task(s) {unknown}; available: {sorted(TASK_NAMES)}")
+        if self.format is not None and self.format not in FORMAT_NAMES:
+            errs.append(f"data.format: unknown {self.format!r}; choose one of {', '.join(FORMAT_NAMES)}")
         for key in ("num_train", "num_eval", "source_max_len", "target_max_len", "max_row_chars"):
             if getattr(self, key) <= 0:
                 errs.append(f"data.{key}: must be > 0 (got {getattr(self, key)})")
@@ -162,8 +165,6 @@ class DataConfig:
                              float(e.get("weight", 1.0))) for i, e in enumerate(self.dataset)]
 
     def _dataset_problems(self) -> list[str]:
-        from qlora_dist.data.formats import FORMATS
-
         if isinstance(self.dataset, str) and self.dataset:
             return []
         if not isinstance(self.dataset, list) or not self.dataset:
@@ -174,8 +175,8 @@ class DataConfig:
             if not isinstance(e.get("path"), str) or e["path"] in ("", "builtin") or set(e) - {*DatasetEntry.KEYS}:
                 errs.append(f"{key}: expected a dataset name or path, or {{path, format, weight}} (got {item!r}); "
                             "'builtin' cannot be part of a mixture")
-            elif e.get("format") is not None and e["format"] not in FORMATS:
-                errs.append(f"{key}: format: unknown {e['format']!r}; choose one of {', '.join(FORMATS)}")
+            elif e.get("format") is not None and e["format"] not in FORMAT_NAMES:
+                errs.append(f"{key}: format: unknown {e['format']!r}; choose one of {', '.join(FORMAT_NAMES)}")
             elif not isinstance(e.get("weight", 1.0), (int, float)) or not 0 < e.get("weight", 1.0) < math.inf:
                 errs.append(f"{key}: weight: must be a number > 0 (got {e.get('weight')!r})")
         return errs
@@ -245,7 +246,7 @@ class TrainConfig:
     loss_normalization: str = choice("sequence", ("sequence", "token"),
                                      "sequence: mean over the global batch's examples of each one's mean loss over "
                                      "its target tokens (qlora.py's); token: over all its target tokens. Either is "
-                                     "the same whatever the micro batch, accumulation and world size (train/loss.py)")
+                                     "the same whatever the micro batch, accumulation and world size (model/loss.py)")
     max_nonfinite_steps: int = opt(3, "steps whose loss or gradient norm is NaN/inf are skipped (no update); "
                                       "after more than this many in a run, it stops with an error")
     report_to: list[str] = opt([], "experiment trackers besides metrics.jsonl: tensorboard, wandb, mlflow "
@@ -549,16 +550,11 @@ def parse_config(path: str | Path | None = None, preset: str | None = None,
     """The Config and every problem found in it (a value that failed keeps its default), so a preflight
     can add the problems of the files it names and report them all at once."""
     cfg, errs, user = Config(), [], []
-    if preset in recipe.DATASET_PRESETS:  # a dataset alone: the size class from the model (recipe.py)
-        first, first_errs = parse_config(path, None, overrides)  # its problems are found again below
-        try:
-            from qlora_dist.memory import sized_preset  # reads the model's config.json
-
-            preset = None if first_errs else sized_preset(preset, first)
-        except ConfigError as exc:
-            errs, preset = list(exc.problems), None
     if preset is not None:
-        if preset not in recipe.PRESETS:
+        if preset in recipe.DATASET_PRESETS:  # resolved before this, from the model: run_plan.parse_run_config
+            errs.append(f"--preset {preset!r}: a dataset alone takes its size class from model.path; "
+                        "name the size (e.g. --preset 7b-" + preset + ")")
+        elif preset not in recipe.PRESETS:
             hint = difflib.get_close_matches(preset, recipe.PRESETS, n=1)
             errs.append(f"--preset {preset!r}: unknown" + (f" (did you mean {hint[0]!r}?)" if hint else "")
                         + "; run `qlora-dist presets` for the list")

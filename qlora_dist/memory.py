@@ -264,7 +264,7 @@ def layer_activation_bytes_per_token(s: Setup) -> int:
 
 def logits_bytes(s: Setup) -> int:
     """Peak bytes of the loss, per vocabulary entry per token as the CPU allocator's peak of a step shows
-    (tests/test_planner_gaps.py). Without the fused loss (transformers' logits, train/loss.py's cross-entropy):
+    (tests/test_planner_gaps.py). Without the fused loss (transformers' logits, model/loss.py's cross-entropy):
     the log-softmax's backward holds its saved fp32 output, the fp32 gradient coming in and the one going
     out, 12 bytes (the bf16 logits are freed by then), plus 2 where the model soft-caps its logits (tanh
     keeps its bf16 output for the backward). Such a model (Shape.logit_transform) declines the fused loss
@@ -422,7 +422,7 @@ def sized_preset(dataset: str, cfg) -> str:
     """The paper preset of `dataset` for the size class of cfg's model (model.path: a folder's config.json,
     a built-in or random: name); logged. A ConfigError when the model's size cannot be read."""
     from qlora_dist.errors import ConfigError
-    from qlora_dist.launch import dist
+    from qlora_dist import dist
 
     if not cfg.model.path or "model.path" not in cfg.user_keys:  # the default (smollm2) is no paper base
         raise ConfigError([f"--preset {dataset}: takes its size class (7b/13b/33b/65b) from the model's parameter "

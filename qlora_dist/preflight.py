@@ -28,6 +28,14 @@ class Report:
     warnings: list[str] = field(default_factory=list)  # not problems here, but worth saying (a live lock)
     plan: run_plan.RunPlan | None = None
     memory_plan: memory.Plan | None = None
+    config: Config | None = None  # the config the run will use: a starting adapter's lora.* values adopted
+    ds: dict | None = None  # the DeepSpeed config built from the plan
+
+    @property
+    def prepared(self) -> run_plan.PreparedRun:
+        """What the trainer is handed (launch/job.py); only for a report without problems."""
+        assert not self.problems and self.plan is not None and self.ds is not None
+        return run_plan.PreparedRun(self.config, self.plan, self.ds)
 
     def raise_if_problems(self) -> None:
         """ConfigError with every problem; a memory plan over its cap is printed first, as context."""
@@ -71,6 +79,7 @@ def run(cfg: Config, world_size: int, problems: list[str] = (), cuda: bool | Non
     _collect(report, lambda: _tracking_and_validation(cfg))
     if not _checked(report, lambda: init_adapter.problems(cfg)):
         cfg = init_adapter.adopt(cfg)  # the lora.* values the run will use (the plan and resume check need them)
+    report.config = cfg
     if model_ok:
         _collect(report, lambda: _plan(cfg, world_size, cuda, report))
     _collect(report, lambda: _ds_config(cfg, world_size, report))
@@ -194,7 +203,7 @@ def _ds_config(cfg: Config, world_size: int, report: Report) -> list[str]:
 
         read_ds_config(name)
         return []
-    build_ds_config(report.plan.apply(cfg), world_size)
+    report.ds = build_ds_config(report.plan.apply(cfg), world_size)
     return []
 
 
@@ -245,12 +254,13 @@ def _output(cfg: Config, report: Report, for_train: bool) -> list[str]:
         errs += _writable_folder(Path(cfg.data.cache_dir), "data.cache_dir")
     if errs:
         return errs
-    busy, holder = writer_lock.live_holder(RunPaths.of(cfg))
+    paths = RunPaths.of(cfg)
+    busy, holder = writer_lock.live_holder(paths)
     if busy and for_train:
-        return [writer_lock.busy_problem(RunPaths.of(cfg), holder)]
+        return [writer_lock.busy_problem(paths, holder)]
     if busy:
-        report.warnings.append(writer_lock.busy_problem(RunPaths.of(cfg), holder) + " (`train` would refuse now)")
-    resume, damaged = checkpoint.resume_point(RunPaths.of(cfg), cfg)  # sizes only: the run hashes them
+        report.warnings.append(writer_lock.busy_problem(paths, holder) + " (`train` would refuse now)")
+    resume, damaged = checkpoint.resume_point(paths, cfg)  # sizes only: the run hashes them
     report.notes += [f"{ckpt.name} is damaged ({why}): the run will set it aside" for ckpt, why in damaged]
     report.notes.append(f"output {cfg.train.output_dir}: " + (f"continues from {resume.name}" if resume else "new run"))
     return []

@@ -11,9 +11,33 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass
 
-from qlora_dist import memory, precision
-from qlora_dist.config import AUTO_NEEDS_CAP, Config, parse_size
+from qlora_dist import memory, precision, recipe
+from qlora_dist.config import AUTO_NEEDS_CAP, Config, parse_config, parse_size
 from qlora_dist.errors import ConfigError
+
+
+def parse_run_config(path, preset: str | None, overrides: list[str]) -> tuple[Config, list[str]]:
+    """The run's config from the user's YAML, preset and overrides, with every problem found in it: the one
+    place a command builds it (config.parse_config holds the schema). A dataset alone (`--preset oasst1`,
+    recipe.DATASET_PRESETS) first takes its size class from model.path's parameter count (memory.sized_preset
+    reads the model's config.json; the config's own problems, if any, are reported instead)."""
+    errs = []
+    if preset in recipe.DATASET_PRESETS:
+        first, first_errs = parse_config(path, None, overrides)  # its problems are found again below
+        try:
+            preset = None if first_errs else memory.sized_preset(preset, first)
+        except ConfigError as exc:
+            errs, preset = list(exc.problems), None
+    cfg, more = parse_config(path, preset, overrides)
+    return cfg, errs + more
+
+
+def load_run_config(path, preset: str | None, overrides: list[str]) -> Config:
+    """parse_run_config, raising every problem at once."""
+    cfg, errs = parse_run_config(path, preset, overrides)
+    if errs:
+        raise ConfigError(errs)
+    return cfg
 
 
 @dataclass(frozen=True)
@@ -44,6 +68,16 @@ class RunPlan:
         return (f"compute dtype {self.compute_dtype} ({self.compute_dtype_why}); micro batch {self.micro_batch_size} "
                 f"x accumulation {self.grad_accum} x {self.world_size} rank(s); activation checkpointing "
                 f"{'on' if self.gradient_checkpointing else 'off'}{memory_part}")
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """What the preflight resolves once, on rank 0, and hands to every rank's trainer (launch/job.py; the
+    other ranks receive it by broadcast): the user's config with a starting adapter's lora.* values adopted,
+    the run plan, and the DeepSpeed config built from both. No later phase derives any of them again."""
+    config: Config
+    plan: RunPlan
+    ds: dict
 
 
 def _micro_batch(cfg: Config, world_size: int, cap: int, on_gpu: bool | None) -> tuple[int, bool]:

@@ -124,7 +124,7 @@ def test_changed_data_is_refused_and_content_not_path_decides(trained, tmp_path,
     assert "loading tiny-llama" not in proc.stderr  # refused before the model
 
     from qlora_dist.data.corpus import cached_rows
-    from qlora_dist.launch import dist
+    from qlora_dist import dist
     from qlora_dist.model.base import load_tokenizer
 
     copy = shutil.copy(trained[1], tmp_path / "scratch-copy.jsonl")

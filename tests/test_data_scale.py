@@ -17,7 +17,7 @@ from qlora_dist.data import corpus
 from qlora_dist.data.batches import TokenizedExample
 from qlora_dist.data.corpus import TokenizedRows, cached_rows, read_examples, tokenize_examples
 from qlora_dist.errors import ConfigError
-from qlora_dist.launch.dist import DistInfo
+from qlora_dist.dist import DistInfo
 
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} (real dataset samples) is absent")
 ONE_RANK = DistInfo(0, 0, 1)

@@ -17,7 +17,7 @@ from qlora_dist.data.batches import IGNORE_INDEX, BatchSchedule, collate, pack, 
 from qlora_dist.data.corpus import cached_rows, fingerprint, read_examples, tokenize_examples
 from qlora_dist.data.formats import ALPACA_PROMPT_NO_INPUT, Example
 from qlora_dist.errors import ConfigError
-from qlora_dist.launch.dist import DistInfo
+from qlora_dist.dist import DistInfo
 
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} (real dataset samples) is absent")
 

@@ -21,12 +21,12 @@ def allocator_peak_of_a_step(family: str, vocab: int, fused_loss: bool) -> int:
     """Peak bytes the CPU allocator holds, above its level at the start, over one forward and backward with
     labels of the family's tiny model (hidden 64, 2 layers) with `vocab` entries, built as the trainer
     builds it (NF4 base, LoRA, model.fused_loss as given: a family may decline it) and with the trainer's
-    loss (train/loss.py). torch's profiler records every allocation and free."""
+    loss (model/loss.py). torch's profiler records every allocation and free."""
     from qlora_dist.config import load_config
     from qlora_dist.model.base import add_lora, prepare_for_training
     from qlora_dist.model.builtin import tiny_family_config
     from qlora_dist.model.loader import RandomSource, load_layerwise
-    from qlora_dist.train.loss import StepObjective, weighted_loss
+    from qlora_dist.model.loss import StepObjective, weighted_loss
 
     cfg = load_config(overrides=["lora.r=8", "lora.dropout=0", f"model.fused_loss={str(fused_loss).lower()}"])
     gc.freeze()  # the loader collects garbage after each piece: not the whole test process's objects each time

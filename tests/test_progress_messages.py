@@ -59,7 +59,7 @@ def test_held_out_eval_and_mmlu_show_a_bar_on_rank_0_only(tiny_model_dir, monkey
     from qlora_dist.evaluate import mmlu
     from qlora_dist.evaluate.exact_match import builtin_accuracy
     from qlora_dist.evaluate.generate import load_for_inference
-    from qlora_dist.launch import dist
+    from qlora_dist import dist
 
     model, tok = load_for_inference(str(tiny_model_dir), compute_dtype="float32")
     items = make_split(list(TASKS), 1, 1, seed=0)[1][:4]

@@ -18,7 +18,7 @@ import torch
 
 from conftest import REPO, TINY, free_port, load_adapter_tensors, read_metrics, run_cli
 from qlora_dist.errors import ConfigError
-from qlora_dist.launch.dist import DistInfo, expand_hostlist, gpu_index, planned_ranks, slurm_env
+from qlora_dist.dist import DistInfo, expand_hostlist, gpu_index, planned_ranks, slurm_env
 
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
 # Tiny model, 2 nodes x 2 ranks, ZeRO-2, global batch 8 (micro 2, one micro-batch per rank per step).

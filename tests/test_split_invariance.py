@@ -1,7 +1,7 @@
 """The update of a step does not depend on how its global batch is split (issue 13, item 1): real
 variable-length Alpaca rows, the tiny LLaMA in fp32, LoRA dropout off, 3 steps; micro 8 x accumulation 1
 and 1 x 8 on one rank, 2 x 2 on two ranks; both loss normalisations, packing on and off, and transformers'
-loss beside the fused one. Before train/loss.py the adapters of 8 x 1 and 1 x 8 differed by 2.9% here.
+loss beside the fused one. Before model/loss.py the adapters of 8 x 1 and 1 x 8 differed by 2.9% here.
 
 The runs of one world size share one launch (tests/workers/train_cases.py): one 1-rank and one
 2-rank launch for the whole file."""
@@ -47,7 +47,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_weights_give_each_example_or_token_its_share_of_the_global_batch():
     from qlora_dist.data.batches import IGNORE_INDEX as X, TokenizedExample, collate
-    from qlora_dist.train.loss import StepObjective
+    from qlora_dist.model.loss import StepObjective
 
     # a packed row of two examples (2 and 1 target tokens; global batch: twice that row), and an
     # unpacked row of one example (3 target tokens)

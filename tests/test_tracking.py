@@ -54,7 +54,7 @@ def test_validation_loss_is_the_same_on_one_and_two_ranks_and_normalised_like_tr
     from qlora_dist.data.corpus import TokenizedRows
     from qlora_dist.evaluate.validation import loss_sums
     from qlora_dist.model.fastpath import weighted_cross_entropy
-    from qlora_dist.train.loss import StepObjective
+    from qlora_dist.model.loss import StepObjective
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
@@ -69,7 +69,7 @@ def test_validation_loss_is_the_same_on_one_and_two_ranks_and_normalised_like_tr
         two = [loss_sums(model, rows, 3, 0, norm, r, 2, "cpu") for r in (0, 1)]
         v1, v2 = one[0] / one[1], sum(s for s, _ in two) / sum(w for _, w in two)
         assert abs(v1 - v2) < 1e-6, (norm, v1, v2)
-        # the training objective of one global batch holding all these rows (train/loss.py)
+        # the training objective of one global batch holding all these rows (model/loss.py)
         batch = collate(rows[:], 0)
         weights = StepObjective.of(norm, batch).weights(batch)
         with torch.no_grad():

@@ -40,7 +40,7 @@ from qlora_dist.data.batches import (IGNORE_INDEX, TokenizedExample, builtin_exa
 from qlora_dist.data.formats import FORMATS, SKIP_REASONS, Example, RowError, detect
 from qlora_dist.data.tasks import TaskItem
 from qlora_dist.errors import ConfigError
-from qlora_dist.launch import dist
+from qlora_dist import dist
 
 CACHE_VERSION = 2  # bump when tokenization, packing or the stored columns change what a cache holds
 DETECT_ROWS = 1000  # records read to find a readable one and detect the format (here and in the preflight)

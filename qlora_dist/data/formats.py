@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from qlora_dist.config import FORMAT_NAMES
 from qlora_dist.data.prompts import Message
 
 # unknown_role and turn_order: chat rows (a role outside the schema's; turns not system?, user, assistant, ...).
@@ -204,6 +205,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
     Format("sharegpt", ("conversations",), _chat("conversations", "from", "value", SHAREGPT_ROLES),
            "ShareGPT chat: conversations of {from: system|human|gpt, value}"),
 ]}
+if tuple(FORMATS) != FORMAT_NAMES:  # config validates data.format against its list: one entry per name, in order
+    raise RuntimeError(f"data/formats.py defines {tuple(FORMATS)}, config.FORMAT_NAMES says {FORMAT_NAMES}")
 
 # Named datasets: their HF hub id (read offline from the HF datasets cache) and format.
 DATASETS: dict[str, tuple[str, str]] = {

@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
+from qlora_dist.config import TASK_NAMES
+
 
 @dataclass(frozen=True)
 class TaskItem:
@@ -67,7 +69,7 @@ def _uppercase_from(words: list[str]) -> Callable[[random.Random], tuple[str, Ta
     return make
 
 
-TASKS = ("sort_digits", "add", "uppercase")
+TASKS = TASK_NAMES  # the schema's list (config.py); _makers below has one entry per name
 
 
 def _makers(rng: random.Random, held_out_share: float = 0.2) -> dict[str, tuple[Callable, Callable]]:

@@ -6,7 +6,7 @@ from collections import defaultdict
 from qlora_dist.data.prompts import cut_answer, guanaco_turn
 from qlora_dist.data.tasks import TaskItem, exact_match, majority_baseline
 from qlora_dist.evaluate.generate import generate_texts
-from qlora_dist.launch import dist
+from qlora_dist import dist
 
 
 def builtin_accuracy(model, tokenizer, items: list[TaskItem], batch_size: int, max_new_tokens: int,

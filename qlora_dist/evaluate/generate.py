@@ -14,7 +14,7 @@ from qlora_dist import atomic
 from qlora_dist.data.batches import end_of_turn_id
 from qlora_dist.data.prompts import CHAT_TEMPLATES, chat_prompt, cut_answer
 from qlora_dist.errors import ConfigError
-from qlora_dist.launch import dist
+from qlora_dist import dist
 from qlora_dist.model import adapter_settings
 from qlora_dist.model.base import check_adapter, load_adapter, load_base, load_tokenizer
 from qlora_dist.model.builtin import resolve_model_path

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from qlora_dist.errors import ConfigError
-from qlora_dist.launch import dist
+from qlora_dist import dist
 
 CHOICES = "ABCD"
 SPLITS = ("val", "test")

@@ -4,7 +4,7 @@ The rows: `data.eval_size` tokenized training rows drawn by train.seed (`split`:
 they never enter the BatchSchedule, however the cache was built; with packing a row is a packed row), or
 `data.eval_dataset`, another file prepared exactly as data.dataset is (format, lengths, packing, cache).
 
-The value is normalised like the training loss (train/loss.py, train.loss_normalization): `sequence`, the
+The value is normalised like the training loss (model/loss.py, train.loss_normalization): `sequence`, the
 mean over the held-out examples of each one's mean loss over its target tokens; `token`, the mean over all
 their target tokens. It is the same on any world size: the batches are cut before they are dealt to the
 ranks (mmlu.deal_batches: each row scored once, in the same batch, ranks short of batches rerun one for
@@ -21,8 +21,8 @@ import torch
 from qlora_dist.data.batches import collate
 from qlora_dist.errors import ConfigError
 from qlora_dist.evaluate.mmlu import deal_batches
-from qlora_dist.launch import dist
-from qlora_dist.train.loss import StepObjective, weighted_loss
+from qlora_dist import dist
+from qlora_dist.model.loss import StepObjective, weighted_loss
 
 
 def split(n: int, eval_size: int, seed: int) -> tuple[list[int], list[int]]:

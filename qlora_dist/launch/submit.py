@@ -22,14 +22,14 @@ class TrainJob(submitit.helpers.Checkpointable):
     overrides: list[str] = field(default_factory=list)
 
     def __call__(self) -> str:
-        from qlora_dist.train.trainer import main
+        from qlora_dist.launch.job import train
 
         # submitit's own helper turns its job environment into the launcher variables our ranks read
         # (rendezvous at the job's first host, a port drawn from the job id). CUDA_VISIBLE_DEVICES is left
         # alone: dist.device_for picks the GPU by LOCAL_RANK. overwrite: a requeued or nested job may
         # inherit the variables of the process that submitted it.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        main(self.config_path, self.preset, self.overrides)  # a ConfigError fails the job with its problems
+        train(self.config_path, self.preset, self.overrides)  # a ConfigError fails the job with its problems
         return "done"
 
 
@@ -48,11 +48,11 @@ def executor_for(cluster: str, folder: Path, nodes: int, tasks_per_node: int, gp
 
 def submit(ns, overrides: list[str], config_path: str | None):
     from qlora_dist import preflight
-    from qlora_dist.config import parse_config
     from qlora_dist.paths import RunPaths
+    from qlora_dist.run_plan import parse_run_config
 
     tasks = ns.tasks_per_node or max(ns.gpus_per_node, 1)
-    cfg, problems = parse_config(config_path, ns.preset, overrides)
+    cfg, problems = parse_run_config(config_path, ns.preset, overrides)
     # The whole preflight here, before anything is queued: a bad path costs seconds, not a queue wait.
     report = preflight.run(cfg, ns.nodes * tasks, problems, cuda=True if ns.gpus_per_node else None, for_train=False)
     report.raise_if_problems()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from qlora_dist import atomic, recipe
 from qlora_dist.errors import ConfigError
-from qlora_dist.launch import dist
+from qlora_dist import dist
 from qlora_dist.precision import DTYPES, QUANT_TYPES, resolve_compute_dtype
 
 FILE = "qlora_dist.json"

@@ -115,7 +115,7 @@ def prepare_for_training(model: torch.nn.Module, cfg: Config) -> None:
     model.config.use_cache = False
     from qlora_dist.model import fastpath
 
-    from qlora_dist.launch import dist
+    from qlora_dist import dist
 
     if cfg.model.fused_loss and not fastpath.install_fused_loss(model):  # needs lm_head frozen, as just set
         dist.log(f"model.fused_loss: not used ({fastpath.fused_loss_refusal(model.get_base_model())}): "

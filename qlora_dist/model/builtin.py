@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_dist.launch import dist
+from qlora_dist import dist
 
 BUILTIN_MODELS = ("smollm2", "tiny-llama")
 TINY_PREFIX = "tiny:"  # model.path=tiny:<family>: see TINY_FAMILIES

@@ -178,7 +178,7 @@ def install_fused_loss(model: torch.nn.Module) -> bool:
 
     def forward(self, *args, labels=None, logits_to_keep=0, num_items_in_batch=None, loss_weights=None, **kwargs):
         if labels is None or logits_to_keep or not self._qlora_fused_loss:
-            if loss_weights is not None:  # train/loss.py passes them only to the fused loss
+            if loss_weights is not None:  # model/loss.py passes them only to the fused loss
                 raise ValueError("loss_weights needs the fused loss (labels, all logits, fused loss on)")
             if num_items_in_batch is not None:
                 kwargs["num_items_in_batch"] = num_items_in_batch

@@ -151,7 +151,7 @@ def attention_for(config, wanted: str) -> str:
 
     cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
     if wanted == "sdpa" and cls is not None and not getattr(cls, "_supports_sdpa", True):
-        from qlora_dist.launch import dist
+        from qlora_dist import dist
 
         dist.log(f"{cls.__name__} has no sdpa attention in transformers (soft-capping): using eager")
         return "eager"

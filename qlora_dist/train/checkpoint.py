@@ -45,7 +45,7 @@ import yaml
 from qlora_dist import atomic, compat
 from qlora_dist.config import ADDED_AT_DEFAULT, RESUMABLE_CHANGES, Config, flat
 from qlora_dist.errors import ConfigError, RunFault
-from qlora_dist.launch import dist
+from qlora_dist import dist
 from qlora_dist.paths import CHECKPOINT_RE, RunPaths
 from qlora_dist.train import environment, manifest, paged_masters
 

@@ -43,7 +43,7 @@ def derived_values(cfg: Config, world_size: int) -> dict[str, Any]:
         "train_batch_size": cfg.train.global_batch_size,
         "gradient_clipping": cfg.optim.max_grad_norm,
         "bf16.enabled": dtype == "bfloat16",
-        # A NaN/inf gradient norm skips the step, as an fp16 overflow does (train/loss.py makes a non-finite
+        # A NaN/inf gradient norm skips the step, as an fp16 overflow does (model/loss.py makes a non-finite
         # loss such a gradient). deepspeed 0.19.8 ZeRO-1/2 skips on it in fp32 always, in bf16 only with this
         # (its default, stated so a ds_configs file cannot turn it off unnoticed); ZeRO-3 always.
         "bf16.check_grad_overflow": True,

@@ -1,7 +1,7 @@
 """The step guard: what the trainer does about an optimizer step whose numbers went wrong.
 
 - A NaN/inf loss or gradient norm: DeepSpeed skipped the update, as it skips an fp16 overflow (a
-  non-finite loss is made such a gradient: train/loss.py; bf16.check_grad_overflow: train/engine.py), so
+  non-finite loss is made such a gradient: model/loss.py; bf16.check_grad_overflow: train/engine.py), so
   weights, optimizer moments and LR schedule stay while the data position and step count move on. The
   guard counts it, records it (`"event": "nonfinite"`), says so, and past train.max_nonfinite_steps stops
   the run with a RunFault naming the step and the last good checkpoint.
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from qlora_dist.errors import RunFault
-from qlora_dist.launch import dist
+from qlora_dist import dist
 
 WEIGHT_GROWTH = 100.0  # a sane LR moves the LoRA weights' norm a few fold in a whole run
 

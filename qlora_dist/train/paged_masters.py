@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from qlora_dist import compat
-from qlora_dist.launch import dist
+from qlora_dist import dist
 
 # Where deepspeed 0.19.8 keeps this rank's fp32 masters, by optimizer wrapper (see the docstring).
 MASTER_LISTS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition")

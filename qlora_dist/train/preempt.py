@@ -33,7 +33,7 @@ from contextlib import contextmanager
 
 import torch
 
-from qlora_dist.launch import dist
+from qlora_dist import dist
 
 SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # time-limit warnings: scontrol requeue under plain Slurm

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from qlora_dist import compat
-from qlora_dist.launch import dist
+from qlora_dist import dist
 
 
 def _load_optimizer_files(engine_dir: Path) -> tuple[int, int, list[dict]]:

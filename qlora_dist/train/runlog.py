@@ -12,7 +12,7 @@ import time
 import torch
 
 from qlora_dist import atomic
-from qlora_dist.launch import dist
+from qlora_dist import dist
 from qlora_dist.paths import RunPaths
 from qlora_dist.train.engine import paged_optimizer_gb
 from qlora_dist.train.paged_masters import paged_masters_gb

@@ -3,7 +3,8 @@
 Setup builds each thing in the order a failure is cheapest to find: the run plan (compute dtype, micro
 batch, memory cap), the output folder and the checkpoint to resume, the tokenizer, the data (validated
 and tokenized), and only then the model and the engine. Everything that can be known without weights
-was checked before this by the preflight (qlora_dist/preflight.py) on rank 0.
+was checked before this by the preflight on rank 0 (qlora_dist/preflight.py, called by launch/job.py),
+which hands the trainer what it resolved (run_plan.PreparedRun): the trainer derives none of it again.
 """
 from __future__ import annotations
 
@@ -13,22 +14,22 @@ import time
 
 import torch
 
-from qlora_dist import compat, run_plan
+from qlora_dist import compat
 from qlora_dist.config import Config
 from qlora_dist.data.batches import BatchSchedule, collate
 from qlora_dist.data.corpus import prepare as prepare_corpus
 from qlora_dist.errors import ConfigError
 from qlora_dist.evaluate import mmlu, validation
 from qlora_dist.evaluate.exact_match import builtin_accuracy, format_report
-from qlora_dist.launch import dist
-from qlora_dist.model import init_adapter
+from qlora_dist import dist
 from qlora_dist.model.base import build_model, count_parameters, load_tokenizer, loads_layerwise
 from qlora_dist.paths import RunPaths
+from qlora_dist.run_plan import PreparedRun, RunPlan
 from qlora_dist.train.checkpoint import Checkpointer, Progress
-from qlora_dist.train import loss as objective
+from qlora_dist.model import loss as objective
 from qlora_dist.train.guard import StepGuard
 from qlora_dist.ds_files import zero_stage
-from qlora_dist.train.engine import build_ds_config, initialize
+from qlora_dist.train.engine import initialize
 from qlora_dist.train.preempt import StopRequest, Stopped
 from qlora_dist.train.runlog import RunLog
 from qlora_dist.train.throughput import Throughput
@@ -36,8 +37,11 @@ from qlora_dist.train.throughput import Throughput
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, prepared: PreparedRun | None):
+        """`prepared`: what rank 0's preflight resolved (launch/job.py); None on the other ranks, which
+        receive rank 0's in setup, so that every rank builds from the same plan."""
         self.user_cfg = cfg  # as given (`auto` kept): what checkpoints save and resume compares
+        self.prepared = prepared
         self.paths = RunPaths.of(cfg)
         self.step = 0
         self.validated: tuple[int | None, float | None] = (None, None)  # (step, validation loss) of the latest
@@ -46,6 +50,7 @@ class Trainer:
     def setup(self) -> None:
         self.stop = StopRequest()  # first: a signal during any later phase ends the run cleanly
         self.info = dist.init(self.user_cfg.dist.backend, self.user_cfg.dist.timeout_s)
+        self.prepared = dist.broadcast_object(self.prepared if self.info.is_main else None)
         self.lock = self._setup_lock()
         self.device = dist.device_for(self.info)
         self.plan = self._setup_plan()
@@ -81,14 +86,16 @@ class Trainer:
         lock.acquire()
         return lock
 
-    def _setup_plan(self) -> run_plan.RunPlan:
-        """Resolve `auto` (compute dtype, micro batch, checkpointing) for this machine and world size;
-        refuse a plan over train.max_memory_per_gpu before anything is loaded, and cap each rank's CUDA
-        allocator at it. The resolved copy of the config (self.cfg) is what the rest is built from."""
-        self.user_cfg = init_adapter.adopt(self.user_cfg)  # lora.* keys not set take the adapter's values
-        plan = run_plan.resolve(self.user_cfg, self.info.world_size)
+    def _setup_plan(self) -> RunPlan:
+        """The preflight's plan (`auto` resolved: compute dtype, micro batch, checkpointing; a plan over
+        train.max_memory_per_gpu was refused there): cap each rank's CUDA allocator at it. The resolved copy
+        of the config (self.cfg) is what the rest is built from."""
+        plan = self.prepared.plan
+        if plan.world_size != self.info.world_size:  # a caller's mistake, not the user's
+            raise RuntimeError(f"the run was planned for {plan.world_size} rank(s) but runs on {self.info.world_size}")
+        self.user_cfg = self.prepared.config  # lora.* keys not set took the starting adapter's values
         self.cfg = plan.apply(self.user_cfg)
-        self.ds = build_ds_config(self.cfg, self.info.world_size)
+        self.ds = self.prepared.ds
         self.zero_stage = zero_stage(self.ds)
         dist.log(f"run plan: {plan.describe()}")
         if plan.cap_gb and torch.cuda.is_available():
@@ -200,7 +207,7 @@ class Trainer:
 
     def _train_step(self) -> None:
         """One optimizer step: the engine accumulates over this rank's micro-batches, then steps. Each
-        micro-batch backs its share of the step's objective, weighted by the global batch (train/loss.py),
+        micro-batch backs its share of the step's objective, weighted by the global batch (model/loss.py),
         so the update and the logged loss are the same whatever the micro batch, accumulation and ranks."""
         start, losses, tokens, pad = time.perf_counter(), [], 0, self.tokenizer.pad_token_id
         global_rows = [self.rows[i] for i in self.schedule.global_indices(self.step)]
@@ -326,8 +333,8 @@ class Trainer:
         dist.shutdown()
 
 
-def run(cfg: Config) -> None:
-    trainer = Trainer(cfg)
+def run(cfg: Config, prepared: PreparedRun | None) -> None:
+    trainer = Trainer(cfg, prepared)
     try:
         trainer.setup()
         trainer.train()
@@ -335,19 +342,3 @@ def run(cfg: Config) -> None:
         trainer.stopped(stop)  # exits: 128 + the signal number
     finally:
         trainer.cleanup()
-
-
-def main(config_path: str | None, preset: str | None, overrides: list[str]) -> None:
-    """`qlora-dist train`: the config, then (rank 0) the preflight, which raises every problem it can find
-    without reading a weight; then the run. Other ranks wait for rank 0 at the process group's
-    rendezvous, and the launcher ends them if rank 0 exits with the problems."""
-    from qlora_dist import preflight
-    from qlora_dist.config import parse_config
-
-    cfg, problems = parse_config(config_path, preset, overrides)
-    world = dist.launcher_env()
-    if world.is_main:
-        preflight.run(cfg, world.world_size, problems).raise_if_problems()
-    elif problems:
-        raise ConfigError(problems)
-    run(cfg)

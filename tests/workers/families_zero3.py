@@ -20,7 +20,8 @@ import bitsandbytes as bnb  # noqa: E402
 from qlora_dist import memory  # noqa: E402
 from qlora_dist.config import load_config  # noqa: E402
 from qlora_dist.data.batches import collate  # noqa: E402
-from qlora_dist.launch import dist  # noqa: E402
+from qlora_dist import dist  # noqa: E402
+from qlora_dist.launch.job import prepare  # noqa: E402
 from qlora_dist.train.trainer import Trainer  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def base_items(model) -> dict[str, int]:
 
 def one_family(family: str, out: Path, overrides: list[str]) -> None:
     cfg = load_config(overrides=[*overrides, f"model.path=tiny:{family}", f"train.output_dir={out}"])
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, prepare(cfg))
     trainer.setup()
     gathered, save = [], trainer.save
     trainer.save = lambda: gathered.append(count_gathered_bytes(save))  # the run's own save, counted

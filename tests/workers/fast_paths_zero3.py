@@ -15,7 +15,7 @@ compat.quiet_known_warnings()
 
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
-from qlora_dist.launch import dist
+from qlora_dist import dist
 
 from qlora_dist.model import fastpath  # noqa: E402
 from qlora_dist.config import load_config  # noqa: E402

@@ -16,8 +16,9 @@ import bitsandbytes as bnb  # noqa: E402
 
 from qlora_dist import memory
 
-from qlora_dist.launch import dist  # noqa: E402
+from qlora_dist import dist  # noqa: E402
 from qlora_dist.config import load_config  # noqa: E402
+from qlora_dist.launch.job import prepare  # noqa: E402
 from qlora_dist.train.trainer import Trainer  # noqa: E402
 
 
@@ -69,7 +70,7 @@ def actual(trainer) -> dict[str, int]:
 def main() -> None:
     out, overrides = sys.argv[1], sys.argv[2:]
     cfg = load_config(overrides=[*overrides, f"train.output_dir={out}"])
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, prepare(cfg))
     trainer.setup()
     got = actual(trainer)
     plan = memory.make_plan(memory.setup_from_config(cfg, trainer.info.world_size, on_gpu=False))

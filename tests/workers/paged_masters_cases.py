@@ -24,7 +24,7 @@ compat.quiet_known_warnings()
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 
 from qlora_dist.config import load_config  # noqa: E402
-from qlora_dist.launch import dist  # noqa: E402
+from qlora_dist import dist  # noqa: E402
 from qlora_dist.model.base import build_model  # noqa: E402
 from qlora_dist.train import paged_masters  # noqa: E402
 from qlora_dist.train.engine import build_ds_config, initialize  # noqa: E402

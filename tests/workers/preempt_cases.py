@@ -24,8 +24,9 @@ def main(argv: list[str]) -> None:
     set_library_env()
     quiet_known_warnings()
     from qlora_dist.config import load_config
-    from qlora_dist.launch import dist
+    from qlora_dist import dist
     from qlora_dist.train.preempt import SIGNAL_AT_ENV
+    from qlora_dist.launch.job import prepare
     from qlora_dist.train.trainer import run
 
     # One process group for all the runs: DeepSpeed 0.19.8 keeps the first group in its globals and
@@ -43,7 +44,8 @@ def main(argv: list[str]) -> None:
         if spec:
             os.environ[SIGNAL_AT_ENV] = spec
         try:
-            run(load_config(overrides=[*overrides, *extra, f"train.output_dir={out / name}"]))
+            cfg = load_config(overrides=[*overrides, *extra, f"train.output_dir={out / name}"])
+            run(cfg, prepare(cfg))
         except SystemExit as exc:
             return int(exc.code)
         finally:
@@ -64,7 +66,8 @@ def main(argv: list[str]) -> None:
     if last:
         dist.shutdown = shutdown
         os.environ[SIGNAL_AT_ENV] = "data:1:SIGTERM:1"  # rank 1 exits at once (143); rank 0 waits on it
-        run(load_config(overrides=[*overrides, f"train.output_dir={out / 'rank1-alone'}"]))
+        cfg = load_config(overrides=[*overrides, f"train.output_dir={out / 'rank1-alone'}"])
+        run(cfg, prepare(cfg))
         return
     dist.barrier()
     shutdown()
@@ -72,6 +75,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
-    from qlora_dist.launch import dist
+    from qlora_dist import dist
 
     dist.leave(0)  # see compat.exit_without_finalization

@@ -15,7 +15,8 @@ def main(argv: list[str]) -> None:
     set_library_env()
     quiet_known_warnings()
     from qlora_dist.config import load_config
-    from qlora_dist.launch import dist
+    from qlora_dist import dist
+    from qlora_dist.launch.job import prepare
     from qlora_dist.train.trainer import run
 
     # One process group for all the runs: DeepSpeed 0.19.8 keeps the first group in its globals and
@@ -27,13 +28,14 @@ def main(argv: list[str]) -> None:
     cases, common = rest[:split], rest[split + 1:]
     for case in cases:
         name, _, keys = case.partition(":")
-        run(load_config(overrides=[*common, *filter(None, keys.split(",")), f"train.output_dir={out / name}"]))
+        cfg = load_config(overrides=[*common, *filter(None, keys.split(",")), f"train.output_dir={out / name}"])
+        run(cfg, prepare(cfg))
     dist.barrier()
     shutdown()
 
 
 if __name__ == "__main__":
     main(sys.argv[1:])
-    from qlora_dist.launch import dist
+    from qlora_dist import dist
 
     dist.leave(0)  # see compat.exit_without_finalization

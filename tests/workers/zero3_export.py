@@ -14,6 +14,7 @@ compat.quiet_known_warnings()
 
 from qlora_dist.config import load_config  # noqa: E402
 from qlora_dist.data.batches import collate  # noqa: E402
+from qlora_dist.launch.job import prepare  # noqa: E402
 from qlora_dist.train.trainer import Trainer  # noqa: E402
 
 GATHERS = ("all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_object", "broadcast")
@@ -55,7 +56,8 @@ def count_gathered_bytes(fn):
 
 def main() -> None:
     out, overrides = sys.argv[1], sys.argv[2:]
-    trainer = Trainer(load_config(overrides=[*overrides, f"train.output_dir={out}"]))
+    cfg = load_config(overrides=[*overrides, f"train.output_dir={out}"])
+    trainer = Trainer(cfg, prepare(cfg))
     trainer.setup()
     trainer.train()  # saves at the end, as usual
     engine = trainer.engine
@@ -79,6 +81,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from qlora_dist.launch import dist
+    from qlora_dist import dist
 
     dist.leave(0)  # see compat.exit_without_finalization
