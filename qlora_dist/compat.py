@@ -59,6 +59,39 @@ def deepspeed_cpu_op_to_build() -> Path | None:
     return folder
 
 
+def load_deepspeed_cpu_op() -> None:
+    """Load deepspeed's CPU op (building it the first time) under a lock of ours, before init_distributed.
+
+    torch 2.13's cpp_extension.load guards every load, even of an op already built, with a FileBaton: a
+    `lock` file created with O_EXCL and removed at the end, whose waiters poll for it forever. A process
+    killed inside that window (a kill -9, a timeout) leaves the file behind, and every later run on this
+    machine then hangs in FileBaton.wait before its first step (seen here: a rank killed by a test while
+    it loaded the op). So each process loads the op itself while holding an flock beside the folder
+    (the kernel drops it when the holder dies): under it, a `lock` file can only be a dead process's
+    and is removed. deepspeed 0.19.8 keeps the loaded module (OpBuilder._loaded_ops), so TorchBackend's
+    own build_shm_op() then returns it without touching the baton."""
+    import fcntl
+
+    if torch.cuda.is_available() or sys.platform != "linux":  # the op is CPU- and Linux-only
+        return
+    folder = deepspeed_cpu_op_dir()
+    if folder is None:
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.qlora-lock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            if (folder / "lock").exists():
+                print(f"[qlora-dist] removing {folder / 'lock'}, left by a process killed while it loaded "
+                      "deepspeed's CPU op", file=sys.stderr, flush=True)
+                (folder / "lock").unlink(missing_ok=True)
+            from deepspeed.comm.torch import build_shm_op
+
+            build_shm_op()
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
+
+
 def quiet_known_warnings() -> None:
     # torch 2.13 deprecates all_gather_into_tensor / reduce_scatter_tensor, which deepspeed 0.19.8
     # calls on every ZeRO step: one warning per rank per call site, nothing for a user to act on.

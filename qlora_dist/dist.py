@@ -169,6 +169,7 @@ def init(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     if not torch.distributed.is_initialized():
         if folder := compat.deepspeed_cpu_op_to_build():
             log(f"building DeepSpeed's CPU communication op once (~40 s, cached in {folder})")
+        compat.load_deepspeed_cpu_op()
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                    verbose=False)
     _ONE_OF_SEVERAL = _ONE_OF_SEVERAL or info.world_size > 1
