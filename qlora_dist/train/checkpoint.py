@@ -176,6 +176,12 @@ def _check_resumable(paths: RunPaths, ckpt: Path, cfg: Config) -> None:
     if diffs:
         raise ConfigError([f"train.output_dir: {paths.root} holds {ckpt.name} of a different configuration "
                            f"({'; '.join(diffs)}); use another train.output_dir, or the checkpoint's values"])
+    if not cfg.model.allow_base_mismatch:  # the same model.path, but is it still the same model?
+        from qlora_dist.model import adapter_settings
+
+        if problems := adapter_settings.base_problems(ckpt / "adapter_model", cfg.model.path, "train.output_dir",
+                                                      "model.allow_base_mismatch=true"):
+            raise ConfigError(problems)
     done, where = max((read_progress(ckpt).step, ckpt.name), (_completed_step(paths), paths.completed.name))
     if done > cfg.train.max_steps:
         raise ConfigError([f"train.max_steps: {cfg.train.max_steps} is below the {done} steps {paths.root} already "
