@@ -5,6 +5,7 @@ naming its option, in the first seconds, with nothing new on disk."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import pytest
@@ -128,6 +129,22 @@ def test_an_adapter_is_refused_on_a_base_it_was_not_trained_on(tmp_path, tiny_mo
         assert len(problems) == 1 and needle in problems[0] and "model.allow_base_mismatch=true" in problems[0]
     assert init_adapter.problems(load_config(overrides=[*start, "model.path=tiny:qwen2",
                                                         "model.allow_base_mismatch=true"])) == []
+    # Resume: the checkpoint's adapter against model.path as it is now (same path, another config.json).
+    from qlora_dist.errors import ConfigError
+    from qlora_dist.paths import RunPaths
+    from qlora_dist.train import checkpoint
+
+    cfg = load_config(overrides=[*TINY, f"train.output_dir={tmp_path / 'run'}"])
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    shutil.copytree(new, ckpt / "adapter_model")  # its recorded config hash is not tiny-llama's
+    (ckpt / "config.yaml").write_text(cfg.to_yaml())
+    (ckpt / "progress.json").write_text(json.dumps({"step": 2, "samples_seen": 16, "epoch": 0.1, "seed": 7,
+                                                    "world_size": 1, "global_batch_size": 8, "zero_stage": 2}))
+    with pytest.raises(ConfigError, match=r"train.output_dir: .*checkpoint-2/adapter_model was trained on a base "
+                                          r"whose config.json differs .* model.allow_base_mismatch=true"):
+        checkpoint._check_resumable(RunPaths.of(cfg), ckpt, cfg)
+    cfg.model.allow_base_mismatch = True
+    checkpoint._check_resumable(RunPaths.of(cfg), ckpt, cfg)
 
 
 def test_option_ranges_are_checked_on_the_command_line_and_in_the_config(tmp_path, tiny_model_dir, capsys):

@@ -168,12 +168,21 @@ def _shape_problem(adapter_dir: Path, base_path: Path) -> str | None:
 
 
 def base_problems(adapter_dir: Path | str, base: str | Path, option: str, override: str,
-                  quantization: dict | None = None) -> list[str]:
+                  quantization: dict | None = None, allowed: bool = False) -> list[str]:
     """[one line] when the adapter was trained on another base than `base` (a model.path) as far as it
     records; [] otherwise. option: what names the adapter (--adapter, train.init_adapter); override: how
-    to apply it anyway. quantization: the run's {bits, quant_type, double_quant} to compare too (training
-    from a starting adapter; inference loads the base as the adapter records)."""
-    adapter_dir = Path(adapter_dir)
+    to apply it anyway, and `allowed`: the user gave it (the mismatch is then logged, not refused).
+    quantization: the run's {bits, quant_type, double_quant} to compare too (training from a starting
+    adapter; inference loads the base as the adapter records)."""
+    why = base_mismatch(Path(adapter_dir), base, quantization)
+    if why and allowed:
+        dist.log(f"warning: {option}: {adapter_dir} {why}; applied anyway ({override})")
+    return [f"{option}: {adapter_dir} {why}; use the base it was trained on, or {override} to apply it anyway"] \
+        if why and not allowed else []
+
+
+def base_mismatch(adapter_dir: Path, base: str | Path, quantization: dict | None = None) -> str | None:
+    """What the adapter records that contradicts `base` (the first thing found), or None."""
     saved = read(adapter_dir) or {}
     recorded, where = _recorded_identity(adapter_dir, saved)
     given = base_identity(base)
@@ -189,7 +198,7 @@ def base_problems(adapter_dir: Path | str, base: str | Path, option: str, overri
     elif quantization and saved and (diff := [k for k in QUANT_KEYS if saved[k] != quantization[k]]):
         why = ("was trained on a base quantized with " + ", ".join(f"{k}={saved[k]!r}" for k in diff)
                + f" ({adapter_dir / FILE}), this run has " + ", ".join(f"quantization.{k}={quantization[k]!r}" for k in diff))
-    return [f"{option}: {adapter_dir} {why}; use the base it was trained on, or {override} to apply it anyway"] if why else []
+    return why
 
 
 def _folder_of(base: str | Path) -> Path:

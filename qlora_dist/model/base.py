@@ -98,7 +98,7 @@ def check_adapter(adapter_dir: Path) -> None:
 def adapter_problems(adapter_dir: Path, base: str | None = None, option: str = "--adapter",
                      allow_mismatch: bool = False, override: str = "--allow-base-mismatch") -> list[str]:
     """check_adapter's problems, and (given the base's model.path) whether the adapter was trained on
-    another base (adapter_settings.base_problems) unless allow_mismatch: all read without a weight."""
+    another base (adapter_settings.base_problems; with allow_mismatch only logged): read without a weight."""
     from qlora_dist.model import adapter_settings
     from qlora_dist.model.folder import safetensors_problems
 
@@ -109,9 +109,9 @@ def adapter_problems(adapter_dir: Path, base: str | None = None, option: str = "
     weights = adapter_dir / "adapter_model.safetensors"
     if weights.is_file() and (problems := safetensors_problems(weights, option)):
         return problems
-    if base is None or allow_mismatch:
+    if base is None:
         return []
-    return adapter_settings.base_problems(adapter_dir, base, option, override)
+    return adapter_settings.base_problems(adapter_dir, base, option, override, allowed=allow_mismatch)
 
 
 def prepare_for_training(model: torch.nn.Module, cfg: Config) -> None:
