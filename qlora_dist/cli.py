@@ -25,9 +25,9 @@ def _cmd_train(ns) -> None:
 
 def _world_and_cap(ns) -> tuple[int, int | None]:
     """--world-size and --gpu-memory, checked: one line each when wrong."""
-    from qlora_dist.config import parse_size
+    from qlora_dist.config import POSITIVE, parse_size, range_problems
 
-    errs = [] if ns.world_size >= 1 else [f"--world-size: must be a positive number of ranks (got {ns.world_size})"]
+    errs = range_problems([("--world-size", ns.world_size, POSITIVE)])
     cap = None
     if ns.gpu_memory is not None:
         try:
