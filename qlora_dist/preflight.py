@@ -64,9 +64,11 @@ def run(cfg: Config, world_size: int, problems: list[str] = (), cuda: bool | Non
         return report
     model_ok = not _checked(report, lambda: _model(cfg, report))
     # The batch count is derived from data.max_examples, the mixture's weights and the global batch: when
-    # the config already refused one of them, a count from it would be a second, nonsensical line.
-    counted = not any(p.startswith(COUNT_KEYS) for p in problems)
-    _collect(report, lambda: _tokenizer_and_data(cfg, report, counted))
+    # the config already refused one of them, a count from it would be a second, nonsensical line (and a
+    # data.dataset the config refused has no entries to read at all).
+    if not any(p.startswith("data.dataset") for p in problems):
+        counted = not any(p.startswith(COUNT_KEYS) for p in problems)
+        _collect(report, lambda: _tokenizer_and_data(cfg, report, counted))
     if model_ok:
         _collect(report, lambda: _chat_template(cfg))
     _collect(report, lambda: _mmlu(cfg, report))

@@ -170,6 +170,7 @@ def test_option_ranges_are_checked_on_the_command_line_and_in_the_config(tmp_pat
     alpaca = SHARED_DATA / "alpaca" / "alpaca_tiny.json"
     out = f"train.output_dir={tmp_path / 'run'}"
     for bad, needle in ((f"data.dataset=[{{path: {alpaca}, weight: -1}}]", "weight: must be a number > 0"),
+                        (f"data.dataset=[{{path: {alpaca}, weight: abc}}]", "weight: must be a finite number > 0"),
                         (f"data.max_examples=-1", "data.max_examples: must be >= 0 (got -1)")):
         args = [f"data.dataset={alpaca}", bad] if "max_examples" in bad else [bad]
         text = _refused(capsys, ["check", *TINY, out, *args], needle, bound_s=30)
