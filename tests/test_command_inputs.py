@@ -47,8 +47,9 @@ def _fake_adapter(out, base_dir, base_name: str, r: int = 8, identity: bool = Tr
     return out
 
 
-def _refused(capsys, argv: list[str], *needles: str, bound_s: float = 5.0) -> str:
-    """main(argv) exits 2 within bound_s with one error line per problem, containing every needle."""
+def _refused(capsys, argv: list[str], *needles: str, bound_s: float = 15.0) -> str:
+    """main(argv) exits 2 within bound_s with one error line per problem, containing every needle. (Each
+    takes at most a second or two on an idle machine; the bound leaves room for a loaded one.)"""
     from qlora_dist.cli import main
 
     capsys.readouterr()
