@@ -599,8 +599,9 @@ def _(b):
 # ==================================================================== issue 23, classes 1, 2, 5 (wt-h2)
 # shared/redteam/2026-12-07.md's G1-G4, E3, E5, C13, C15 (ids prefixed r7- so as not to collide with the
 # older G2/G4 above), plus the output checks of merge and prepare-model. An input error must come before
-# the model loads: within EARLY_S (the interpreter and torch import take ~3 s idle).
-EARLY_S = 20
+# the model loads: within EARLY_S (the interpreter and torch import take ~3 s idle, up to ~18 s measured
+# with 5 sessions sharing 2 cores; the message itself is the evidence, the bound catches a run that loads).
+EARLY_S = 30
 QUESTIONS = SHARED / "vicuna_bench" / "fastchat_llm_judge" / "question.jsonl"
 MMLU_JSON = SHARED / "mmlu" / "zero_shot_mmlu_val.json"
 ALPACA_TINY = SHARED / "alpaca" / "alpaca_tiny.json"
@@ -705,6 +706,7 @@ def _r7_c13(b):
 def _r7_c15(b):
     runs = [_early(train(b.folder(f"c15{i}"), *a), n, absent="fewer than one global batch") for i, (a, n) in enumerate((
         ((f"data.dataset=[{{path: {ALPACA_TINY}, weight: -1}}]",), "weight: must be a number > 0"),
+        ((f"data.dataset=[{{path: {ALPACA_TINY}, weight: abc}}]",), "weight: must be a finite number > 0"),
         ((f"data.dataset={ALPACA_TINY}", "data.max_examples=-1"), "data.max_examples: must be >= 0")))]
     return "; ".join(t for t, _ in runs), "OK" if all(v == "OK" for _, v in runs) else "POOR"
 
@@ -750,7 +752,7 @@ H2_CASES = [
     ("r7-E5b", "merge --base tiny:qwen2, adapter saved before the base identity was recorded", _r7_e5b),
     ("r7-E5c", "generate --base tiny:qwen2, the same older adapter", _r7_e5c),
     ("r7-C13", "train.seed beyond 64 bits", _r7_c13),
-    ("r7-C15", "negative mixture weight / data.max_examples=-1: one line only", _r7_c15),
+    ("r7-C15", "mixture weight -1 / 'abc', data.max_examples=-1: one line only", _r7_c15),
     ("r7-O1", "merge --out a non-empty folder (kept intact)", _r7_o1),
     ("r7-O2", "prepare-model --out a non-empty folder (kept intact)", _r7_o2),
     ("r7-O3", "merge --out on a read-only mount", _r7_o3),
