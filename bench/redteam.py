@@ -596,6 +596,171 @@ def _(b):
     return f"rc {run.rc}, code ran {ran}: {run.first_error()}", "BAD" if ran else "OK" if not run.traceback else "POOR"
 
 
+# ==================================================================== issue 23, classes 1, 2, 5 (wt-h2)
+# shared/redteam/2026-12-07.md's G1-G4, E3, E5, C13, C15 (ids prefixed r7- so as not to collide with the
+# older G2/G4 above), plus the output checks of merge and prepare-model. An input error must come before
+# the model loads: within EARLY_S (the interpreter and torch import take ~3 s idle, up to ~18 s measured
+# with 5 sessions sharing 2 cores; the message itself is the evidence, the bound catches a run that loads).
+EARLY_S = 30
+QUESTIONS = SHARED / "vicuna_bench" / "fastchat_llm_judge" / "question.jsonl"
+MMLU_JSON = SHARED / "mmlu" / "zero_shot_mmlu_val.json"
+ALPACA_TINY = SHARED / "alpaca" / "alpaca_tiny.json"
+
+
+def _early(run: Run, *needles: str, absent: str | None = None) -> tuple[str, str]:
+    """input_error, and within EARLY_S, and (absent) without a second line containing that text."""
+    text, verdict = input_error(run, *needles)
+    if verdict == "OK" and (run.seconds > EARLY_S or (absent and absent in run.err)):
+        verdict = "POOR"
+    return text, verdict
+
+
+def _generate(*extra: str) -> Run:
+    return cli("generate", "--base", "tiny-llama", "--compute-dtype", "float32", *extra)
+
+
+def _r7_g1(b):
+    return _early(_generate("--prompt", "hello", "--max-new-tokens", "0"), "--max-new-tokens: must be > 0")
+
+
+def _r7_g2(b):
+    runs = [_early(_generate("--prompt", "hello", *a), n) for a, n in (
+        (("--temperature", "-1"), "--temperature"), (("--temperature", "nan"), "--temperature"),
+        (("--temperature", "1", "--top-p", "2"), "--top-p"))]
+    return "; ".join(t for t, _ in runs), "OK" if all(v == "OK" for _, v in runs) else "POOR"
+
+
+def _r7_g3(b):
+    return _early(_generate("--prompt", "hello", "--max-new-tokens", "100000000"), "max_position_embeddings")
+
+
+def _answers_to(b, out: Path, *needles: str) -> tuple[str, str]:
+    """generate --prompts ... --out OUT: refused early, and no (hidden) file appears beside OUT."""
+    parent = out.parent if out.parent.is_dir() else out.parent.parent
+    before = sorted(p.name for p in parent.iterdir())
+    text, verdict = _early(_generate("--prompts", str(QUESTIONS), "--max-new-tokens", "2", "--out", str(out)), *needles)
+    left = sorted(set(p.name for p in parent.iterdir()) - set(before))
+    return f"{text}; new files {left}", verdict if not left else "BAD"
+
+
+def _r7_g4a(b):
+    (b.folder("g4a-ofile")).write_text("a file\n")
+    return _answers_to(b, b.folder("g4a-ofile") / "answers.jsonl", "--out", "is a file")
+
+
+def _r7_g4b(b):
+    mnt = b.folder("g4b-ro")
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        return "cannot mount a read-only tmpfs here", "SKIP"
+    try:
+        return _answers_to(b, mnt / "answers.jsonl", "--out", "not writable")
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+def _r7_g4c(b):
+    b.folder("g4c-dir").mkdir()
+    return _answers_to(b, b.folder("g4c-dir"), "--out", "is a folder")
+
+
+def _r7_e3(b):
+    return _early(cli("eval", "mmlu", "--base", "tiny-llama", "--data", str(MMLU_JSON), "--batch-size", "0",
+                      "--max-questions", "4"), "--batch-size: must be > 0", absent="--max-questions")
+
+
+def _old_adapter(b) -> Path:
+    """The reference run's adapter as a qlora-dist before the base's identity was recorded saved it."""
+    old = b.folder("e5-old-adapter")
+    if not old.exists():
+        shutil.copytree(b.reference() / "adapter_model", old)
+        settings = json.loads((old / "qlora_dist.json").read_text())
+        settings = {k: v for k, v in settings.items() if k not in ("base_model_type", "base_config_sha256")}
+        (old / "qlora_dist.json").write_text(json.dumps(settings))
+    return old
+
+
+def _r7_e5a(b):
+    return _early(cli("eval", "mmlu", "--base", "tiny:qwen2", "--adapter", str(b.reference() / "adapter_model"),
+                      "--compute-dtype", "float32", "--data", str(MMLU_JSON), "--max-questions", "4"),
+                  "'llama' base", "'qwen2' model", "--allow-base-mismatch")
+
+
+def _r7_e5b(b):
+    out = b.folder("e5b-merged")
+    text, verdict = _early(cli("merge", "--base", "tiny:qwen2", "--adapter", str(_old_adapter(b)), "--out", str(out)),
+                           "'llama' base", "'qwen2' model")
+    return f"{text}; out made {out.exists()}", verdict if not out.exists() else "BAD"
+
+
+def _r7_e5c(b):
+    return _early(_generate("--prompt", "hi", "--max-new-tokens", "2", "--adapter", str(_old_adapter(b)),
+                            "--base", "tiny:qwen2"), "'llama' base")
+
+
+def _r7_c13(b):
+    return _early(train(b.folder("c13"), f"data.dataset={ALPACA_TINY}", "train.seed=99999999999999999999999"),
+                  "train.seed: must be an integer in [0, 4294967295]")
+
+
+def _r7_c15(b):
+    runs = [_early(train(b.folder(f"c15{i}"), *a), n, absent="fewer than one global batch") for i, (a, n) in enumerate((
+        ((f"data.dataset=[{{path: {ALPACA_TINY}, weight: -1}}]",), "weight: must be a number > 0"),
+        ((f"data.dataset=[{{path: {ALPACA_TINY}, weight: abc}}]",), "weight: must be a finite number > 0"),
+        ((f"data.dataset={ALPACA_TINY}", "data.max_examples=-1"), "data.max_examples: must be >= 0")))]
+    return "; ".join(t for t, _ in runs), "OK" if all(v == "OK" for _, v in runs) else "POOR"
+
+
+def _r7_o1(b):
+    full = b.folder("o1-full")
+    full.mkdir()
+    (full / "keep.txt").write_text("keep")
+    run = cli("merge", "--base", "tiny-llama", "--adapter", str(b.reference() / "adapter_model"), "--out", str(full))
+    text, verdict = _early(run, "--out", "not empty")
+    return text, verdict if sorted(p.name for p in full.iterdir()) == ["keep.txt"] else "BAD"
+
+
+def _r7_o2(b):
+    full = b.folder("o2-full")
+    full.mkdir()
+    (full / "keep.txt").write_text("keep")
+    text, verdict = _early(cli("prepare-model", "tiny:qwen2", "--out", str(full)), "--out", "not empty")
+    return text, verdict if (full / "keep.txt").is_file() else "BAD"
+
+
+def _r7_o3(b):
+    mnt = b.folder("o3-ro")
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        return "cannot mount a read-only tmpfs here", "SKIP"
+    try:
+        return _early(cli("merge", "--base", "tiny-llama", "--adapter", str(b.reference() / "adapter_model"),
+                          "--out", str(mnt / "merged")), "--out", "not writable")
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+H2_CASES = [
+    ("r7-G1", "generate --max-new-tokens 0", _r7_g1),
+    ("r7-G2", "generate --temperature -1 / nan, --top-p 2", _r7_g2),
+    ("r7-G3", "generate --max-new-tokens 100000000 (past the 512 positions)", _r7_g3),
+    ("r7-G4a", "generate --prompts --out under a file", _r7_g4a),
+    ("r7-G4b", "generate --prompts --out on a read-only mount", _r7_g4b),
+    ("r7-G4c", "generate --prompts --out an existing folder", _r7_g4c),
+    ("r7-E3", "eval mmlu --batch-size 0 --max-questions 4", _r7_e3),
+    ("r7-E5a", "eval mmlu --base tiny:qwen2 with an adapter of the tiny LLaMA", _r7_e5a),
+    ("r7-E5b", "merge --base tiny:qwen2, adapter saved before the base identity was recorded", _r7_e5b),
+    ("r7-E5c", "generate --base tiny:qwen2, the same older adapter", _r7_e5c),
+    ("r7-C13", "train.seed beyond 64 bits", _r7_c13),
+    ("r7-C15", "mixture weight -1 / 'abc', data.max_examples=-1: one line only", _r7_c15),
+    ("r7-O1", "merge --out a non-empty folder (kept intact)", _r7_o1),
+    ("r7-O2", "prepare-model --out a non-empty folder (kept intact)", _r7_o2),
+    ("r7-O3", "merge --out on a read-only mount", _r7_o3),
+]
+CASES.update({cid: (what, fn) for cid, what, fn in H2_CASES})
+# ================================================================ end of issue 23, classes 1, 2, 5 (wt-h2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated case ids")

@@ -25,9 +25,9 @@ def _cmd_train(ns) -> None:
 
 def _world_and_cap(ns) -> tuple[int, int | None]:
     """--world-size and --gpu-memory, checked: one line each when wrong."""
-    from qlora_dist.config import parse_size
+    from qlora_dist.config import POSITIVE, parse_size, range_problems
 
-    errs = [] if ns.world_size >= 1 else [f"--world-size: must be a positive number of ranks (got {ns.world_size})"]
+    errs = range_problems([("--world-size", ns.world_size, POSITIVE)])
     cap = None
     if ns.gpu_memory is not None:
         try:
@@ -65,9 +65,16 @@ def _cmd_presets(ns) -> None:
 def _cmd_prepare_model(ns) -> None:
     from qlora_dist.model.builtin import builtin_names, ensure_builtin, is_builtin
 
-    if not is_builtin(ns.name):  # (an unknown tiny:<family> is refused in is_builtin, naming the families)
-        raise ConfigError([f"prepare-model: {ns.name!r} is not a built-in model; built-ins: "
-                           + ", ".join(builtin_names())])
+    from pathlib import Path
+
+    from qlora_dist import atomic
+
+    problems = [] if is_builtin(ns.name) else [  # (an unknown tiny:<family> is refused in is_builtin)
+        f"prepare-model: {ns.name!r} is not a built-in model; built-ins: " + ", ".join(builtin_names())]
+    if not (Path(ns.out) / "config.json").is_file():  # a folder made before is kept as it is
+        problems += atomic.output_problems(ns.out, "--out", folder=True, empty=True)
+    if problems:
+        raise ConfigError(problems)
     print(ensure_builtin(ns.name, ns.out))
 
 
@@ -145,31 +152,86 @@ def _join_ranks():
         return dist.init()
 
 
+def _inference_problems(ns, ranges: list) -> list[str]:
+    """Every problem of generate's and eval's shared options, found before a weight is read: the ranges
+    (config.py's checkers, the same as the config keys'), the base folder, and the adapter's (whole, and
+    trained on this base: model/adapter_settings.base_problems)."""
+    from qlora_dist.config import range_problems
+    from qlora_dist.model import builtin, folder
+    from qlora_dist.model.base import adapter_problems
+
+    problems = range_problems(ranges)
+    base = builtin.resolve_model_path(ns.base)
+    if not builtin.random_size(ns.base) and (base_errs := folder.problems(base, "--base")):
+        return problems + base_errs
+    if ns.adapter:
+        problems += adapter_problems(ns.adapter, ns.base, allow_mismatch=ns.allow_base_mismatch)
+    return problems
+
+
+def _collected(problems: list[str], read):
+    """read()'s result, with its ConfigError's problems added to `problems` (None then)."""
+    try:
+        return read()
+    except ConfigError as exc:
+        problems += exc.problems
+        return None
+
+
+def _positions_problems(ns, tokenizer, template: str, first_turns: list[str]) -> list[str]:
+    """--max-new-tokens past the base's positions (config.json's max_position_embeddings) would generate
+    garbage with only a transformers warning: the longest prompt plus the new tokens must fit."""
+    from qlora_dist.data.prompts import chat_prompt
+    from qlora_dist.model import builtin, folder
+
+    positions = folder.max_positions(builtin.resolve_model_path(ns.base))
+    if positions is None:
+        return []
+    longest = max(len(tokenizer(chat_prompt(template, tokenizer, [t], []), add_special_tokens=False)["input_ids"]) + 1
+                  for t in first_turns)  # + BOS, as generate_texts encodes them
+    if longest + ns.max_new_tokens <= positions:
+        return []
+    return [f"--max-new-tokens: {ns.max_new_tokens} new tokens after the longest prompt's {longest} do not fit the "
+            f"{positions} positions of {ns.base} (max_position_embeddings); at most {max(positions - longest, 0)}"]
+
+
 def _cmd_generate(ns) -> None:
-    from qlora_dist.evaluate.generate import answer, chat_template_of, load_for_inference
+    from pathlib import Path
+
+    from qlora_dist import atomic
+    from qlora_dist.config import POSITIVE, SEED, TEMPERATURE, TOP_P
+    from qlora_dist.evaluate.generate import (answer, answer_questions, answer_records, chat_template_of,
+                                              load_for_inference, read_prompt_file, write_jsonl)
     from qlora_dist import dist
     from qlora_dist.model.base import load_tokenizer
 
-    template = chat_template_of(ns.adapter, ns.chat_template, load_tokenizer(ns.base), ns.base)  # before the model
+    problems = _inference_problems(ns, [
+        ("--max-new-tokens", ns.max_new_tokens, POSITIVE), ("--temperature", ns.temperature, TEMPERATURE),
+        ("--top-p", ns.top_p, TOP_P), ("--batch-size", ns.batch_size, POSITIVE), ("--seed", ns.seed, SEED)])
+    read = None
+    if ns.prompts is not None:  # the answer file is checked before the work, not at the write after it
+        problems += atomic.output_problems(ns.out, "--out") if ns.out else [
+            "--out: required with --prompts (the answer file to write)"]
+        read = _collected(problems, lambda: read_prompt_file(ns.prompts))
+    if problems:
+        raise ConfigError(problems)
+    tokenizer = load_tokenizer(ns.base)
+    template = chat_template_of(ns.adapter, ns.chat_template, tokenizer, ns.base)  # before the model
+    first_turns = [ns.prompt] if read is None else [q.turns[0] for q in read[1]]
+    if problems := _positions_problems(ns, tokenizer, template, first_turns):
+        raise ConfigError(problems)
+    loading = dict(bits=ns.bits, compute_dtype=ns.compute_dtype, allow_base_mismatch=ns.allow_base_mismatch)
     if ns.prompt is not None:
-        model, tokenizer = load_for_inference(ns.base, ns.adapter, ns.bits, ns.compute_dtype)
+        model, tokenizer = load_for_inference(ns.base, ns.adapter, **loading)
         print(answer(model, tokenizer, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p, template))
         return
-    from pathlib import Path
-
-    from qlora_dist.evaluate.generate import answer_questions, answer_records, read_prompt_file, write_jsonl
-
-    if not ns.out:
-        raise ConfigError(["--out: required with --prompts (the answer file to write)"])
-    if ns.batch_size <= 0:
-        raise ConfigError([f"--batch-size: must be > 0 (got {ns.batch_size})"])
-    schema, questions = read_prompt_file(ns.prompts)  # bad input fails before the model loads
+    schema, questions = read
     info = _join_ranks()
     try:
         import torch
 
         torch.manual_seed(ns.seed + info.rank)  # sampling only; greedy answers do not depend on it
-        model, tokenizer = load_for_inference(ns.base, ns.adapter, ns.bits, ns.compute_dtype)
+        model, tokenizer = load_for_inference(ns.base, ns.adapter, **loading)
         answers = answer_questions(model, tokenizer, questions, ns.max_new_tokens, ns.temperature, ns.top_p,
                                    ns.batch_size, info.rank, info.world_size, template)
         if info.is_main:
@@ -185,17 +247,22 @@ def _cmd_eval_mmlu(ns) -> None:
     import json
     import time
 
+    from qlora_dist.config import COUNT, POSITIVE
     from qlora_dist.evaluate import mmlu
     from qlora_dist.evaluate.generate import load_for_inference
     from qlora_dist import dist
 
-    if ns.batch_size <= 0 or ns.max_questions < 0:
-        raise ConfigError([f"--batch-size: must be > 0 (got {ns.batch_size}); --max-questions: must be >= 0 "
-                           f"(got {ns.max_questions})"])
-    questions = mmlu.read_questions(ns.data, ns.shots, ns.split, ns.max_questions)  # before the model loads
+    problems = _inference_problems(ns, [("--batch-size", ns.batch_size, POSITIVE),
+                                        ("--max-questions", ns.max_questions, COUNT)])
+    # before the model loads (a bad --max-questions is reported above, so read them all then)
+    questions = _collected(problems, lambda: mmlu.read_questions(ns.data, ns.shots, ns.split,
+                                                                 max(ns.max_questions, 0)))
+    if problems:
+        raise ConfigError(problems)
     info = _join_ranks()
     try:
-        model, tokenizer = load_for_inference(ns.base, ns.adapter, ns.bits, ns.compute_dtype)
+        model, tokenizer = load_for_inference(ns.base, ns.adapter, ns.bits, ns.compute_dtype,
+                                              allow_base_mismatch=ns.allow_base_mismatch)
         start = time.perf_counter()
         report = mmlu.evaluate(model, tokenizer, questions, ns.batch_size, info.rank, info.world_size)
         report.update(world_size=info.world_size, seconds=round(time.perf_counter() - start, 2))
@@ -225,7 +292,7 @@ def _cmd_verify(ns) -> None:
 def _cmd_merge(ns) -> None:
     from qlora_dist.model.merge import merge
 
-    print(merge(ns.base, ns.adapter, ns.out, ns.dtype, ns.compute_dtype))
+    print(merge(ns.base, ns.adapter, ns.out, ns.dtype, ns.compute_dtype, ns.allow_base_mismatch))
 
 
 def _cmd_data_preview(ns) -> None:
@@ -235,6 +302,10 @@ def _cmd_data_preview(ns) -> None:
     from qlora_dist.model.builtin import resolve_model_path
 
     path, overrides = _split_config_args(ns.args)
+    from qlora_dist.config import POSITIVE, range_problems
+
+    if problems := range_problems([("--n", ns.n, POSITIVE)]):
+        raise ConfigError(problems)
     cfg = load_run_config(path, ns.preset, [f"data.dataset={ns.dataset}", *overrides])
     print(preview(cfg, load_tokenizer(resolve_model_path(cfg.model.path)), ns.n))
 
@@ -322,6 +393,8 @@ def _add_data_and_model_commands(sub) -> None:
                  "($QLORA_DIST_COMPUTE_DTYPE overrides auto)")
     dtype_help = f"dtype the base's matmuls run in; {auto_help}"
     bits_help = "override the base's bits (default: the adapter's qlora_dist.json, else 4)"
+    mismatch_help = ("apply the adapter although it records another base (model type, config.json or layer "
+                     "shapes); by default that is an error")
     p = sub.add_parser("data", help="inspect a dataset before training on it")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("preview", help="the first rows as the model sees them, token counts, skip counts")
@@ -334,6 +407,7 @@ def _add_data_and_model_commands(sub) -> None:
     p = sub.add_parser("generate", help="answer a prompt in the Guanaco format (or the adapter's chat template)")
     p.add_argument("--base", required=True, help="HF folder, or smollm2 / tiny-llama")
     p.add_argument("--adapter", help="a PEFT adapter folder, e.g. OUTPUT/adapter_model")
+    p.add_argument("--allow-base-mismatch", action="store_true", help=mismatch_help)
     p.add_argument("--chat-template", choices=("guanaco", "tokenizer"),
                    help="prompt format (default: the adapter's data.chat_template, else guanaco)")
     p.add_argument("--bits", type=int, choices=[4, 16], help=bits_help)
@@ -345,10 +419,10 @@ def _add_data_and_model_commands(sub) -> None:
     p.add_argument("--out", help="with --prompts: the answer .jsonl to write")
     p.add_argument("--model-id", help="model_id in the answer file (default: the adapter's or base's folder name)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (rank r uses seed + r)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, 0 to 2^32-1 (rank r uses seed + r)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; with --temperature > 0")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("eval", help="evaluate a base (and adapter) on a benchmark")
@@ -356,6 +430,7 @@ def _add_data_and_model_commands(sub) -> None:
     p = eval_sub.add_parser("mmlu", help="MMLU accuracy per subject and mean (runs under torchrun too)")
     p.add_argument("--base", required=True, help="HF folder, or smollm2 / tiny-llama")
     p.add_argument("--adapter", help="a PEFT adapter folder")
+    p.add_argument("--allow-base-mismatch", action="store_true", help=mismatch_help)
     p.add_argument("--bits", type=int, choices=[4, 16], help=bits_help)
     p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="auto", help=dtype_help)
     p.add_argument("--data", required=True, help="a hendrycks MMLU folder (dev/ val/ test/ CSVs) or a JSON-lines "
@@ -370,6 +445,7 @@ def _add_data_and_model_commands(sub) -> None:
     p = sub.add_parser("merge", help="merge an adapter into the dequantized NF4 base: a plain 16-bit HF folder")
     p.add_argument("--base", required=True, help="HF folder, or smollm2 / tiny-llama")
     p.add_argument("--adapter", required=True)
+    p.add_argument("--allow-base-mismatch", action="store_true", help=mismatch_help)
     p.add_argument("--out", required=True, help="a new (or empty) folder")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="dtype of the merged weights")
     p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="auto",

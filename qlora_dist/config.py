@@ -40,6 +40,56 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * (1024 if "I" in unit else 1000) ** power)
 
 
+# ------------------------------------------------------------------------------------------- ranges
+# One set of range checks for the config's keys and the commands' options (cli.py uses the same ones):
+# each problem names its own key or option, what is allowed and what it got.
+# A seed up to 2^32 - 1: the batch order and the validation split seed torch generators (64 bits) with
+# seed x 100,003 + epoch and seed x 7,919 + ...; a larger seed passed the config and overflowed there.
+SEED_MAX = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # the bound itself excluded
+    high_open: bool = False
+    integer: bool = False
+    what: str = ""  # how the message says the kind of number ("a number", "an integer"); "" for neither
+
+    def describe(self, kind: bool = True) -> str:
+        kind = f"{self.what} " if self.what and kind else ""
+        if self.low is not None and self.high is not None:
+            return f"{kind}in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{kind}{'>' if self.low_open else '>='} {self.low}"
+        return f"{kind}{'<' if self.high_open else '<='} {self.high}".strip()
+
+    def problem(self, name: str, value: Any) -> str | None:
+        """'name: must be ... (got value)' when value is outside the range (or not a finite number)."""
+        got = value if isinstance(value, (int, float)) and not isinstance(value, bool) else repr(value)
+        number = isinstance(value, int) if self.integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not number or not math.isfinite(value):
+            return f"{name}: must be {'an integer' if self.integer else 'a finite number'} {self.describe(False)} (got {got})"
+        low_bad = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        high_bad = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        return f"{name}: must be {self.describe()} (got {got})" if low_bad or high_bad else None
+
+
+POSITIVE = Range(0, low_open=True)
+COUNT = Range(0)  # 0 allowed (often: none, or all)
+FRACTION = Range(0, 1, high_open=True)  # [0, 1): dropout, Adam's betas
+SEED = Range(0, SEED_MAX, integer=True, what="an integer")
+TEMPERATURE = Range(0)  # 0: greedy
+TOP_P = Range(0, 1, low_open=True)
+WEIGHT = Range(0, low_open=True, what="a number")
+
+
+def range_problems(checks: list[tuple[str, Any, Range]]) -> list[str]:
+    """Every (name, value, range) whose value is out of its range, one line each, in order."""
+    return [p for name, value, allowed in checks if (p := allowed.problem(name, value))]
+
+
 def choice(default: Any, choices: tuple, help: str = "") -> Any:
     return field(default=default, metadata={"choices": choices, "help": help})
 
@@ -67,6 +117,9 @@ class ModelConfig:
                                  "false: peft's own forward")
     compile_kernels: bool = opt(False, "torch.compile RMSNorm, SwiGLU and the rotary embedding into fused "
                                        "kernels (the first steps compile; qlora_dist/fastpath.py)")
+    allow_base_mismatch: bool = opt(False, "start from train.init_adapter (or resume a checkpoint) although its "
+                                           "adapter records another base (model type, config.json, layer shapes, "
+                                           "quantization); by default that is an error")
 
     def check(self) -> list[str]:
         if not self.path:
@@ -93,10 +146,7 @@ class LoraConfig:
         errs = []
         if self.r <= 0:
             errs.append(f"lora.r: must be a positive integer (got {self.r})")
-        if self.alpha <= 0:
-            errs.append(f"lora.alpha: must be > 0 (got {self.alpha})")
-        if not 0.0 <= self.dropout < 1.0:
-            errs.append(f"lora.dropout: must be in [0, 1) (got {self.dropout})")
+        errs += range_problems([("lora.alpha", self.alpha, POSITIVE), ("lora.dropout", self.dropout, FRACTION)])
         if not self.target_modules:
             errs.append("lora.target_modules: must name at least one module, or 'all-linear'")
         return errs
@@ -140,12 +190,9 @@ class DataConfig:
             errs.append(f"data.tasks: unknown task(s) {unknown}; available: {sorted(TASK_NAMES)}")
         if self.format is not None and self.format not in FORMAT_NAMES:
             errs.append(f"data.format: unknown {self.format!r}; choose one of {', '.join(FORMAT_NAMES)}")
-        for key in ("num_train", "num_eval", "source_max_len", "target_max_len", "max_row_chars"):
-            if getattr(self, key) <= 0:
-                errs.append(f"data.{key}: must be > 0 (got {getattr(self, key)})")
-        for key in ("pack_length", "max_examples", "eval_size"):
-            if getattr(self, key) < 0:
-                errs.append(f"data.{key}: must be >= 0 (got {getattr(self, key)})")
+        errs += range_problems([(f"data.{k}", getattr(self, k), POSITIVE) for k in
+                                ("num_train", "num_eval", "source_max_len", "target_max_len", "max_row_chars")]
+                               + [(f"data.{k}", getattr(self, k), COUNT) for k in ("pack_length", "max_examples", "eval_size")])
         if self.pack_length and self.pack_length < self.source_max_len + self.target_max_len:
             errs.append(f"data.pack_length: {self.pack_length} is shorter than one example can be "
                         f"(source_max_len + target_max_len = {self.source_max_len + self.target_max_len})")
@@ -177,8 +224,8 @@ class DataConfig:
                             "'builtin' cannot be part of a mixture")
             elif e.get("format") is not None and e["format"] not in FORMAT_NAMES:
                 errs.append(f"{key}: format: unknown {e['format']!r}; choose one of {', '.join(FORMAT_NAMES)}")
-            elif not isinstance(e.get("weight", 1.0), (int, float)) or not 0 < e.get("weight", 1.0) < math.inf:
-                errs.append(f"{key}: weight: must be a number > 0 (got {e.get('weight')!r})")
+            elif problem := WEIGHT.problem(f"{key}: weight", e.get("weight", 1.0)):
+                errs.append(problem)
         return errs
 
 
@@ -213,14 +260,10 @@ class OptimConfig:
 
     def check(self) -> list[str]:
         errs = []
-        if self.lr <= 0:
-            errs.append(f"optim.lr: must be > 0 (got {self.lr})")
-        for key in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                errs.append(f"optim.{key}: must be in [0, 1) (got {getattr(self, key)})")
-        for key in ("eps", "weight_decay", "max_grad_norm", "warmup_steps"):
-            if getattr(self, key) < 0:
-                errs.append(f"optim.{key}: must be >= 0 (got {getattr(self, key)})")
+        errs += range_problems([("optim.lr", self.lr, POSITIVE)]
+                               + [(f"optim.{k}", getattr(self, k), FRACTION) for k in ("beta1", "beta2")]
+                               + [(f"optim.{k}", getattr(self, k), COUNT)
+                                  for k in ("eps", "weight_decay", "max_grad_norm", "warmup_steps")])
         if self.scheduler in ("linear", "cosine") and self.warmup_steps == 0:
             # deepspeed 0.19.8's WarmupDecayLR and WarmupCosineLR refuse 0 warm-up steps (a ValueError at
             # engine start, after the model has loaded): say it here, before anything is loaded
@@ -257,8 +300,8 @@ class TrainConfig:
         errs = []
         errs += [f"train.report_to: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}"
                  for name in self.report_to if name not in TRACKERS]
-        if not isinstance(self.max_nonfinite_steps, int) or self.max_nonfinite_steps < 0:
-            errs.append(f"train.max_nonfinite_steps: must be >= 0 (got {self.max_nonfinite_steps!r})")
+        errs += range_problems([("train.max_nonfinite_steps", self.max_nonfinite_steps, COUNT),
+                                ("train.seed", self.seed, SEED)])
         auto = self.micro_batch_size == "auto"
         if isinstance(self.micro_batch_size, str) and not auto:
             errs.append(f"train.micro_batch_size: a positive integer or 'auto' (got {self.micro_batch_size!r})")
@@ -310,11 +353,9 @@ class EvalConfig:
     mmlu_batch_size: int = opt(8, "questions per forward pass")
 
     def check(self) -> list[str]:
-        keys = ("batch_size", "max_new_tokens", "mmlu_batch_size")
-        errs = [f"eval.{k}: must be > 0 (got {getattr(self, k)})" for k in keys if getattr(self, k) <= 0]
-        for key in ("steps", "mmlu_steps", "mmlu_max_questions"):
-            if getattr(self, key) < 0:
-                errs.append(f"eval.{key}: must be >= 0 (got {getattr(self, key)})")
+        errs = range_problems([(f"eval.{k}", getattr(self, k), POSITIVE)
+                               for k in ("batch_size", "max_new_tokens", "mmlu_batch_size")]
+                              + [(f"eval.{k}", getattr(self, k), COUNT) for k in ("steps", "mmlu_steps", "mmlu_max_questions")])
         if self.mmlu_data is None and self.mmlu_steps:
             errs.append("eval.mmlu_steps: needs eval.mmlu_data (an MMLU folder or JSON-lines file)")
         return errs  # the MMLU file itself is read by the preflight
@@ -328,7 +369,7 @@ class CheckpointConfig:
                                  "or data.eval_dataset; every checkpoint is then validated)")
 
     def check(self) -> list[str]:
-        return [f"checkpoint.keep_last: must be >= 0 (got {self.keep_last})"] if self.keep_last < 0 else []
+        return range_problems([("checkpoint.keep_last", self.keep_last, COUNT)])
 
 
 @dataclass
@@ -338,7 +379,7 @@ class DistConfig:
     timeout_s: int = opt(600, "collective timeout: a dead rank fails the others after this")
 
     def check(self) -> list[str]:
-        return [f"dist.timeout_s: must be > 0 (got {self.timeout_s})"] if self.timeout_s <= 0 else []
+        return range_problems([("dist.timeout_s", self.timeout_s, POSITIVE)])
 
 
 @dataclass
@@ -593,6 +634,7 @@ RESUMABLE_CHANGES = (
     "train.output_dir", "train.max_steps", "train.save_steps", "train.logging_steps", "train.micro_batch_size",
     "train.max_memory_per_gpu", "model.gradient_checkpointing", "eval.", "checkpoint.", "dist.", "preset",
     "data.cache_dir", "train.max_nonfinite_steps", "data.allow_changed", "train.report_to", "data.eval_dataset",
+    "model.allow_base_mismatch",  # a permission, not a value the next step computes with
     "optim.master_weights",  # where the masters live, not their values (tests/test_paged_masters.py: bitwise)
 )
 

@@ -10,12 +10,11 @@ cache: still before the model loads, but it reads every row.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from qlora_dist import memory, run_plan
+from qlora_dist import atomic, memory, run_plan
 from qlora_dist.config import Config, parse_size
 from qlora_dist.errors import ConfigError
 from qlora_dist.paths import RunPaths
@@ -72,7 +71,12 @@ def run(cfg: Config, world_size: int, problems: list[str] = (), cuda: bool | Non
         report.problems.append(f"world size: must be at least 1 (got {world_size})")
         return report
     model_ok = not _checked(report, lambda: _model(cfg, report))
-    _collect(report, lambda: _tokenizer_and_data(cfg, report))
+    # The batch count is derived from data.max_examples, the mixture's weights and the global batch: when
+    # the config already refused one of them, a count from it would be a second, nonsensical line (and a
+    # data.dataset the config refused has no entries to read at all).
+    if not any(p.startswith("data.dataset") for p in problems):
+        counted = not any(p.startswith(COUNT_KEYS) for p in problems)
+        _collect(report, lambda: _tokenizer_and_data(cfg, report, counted))
     if model_ok:
         _collect(report, lambda: _chat_template(cfg))
     _collect(report, lambda: _mmlu(cfg, report))
@@ -112,7 +116,10 @@ def _model(cfg: Config, report: Report) -> list[str]:
     return errs
 
 
-def _tokenizer_and_data(cfg: Config, report: Report) -> list[str]:
+COUNT_KEYS = ("data.dataset", "data.max_examples", "train.global_batch_size")
+
+
+def _tokenizer_and_data(cfg: Config, report: Report, counted: bool = True) -> list[str]:
     from qlora_dist.data import corpus, records
 
     d = cfg.data
@@ -133,7 +140,7 @@ def _tokenizer_and_data(cfg: Config, report: Report) -> list[str]:
         usable += round(entry.weight * (min(count, d.max_examples) if d.max_examples else count))
         weight = f", weight {entry.weight:g}" if entry.weight != 1 else ""
         report.notes.append(f"data {source.name}: format {fmt}, {count:,} records{weight}")
-    if not errs and usable < cfg.train.global_batch_size and not d.packing:
+    if counted and not errs and usable < cfg.train.global_batch_size and not d.packing:
         what = source.name if len(entries) == 1 else f"the mixture of {len(entries)} datasets"
         errs.append(f"data.dataset: {what} has {usable:,} records, fewer than one global batch "
                     f"(train.global_batch_size={cfg.train.global_batch_size})")
@@ -232,26 +239,13 @@ def _master_weights(cfg: Config, cuda: bool | None) -> list[str]:
     return errs
 
 
-def _writable_folder(path: Path, key: str) -> list[str]:
-    """`path` can be created or written: the folder itself, or its nearest existing parent."""
-    if path.exists() and not path.is_dir():
-        return [f"{key}: {path} is a file, not a folder"]
-    existing = next(p for p in [path, *path.parents] if p.exists())
-    if not existing.is_dir():
-        return [f"{key}: {existing} (on the way to {path}) is a file, not a folder"]
-    # os.access asks the kernel: a read-only mount says no even to root (who may write anywhere else).
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return [f"{key}: {existing} is not writable" + (f" (needed to create {path})" if existing != path else "")]
-    return []
-
-
 def _output(cfg: Config, report: Report, for_train: bool) -> list[str]:
     from qlora_dist import writer_lock
     from qlora_dist.train import checkpoint
 
-    errs = _writable_folder(Path(cfg.train.output_dir), "train.output_dir")
+    errs = atomic.output_problems(cfg.train.output_dir, "train.output_dir", folder=True)
     if cfg.data.cache_dir:
-        errs += _writable_folder(Path(cfg.data.cache_dir), "data.cache_dir")
+        errs += atomic.output_problems(cfg.data.cache_dir, "data.cache_dir", folder=True)
     if errs:
         return errs
     paths = RunPaths.of(cfg)

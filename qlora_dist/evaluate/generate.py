@@ -13,10 +13,10 @@ import torch
 from qlora_dist import atomic
 from qlora_dist.data.batches import end_of_turn_id
 from qlora_dist.data.prompts import CHAT_TEMPLATES, chat_prompt, cut_answer
-from qlora_dist.errors import ConfigError
+from qlora_dist.errors import ConfigError, RunFault
 from qlora_dist import dist
 from qlora_dist.model import adapter_settings
-from qlora_dist.model.base import check_adapter, load_adapter, load_base, load_tokenizer
+from qlora_dist.model.base import adapter_problems, load_adapter, load_base, load_tokenizer
 from qlora_dist.model.builtin import resolve_model_path
 
 
@@ -64,13 +64,15 @@ def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int = 128
 
 
 def load_for_inference(base: str, adapter: str | None = None, bits: int | None = None, compute_dtype: str = "auto",
-                       quant_type: str | None = None, double_quant: bool | None = None):
+                       quant_type: str | None = None, double_quant: bool | None = None,
+                       allow_base_mismatch: bool = False):
     """Base plus an optional PEFT adapter, in eval mode; and its tokenizer. The base is quantized as the
     adapter was trained (its qlora_dist.json, else the recipe's NF4 + double quant); bits, quant_type and
-    double_quant override that where not None. compute_dtype: a dtype name or "auto" (by capability)."""
-    if adapter:
-        check_adapter(Path(adapter))  # before the base loads
+    double_quant override that where not None. compute_dtype: a dtype name or "auto" (by capability).
+    An adapter trained on another base is refused before the base loads, unless allow_base_mismatch."""
     path = resolve_model_path(base)
+    if adapter and (problems := adapter_problems(Path(adapter), base, allow_mismatch=allow_base_mismatch)):
+        raise ConfigError(problems)
     loading = adapter_settings.base_loading(adapter, bits, quant_type, double_quant, compute_dtype)
     device = dist.device_for(dist.read_env()) if torch.cuda.is_available() else None  # this rank's GPU
     model = load_base(path, loading.bits, loading.quant_type, loading.double_quant, loading.compute_dtype,
@@ -189,5 +191,10 @@ def answer_records(schema: str, questions: list[Question], answers: list[list[st
              "choices": [{"index": 0, "turns": a}], "tstamp": time.time()} for q, a in zip(questions, answers)]
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    atomic.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+def write_jsonl(path: Path, rows: list[dict], option: str = "--out") -> None:
+    """The rows into `path` atomically. `option` was checked before the work (atomic.check_output); a
+    write that fails anyway (a disk that filled since) is a RunFault naming the path, nothing left behind."""
+    try:
+        atomic.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    except OSError as exc:
+        raise RunFault(f"{option}: could not write {path}: {exc.strerror or exc}") from None

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import submitit
 
+from qlora_dist.errors import ConfigError
+
 
 @dataclass
 class TrainJob(submitit.helpers.Checkpointable):
@@ -47,14 +49,23 @@ def executor_for(cluster: str, folder: Path, nodes: int, tasks_per_node: int, gp
 
 
 def submit(ns, overrides: list[str], config_path: str | None):
-    from qlora_dist import preflight
+    from qlora_dist import atomic, preflight
+    from qlora_dist.config import COUNT, POSITIVE, range_problems
     from qlora_dist.paths import RunPaths
     from qlora_dist.run_plan import parse_run_config
 
-    tasks = ns.tasks_per_node or max(ns.gpus_per_node, 1)
     cfg, problems = parse_run_config(config_path, ns.preset, overrides)
+    options = range_problems([("--nodes", ns.nodes, POSITIVE), ("--gpus-per-node", ns.gpus_per_node, COUNT),
+                              ("--cpus-per-task", ns.cpus_per_task, POSITIVE), ("--timeout-min", ns.timeout_min, POSITIVE),
+                              ("--signal-delay-s", ns.signal_delay_s, COUNT)]
+                             + ([("--tasks-per-node", ns.tasks_per_node, POSITIVE)] if ns.tasks_per_node is not None else []))
+    if options:  # the world size is not known: the preflight would add a line about it
+        raise ConfigError(problems + options)
+    tasks = ns.tasks_per_node or max(ns.gpus_per_node, 1)
     # The whole preflight here, before anything is queued: a bad path costs seconds, not a queue wait.
     report = preflight.run(cfg, ns.nodes * tasks, problems, cuda=True if ns.gpus_per_node else None, for_train=False)
+    if not report.problems:  # submitit writes its logs and pickles there
+        report.problems += atomic.output_problems(RunPaths.of(cfg).submitit, "train.output_dir", folder=True)
     report.raise_if_problems()
     for warning in report.warnings:
         print(f"qlora-dist: warning: {warning}", file=sys.stderr)

@@ -91,13 +91,27 @@ def load_adapter(model: torch.nn.Module, adapter_dir: Path, trainable: bool):
 def check_adapter(adapter_dir: Path) -> None:
     """A PEFT adapter folder whose weights file is whole (header against length): a truncated one is a
     line naming the file, not a SafetensorError traceback. Cheap: call it before loading a base."""
+    if problems := adapter_problems(adapter_dir):
+        raise ConfigError(problems)
+
+
+def adapter_problems(adapter_dir: Path, base: str | None = None, option: str = "--adapter",
+                     allow_mismatch: bool = False, override: str = "--allow-base-mismatch") -> list[str]:
+    """check_adapter's problems, and (given the base's model.path) whether the adapter was trained on
+    another base (adapter_settings.base_problems; with allow_mismatch only logged): read without a weight."""
+    from qlora_dist.model import adapter_settings
     from qlora_dist.model.folder import safetensors_problems
 
+    adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise ConfigError([f"adapter folder {adapter_dir} has no adapter_config.json (not a PEFT adapter)"])
+        what = "not found" if not adapter_dir.exists() else "has no adapter_config.json (not a PEFT adapter)"
+        return [f"{option}: adapter folder {adapter_dir} {what}"]
     weights = adapter_dir / "adapter_model.safetensors"
-    if weights.is_file() and (problems := safetensors_problems(weights, "adapter")):
-        raise ConfigError(problems)
+    if weights.is_file() and (problems := safetensors_problems(weights, option)):
+        return problems
+    if base is None:
+        return []
+    return adapter_settings.base_problems(adapter_dir, base, option, override, allowed=allow_mismatch)
 
 
 def prepare_for_training(model: torch.nn.Module, cfg: Config) -> None:

@@ -39,11 +39,15 @@ def cache_dir() -> Path:
 def resolve_model_path(path: str) -> Path:
     """A built-in name becomes its (prepared) cache folder; anything else is a local folder (a `random:`
     name stays as it is: it has no folder, see random_size)."""
-    if path in BUILTIN_MODELS:
-        return ensure_builtin(path, cache_dir() / path)
-    if family := tiny_family(path):
-        return ensure_builtin(path, cache_dir() / f"tiny-{family}")
+    if is_builtin(path):
+        return ensure_builtin(path, builtin_folder(path))
     return Path(path).expanduser()
+
+
+def builtin_folder(name: str) -> Path:
+    """Where built-in `name` lives in the cache, made or not (resolve_model_path makes it)."""
+    family = tiny_family(name)
+    return cache_dir() / (f"tiny-{family}" if family else str(name))
 
 
 def builtin_names() -> list[str]:

@@ -51,6 +51,42 @@ def safetensors_problems(path: Path, key: str = "model.path") -> list[str]:
     return []
 
 
+def header(path: Path) -> dict:
+    """A safetensors file's header (tensor name -> dtype, shape, offsets); {} when unreadable (the
+    problems above say why)."""
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(MAX_HEADER, path.stat().st_size - 8):
+                return {}
+            found = json.loads(f.read(n))
+    except (OSError, struct.error, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def weight_shapes(path: Path) -> dict[str, list[int]]:
+    """Every tensor's shape in a model folder's safetensors files, from their headers (no tensor read)."""
+    files, _ = _weight_files(path, "")
+    return {name: t["shape"] for f in files if f.suffix == ".safetensors" for name, t in header(f).items()
+            if isinstance(t, dict) and "shape" in t}
+
+
+def read_config(path: Path) -> dict | None:
+    """A model folder's config.json as a dict; None when it has no readable one (config_problems says why)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def max_positions(path: Path) -> int | None:
+    """The positions a model was made for (config.json's max_position_embeddings; None if it says none)."""
+    value = (read_config(path) or {}).get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def config_problems(path: Path, key: str = "model.path") -> list[str]:
     """config.json's problems: missing, unreadable, a family we cannot train, missing sizes."""
     file = path / "config.json"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from qlora_dist.config import Config
 from qlora_dist.errors import ConfigError
-from qlora_dist.model import folder
+from qlora_dist.model import adapter_settings, folder
 
 # adapter_config.json key -> our key
 LORA_KEYS = {"r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
@@ -81,6 +81,11 @@ def problems(cfg: Config) -> list[str]:
     weights = Path(cfg.train.init_adapter) / "adapter_model.safetensors"
     errs = folder.safetensors_problems(weights, "train.init_adapter") if weights.is_file() else [
         f"train.init_adapter: {weights} not found (adapters are read in safetensors format)"]
+    if not errs:
+        q = cfg.quantization
+        errs += adapter_settings.base_problems(
+            cfg.train.init_adapter, cfg.model.path, "train.init_adapter", "model.allow_base_mismatch=true",
+            dict(bits=q.bits, quant_type=q.quant_type, double_quant=q.double_quant), cfg.model.allow_base_mismatch)
     for theirs, ours in LORA_KEYS.items():
         if ours in cfg.user_keys and theirs in data:
             mine = getattr(cfg.lora, ours.split(".")[1])

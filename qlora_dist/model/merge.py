@@ -15,19 +15,13 @@ from pathlib import Path
 import torch
 
 from qlora_dist import atomic
-from qlora_dist.errors import ConfigError
+from qlora_dist.errors import ConfigError, RunFault
 from qlora_dist.model.adapter_settings import BaseLoading, base_loading
-from qlora_dist.model.base import load_adapter, load_base, load_tokenizer
+from qlora_dist.model.base import adapter_problems, load_adapter, load_base, load_tokenizer
 from qlora_dist.model.builtin import resolve_model_path
 from qlora_dist.precision import DTYPES
 
 MERGE_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # --dtype -> its name in precision.DTYPES
-
-
-def check_out_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError([f"--out: {out} exists and is not an empty folder; refusing to overwrite it "
-                           "(remove it or choose another --out)"])
 
 
 def dequantized_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -73,18 +67,26 @@ def dequantized_base(path: Path, loading: BaseLoading, out_dtype: str):
     return plain.eval()
 
 
-def merge(base: str, adapter: str | Path, out: str | Path, dtype: str = "bf16", compute_dtype: str = "auto") -> Path:
+def merge(base: str, adapter: str | Path, out: str | Path, dtype: str = "bf16", compute_dtype: str = "auto",
+          allow_base_mismatch: bool = False) -> Path:
     """Write base + adapter merged, in `dtype` (bf16|fp16), with the tokenizer, to `out` (atomically).
-    compute_dtype ("auto" or a dtype name): what the quantized base is loaded and dequantized in."""
+    compute_dtype ("auto" or a dtype name): what the quantized base is loaded and dequantized in. Every
+    input problem (out, dtype, an adapter of another base) is raised at once, before a weight is read."""
     out, adapter = Path(out), Path(adapter)
-    check_out_dir(out)
+    problems = atomic.output_problems(out, "--out", folder=True, empty=True)
     if dtype not in MERGE_DTYPES:
-        raise ConfigError([f"--dtype: {dtype!r} is not allowed; choose one of {', '.join(MERGE_DTYPES)}"])
+        problems.append(f"--dtype: {dtype!r} is not allowed; choose one of {', '.join(MERGE_DTYPES)}")
     path = resolve_model_path(base)
+    problems += adapter_problems(adapter, base, allow_mismatch=allow_base_mismatch)
+    if problems:
+        raise ConfigError(problems)
     loading = base_loading(adapter, compute_dtype=compute_dtype)
     model = load_adapter(dequantized_base(path, loading, MERGE_DTYPES[dtype]), adapter, trainable=False)
     merged = model.merge_and_unload()
-    with atomic.folder(out) as tmp:  # replaces `out` only if it is empty (checked above)
-        merged.save_pretrained(tmp)
-        load_tokenizer(path).save_pretrained(tmp)
+    try:
+        with atomic.folder(out) as tmp:  # replaces `out` only if it is empty (checked above)
+            merged.save_pretrained(tmp)
+            load_tokenizer(path).save_pretrained(tmp)
+    except OSError as exc:  # checked writable before; a disk that filled since (the partial folder is gone)
+        raise RunFault(f"--out: could not write the merged model to {out}: {exc.strerror or exc}") from None
     return out

@@ -46,6 +46,7 @@ from qlora_dist import atomic, compat
 from qlora_dist.config import ADDED_AT_DEFAULT, RESUMABLE_CHANGES, Config, flat
 from qlora_dist.errors import ConfigError, RunFault
 from qlora_dist import dist
+from qlora_dist.model import adapter_settings
 from qlora_dist.paths import CHECKPOINT_RE, RunPaths
 from qlora_dist.train import environment, manifest, paged_masters
 
@@ -176,6 +177,11 @@ def _check_resumable(paths: RunPaths, ckpt: Path, cfg: Config) -> None:
     if diffs:
         raise ConfigError([f"train.output_dir: {paths.root} holds {ckpt.name} of a different configuration "
                            f"({'; '.join(diffs)}); use another train.output_dir, or the checkpoint's values"])
+    # The same model.path (checked above), but is it still the model the checkpoint's adapter was trained on?
+    if problems := adapter_settings.base_problems(ckpt / "adapter_model", cfg.model.path, "train.output_dir",
+                                                  "model.allow_base_mismatch=true",
+                                                  allowed=cfg.model.allow_base_mismatch):
+        raise ConfigError(problems)
     done, where = max((read_progress(ckpt).step, ckpt.name), (_completed_step(paths), paths.completed.name))
     if done > cfg.train.max_steps:
         raise ConfigError([f"train.max_steps: {cfg.train.max_steps} is below the {done} steps {paths.root} already "
@@ -476,8 +482,6 @@ class Checkpointer:
                         f"{ckpts[-1].name + ' stays the newest checkpoint' if ckpts else 'no checkpoint was kept'}")
 
     def _write_records(self, tmp: Path, progress: Progress) -> None:
-        from qlora_dist.model import adapter_settings
-
         q = self.cfg.quantization
         adapter_settings.write(tmp / "adapter_model", base_model=str(self.cfg.model.path), bits=q.bits,
                                quant_type=q.quant_type, double_quant=q.double_quant,
