@@ -57,7 +57,8 @@ def test_a_stale_holder_is_taken_over_with_a_line_saying_why(tmp_path, monkeypat
         _plant(paths, host="node-that-died", boot_id=OTHER_KERNEL, slurm_job_id="4242")
         expected = "this Slurm job (4242), requeued"
     else:
-        _plant(paths, host="node-that-died", boot_id=OTHER_KERNEL, heartbeat_at=time.time() - writer_lock.STALE_AFTER_S - 5)
+        _plant(paths, host="node-that-died", boot_id=OTHER_KERNEL,
+               heartbeat_at=time.time() - writer_lock.STALE_AFTER_S - 5)
         expected = "no heartbeat for"
     lock, said = _acquire(paths)
     try:
@@ -72,7 +73,8 @@ def test_a_live_holder_on_another_node_is_refused_even_where_flock_is_node_local
     """The OS lock is free here (as on a filesystem whose flock does not span nodes), but the record of
     another host has a fresh heartbeat: refused, naming it; nothing of its record is touched."""
     paths = RunPaths(tmp_path / "out")
-    _plant(paths, host="gpu-node-17", boot_id=OTHER_KERNEL, pid=999_999, slurm_job_id="77", heartbeat_at=time.time() - 12)
+    _plant(paths, host="gpu-node-17", boot_id=OTHER_KERNEL, pid=999_999, slurm_job_id="77",
+           heartbeat_at=time.time() - 12)
     before = paths.lock_record.read_bytes()
     with pytest.raises(ConfigError) as err:
         WriterLock(paths, log=lambda m: None).acquire()

@@ -307,7 +307,8 @@ def _sample_table(path: Path, headerless: tuple[str, ...] | None, n: int) -> lis
     import itertools
 
     first = 1 if headerless else 2
-    return [Record(f"{path}:{i + first}", row) for i, row in enumerate(itertools.islice(_csv_rows(path, headerless), n))]
+    rows = itertools.islice(_csv_rows(path, headerless), n)
+    return [Record(f"{path}:{i + first}", row) for i, row in enumerate(rows)]
 
 
 def _csv_rows(path: Path, headerless: tuple[str, ...] | None) -> Iterator[dict]:
@@ -343,8 +344,8 @@ def look(source: Source, max_row_chars: int, n: int = 1000) -> tuple[list[Record
 
     try:
         if source.kind == "jsonl":
-            limit = line_limit(max_row_chars)
-            return list(itertools.islice(read(source, max_row_chars), n)), sum(_count_jsonl(p, limit) for p in source.paths)
+            head = list(itertools.islice(read(source, max_row_chars), n))
+            return head, sum(_count_jsonl(p, line_limit(max_row_chars)) for p in source.paths)
         if source.kind == "table":
             head = [r for p in source.paths for r in _sample_table(p, source.headerless, n)][:n]
             return head, sum(_count_table(p, source.headerless) for p in source.paths)
