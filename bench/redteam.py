@@ -759,6 +759,137 @@ H2_CASES = [
 ]
 CASES.update({cid: (what, fn) for cid, what, fn in H2_CASES})
 # ================================================================ end of issue 23, classes 1, 2, 5 (wt-h2)
+# ------------------------------------------- issue 23, classes 4 and 6: stale locks, misread input files
+
+
+def _alpaca_rows() -> list[dict]:
+    return [{k: r[k] for k in ("instruction", "input", "output")} for r in json.loads(ALPACA_TINY.read_text())]
+
+
+def _trained_on_all(run: Run, n: int, *absent: str) -> tuple[str, str]:
+    """A run that must read every one of the n rows, with no skip of the named kinds and no warning."""
+    summary = next((ln for ln in run.err.splitlines() if " records -> " in ln), "no data summary")
+    ok = run.rc == 0 and f"{n:,} records -> {n:,} examples" in summary and not any(a in run.err for a in absent)
+    return f"rc {run.rc} in {run.seconds:.1f} s: {summary.split('] ')[-1][:140]}", "OK" if ok else (
+        "POOR" if run.traceback else "BAD")
+
+
+@case("D14", "Alpaca data as CSV (empty `input` cells, written by Python's csv module)")
+def _(b):
+    import csv
+
+    path = b.folder("plain.csv")
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["instruction", "input", "output"])
+        writer.writeheader()
+        writer.writerows(_alpaca_rows())
+    return _trained_on_all(train(b.folder("d14"), f"data.dataset={path}", "train.max_steps=2"), 100,
+                           "missing_field", "warning:")
+
+
+@case("D8", "JSONL saved with a UTF-8 BOM")
+def _(b):
+    path = b.folder("bom.jsonl")
+    path.write_text("".join(json.dumps(r) + "\n" for r in _alpaca_rows()), encoding="utf-8-sig")
+    return _trained_on_all(train(b.folder("d8"), f"data.dataset={path}", "train.max_steps=2"), 100, "bad_json")
+
+
+def _peak_rss_mib(*args: str) -> tuple[Run, float]:
+    """A CLI run and its peak RSS, measured by a parent of its own (RUSAGE_CHILDREN is per waiting process)."""
+    probe = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+             "sys.stderr.write(p.stderr); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+             "sys.exit(p.returncode)")
+    start = time.time()
+    done = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "qlora_dist", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    return Run(done.returncode, done.stderr, time.time() - start), int(done.stdout.split()[-1]) / 1024
+
+
+@case("D7", "single-line JSONL, a 200 MiB line (+100 good rows): the preflight's peak RSS")
+def _(b):
+    line_mib = 200
+    plain, huge = b.folder("d7-plain.jsonl"), b.folder("d7-huge.jsonl")
+    plain.write_text("".join(json.dumps(r) + "\n" for r in _alpaca_rows()))
+    with open(huge, "wb") as fh:
+        fh.write(b'{"instruction": "')
+        for _ in range(line_mib):
+            fh.write(b"a" * 2**20)
+        fh.write(b'", "output": "x"}\n' + plain.read_bytes())
+    _, base = _peak_rss_mib("check", *BASE, f"data.dataset={plain}", f"train.output_dir={b.folder('d7')}")
+    checked, peak = _peak_rss_mib("check", *BASE, f"data.dataset={huge}", f"train.output_dir={b.folder('d7')}")
+    run = train(b.folder("d7"), f"data.dataset={huge}", "train.max_steps=2")
+    skipped = "too_long 1" in run.err and "100 examples" in run.err
+    ok = checked.rc == 0 and run.rc == 0 and skipped and peak - base < line_mib / 2
+    return (f"check peak RSS {peak:.0f} MiB vs {base:.0f} MiB without the line (+{peak - base:.0f}); train rc "
+            f"{run.rc}, skipped as too_long: {skipped}"), "OK" if ok else "POOR"
+
+
+def _plant_lock_record(out: Path, pid: int) -> None:
+    """OUT/.lock.json as a run killed with -9 on this host left it, its pid now `pid`; the OS lock is free."""
+    from dataclasses import asdict
+
+    from qlora_dist.writer_lock import Holder
+
+    holder = Holder.me()
+    holder.pid, holder.heartbeat_at = pid, time.time() - 40
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".lock.json").write_text(json.dumps(asdict(holder)))
+
+
+@case("O5", "lock record naming a live, unrelated pid (pid reuse after a kill -9); the OS lock is free")
+def _(b):
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        _plant_lock_record(b.folder("o5"), sleeper.pid)
+        run = train(b.folder("o5"), "train.max_steps=2")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    took = next((ln.split("] ")[-1] for ln in run.err.splitlines() if "taking over the lock" in ln), "")
+    return f"rc {run.rc} in {run.seconds:.1f} s: {(took or run.first_error())[:150]}", \
+        "OK" if run.rc == 0 and took else "POOR"
+
+
+def _in_new_pid_namespace(out: Path, *extra: str, stderr=subprocess.PIPE) -> subprocess.Popen:
+    """A run as pid 1 of a new pid namespace, with a private copy of the torch extensions folder: a kill -9
+    while DeepSpeed's shm op loads leaves torch's build lock (FileBaton, torch 2.13: no staleness check)
+    behind, and every later run using that folder would wait on it forever."""
+    shared, private = Path(os.environ["TORCH_EXTENSIONS_DIR"]), out.parent / f"{out.name}-torch-extensions"
+    if not private.exists() and shared.is_dir():
+        shutil.copytree(shared, private, ignore=shutil.ignore_patterns("lock", ".ninja_lock"))
+    return subprocess.Popen(["unshare", "-fp", "--mount-proc", sys.executable, "-m", "qlora_dist", "train", *BASE,
+                             f"train.output_dir={out}", *extra], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=stderr, text=True, start_new_session=True,
+                            env={**os.environ, "TORCH_EXTENSIONS_DIR": str(private)})
+
+
+@case("O6", "container restart: a fresh pid namespace after a kill -9 (unshare -fp)")
+def _(b):
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        return "needs unshare as root", "SKIP"
+    out = b.folder("o6")
+    first = _in_new_pid_namespace(out, "train.max_steps=400", stderr=subprocess.DEVNULL)
+    _after_steps(1)(out, first)  # killed in training, as the red team did
+    held_by = json.loads((out / ".lock.json").read_text())["pid"] if (out / ".lock.json").is_file() else None
+    os.killpg(first.pid, signal.SIGKILL)
+    first.communicate()
+    start, second = time.time(), _in_new_pid_namespace(out, "train.max_steps=2")
+    try:
+        _, err = second.communicate(timeout=300)
+        run = Run(second.returncode, err, time.time() - start)
+    except subprocess.TimeoutExpired:
+        os.killpg(second.pid, signal.SIGKILL)  # the namespace's pid 1 with it
+        run = Run(None, second.communicate()[1], time.time() - start)
+    took = next((ln.split("] ")[-1] for ln in run.err.splitlines() if "taking over the lock" in ln), "")
+    return (f"first run held it as pid {held_by}; restart rc {run.rc} in {run.seconds:.1f} s: "
+            f"{(took or run.first_error())[:120]}"), "OK" if run.rc == 0 and "pid 1 is this run" in took else "POOR"
+
+
+@case("O7", "OUTPUT/.lock is a folder")
+def _(b):
+    (b.folder("o7") / ".lock").mkdir(parents=True)
+    return input_error(train(b.folder("o7"), "train.max_steps=2"), str(b.folder("o7") / ".lock"), "folder")
+
 
 
 def main() -> None:

@@ -129,7 +129,7 @@ def _tokenizer_and_data(cfg: Config, report: Report, counted: bool = True) -> li
     errs, usable, entries = [], 0, d.entries()
     for entry in entries:  # one dataset, or each of a mixture's
         source = records.resolve(entry.path, entry.format, entry.key)
-        head, count = records.look(source, corpus.DETECT_ROWS)
+        head, count = records.look(source, d.max_row_chars, corpus.DETECT_ROWS)
         first = next((r.data for r in head if isinstance(r.data, dict)), None)
         if first is None:
             why = f" (first: {head[0].where}: {head[0].data})" if head else ""

@@ -7,9 +7,13 @@ Two layers, because shared filesystems differ:
   HEARTBEAT_S seconds), which names the holder in the refusal and covers filesystems whose flock is
   local to a node (Lustre mounted with `localflock`, some NFS set-ups): there a free OS lock with a live
   record of another host still refuses.
-A record is stale, and taken over with a log line, when its pid is gone on this same host, when it is
-this same Slurm job (a requeue: its earlier incarnation is over), or when its heartbeat is older than
-STALE_AFTER_S (a holder on a node that died without removing it).
+On the same host the OS lock is the truth and the record only evidence for other hosts: once the OS
+lock is free, a record written under this same kernel (its `boot_id`; a hostname alone can be shared by
+containers, and a pid is reused after a kill -9 or repeats in a fresh pid namespace: a restarted
+container's run is pid 1 like the dead one) is stale, whatever process its pid names now. A record of
+another host is stale when it is this same Slurm job (a requeue: its earlier incarnation is over), or
+when its heartbeat is older than STALE_AFTER_S (a holder on a node that died without removing it).
+A stale record is taken over with a log line.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import os
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from qlora_dist import atomic
 from qlora_dist.errors import ConfigError
@@ -35,11 +40,16 @@ class Holder:
     slurm_job_id: str | None
     started_at: float
     heartbeat_at: float
+    boot_id: str = ""  # the kernel it ran under (records written before this field: "", judged by host)
 
     @classmethod
     def me(cls) -> "Holder":
         now = time.time()
-        return cls(socket.gethostname(), os.getpid(), os.environ.get("SLURM_JOB_ID"), now, now)
+        return cls(socket.gethostname(), os.getpid(), os.environ.get("SLURM_JOB_ID"), now, now, _boot_id())
+
+    def on_this_host(self) -> bool:
+        """Written under this kernel, so the OS lock here would have seen its holder."""
+        return self.boot_id == _boot_id() if self.boot_id else self.host == socket.gethostname()
 
     def describe(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
@@ -48,20 +58,35 @@ class Holder:
                 f"last heartbeat {max(0.0, now - self.heartbeat_at):.0f} s ago")
 
 
+def _boot_id() -> str:
+    """This kernel's id, shared by every container on it and new at each boot (Linux); elsewhere the
+    hostname stands in."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return socket.gethostname()
+
+
 def read_holder(paths: RunPaths) -> Holder | None:
     """The holder record, or None when there is none (or it is unreadable: a holder that died while
-    writing it cannot be holding the lock)."""
+    writing it cannot be holding the lock). Keys this version does not know are ignored."""
     try:
-        return Holder(**json.loads(paths.lock_record.read_text()))
-    except (OSError, ValueError, TypeError):
+        record = json.loads(paths.lock_record.read_text())
+        return Holder(**{f.name: record[f.name] for f in fields(Holder) if f.name in record})
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
 
 
 def stale_reason(holder: Holder, now: float | None = None) -> str | None:
-    """Why `holder` no longer writes the folder, or None when it may still."""
+    """Why `holder` no longer writes the folder, or None when it may still. Only asked once the OS lock
+    was found free (a holder that has it is refused before its record is read)."""
     now = time.time() if now is None else now
-    if holder.host == socket.gethostname() and not _pid_alive(holder.pid):
-        return f"its process {holder.pid} is gone"
+    if holder.on_this_host():
+        if not _pid_alive(holder.pid):
+            return f"its process {holder.pid} is gone"
+        now_is = "this run" if holder.pid == os.getpid() else "another process"
+        return (f"the OS lock on this host was free, so that run is over (its pid {holder.pid} is {now_is} "
+                "now: reused after a kill, or a new pid namespace)")
     if holder.slurm_job_id and holder.slurm_job_id == os.environ.get("SLURM_JOB_ID"):
         return f"it is this Slurm job ({holder.slurm_job_id}), requeued"
     if now - holder.heartbeat_at > STALE_AFTER_S:
@@ -85,12 +110,23 @@ def busy_problem(paths: RunPaths, holder: Holder | None) -> str:
             "wait for it, or use another output folder")
 
 
+def lock_file_problem(paths: RunPaths, exc: OSError | None = None) -> str | None:
+    """Why OUTPUT/.lock cannot serve as the OS lock (something else stands at its path), or None."""
+    if exc is None and (not paths.lock.exists() or paths.lock.is_file()):
+        return None
+    why = "it is a folder" if paths.lock.is_dir() else "not a regular file" if exc is None else exc.strerror
+    return f"train.output_dir: {paths.lock} cannot be the run's lock file ({why}); remove it: the run creates it"
+
+
 def live_holder(paths: RunPaths) -> tuple[bool, Holder | None]:
     """(whether another run writes the folder now, its record). Takes nothing: for the preflight."""
     from filelock import Timeout
 
     if not paths.root.is_dir():
         return False, None
+    problem = lock_file_problem(paths)
+    if problem:
+        raise ConfigError([problem])
     holder = read_holder(paths)
     if paths.lock.is_file():
         try:
@@ -98,7 +134,7 @@ def live_holder(paths: RunPaths) -> tuple[bool, Holder | None]:
                 pass
         except Timeout:
             return True, holder
-    return (holder is not None and holder.pid != os.getpid() and stale_reason(holder) is None), holder
+    return (holder is not None and stale_reason(holder) is None), holder
 
 
 class WriterLock:
@@ -120,6 +156,8 @@ class WriterLock:
             self.os_lock.acquire()
         except Timeout:
             raise ConfigError([busy_problem(self.paths, read_holder(self.paths))]) from None
+        except OSError as exc:  # a folder (or a file we may not open) at OUTPUT/.lock
+            raise ConfigError([lock_file_problem(self.paths, exc)]) from None
         previous = read_holder(self.paths)
         if previous is not None:
             reason = stale_reason(previous)

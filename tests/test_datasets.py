@@ -346,7 +346,7 @@ def test_preview_prints_mapped_rows_token_counts_and_skips(tmp_path):
     path, _ = corrupted_file(tmp_path / "alpaca_bad.jsonl")
     out = run_cli("data", "preview", str(path), "model.path=tiny-llama", "data.max_row_chars=4000", "--n", "2").stdout
     assert out.count("--- example") == 2 and "[source] 'Below is an instruction" in out and "[target] '0'" in out
-    assert "masked labels" in out
+    assert "masked labels" in out and "warning:" not in out  # 1% per cause: counted, not warned
     assert "1,000 records -> 950 examples; skipped: non_utf8 10, missing_field 10, wrong_type 10, empty_output 10, " \
            "too_long 10" in out
 
@@ -393,3 +393,114 @@ def test_two_ranks_share_one_cache_built_by_rank_zero(tmp_path):
     event = next(r for r in read_metrics(out) if r.get("event") == "data")
     assert event["skipped"]["non_utf8"] == 10 and event["cache"] == str(caches[0])
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------ readers: cells, BOMs, long lines
+def test_csv_empty_cells_are_empty_strings_and_every_row_trains(tmp_path):
+    """D14 of the 2026-12-07 red team: Alpaca saved as CSV trained on 46 of 100 rows (empty `input` cells
+    read as missing). Cells of "", "None" and "NA" are texts; a quoted cell spanning lines is one record in
+    the preflight's count too."""
+    import csv
+
+    rows = [{"instruction": f"Say {i}.", "input": "" if i % 2 else f"context {i}", "output": f"line one\nline {i}"}
+            for i in range(20)]
+    rows[3]["output"], rows[5]["output"] = "None", "NA"
+    with open(tmp_path / "plain.csv", "w", newline="", encoding="utf-8-sig") as fh:  # and a BOM (D12)
+        writer = csv.DictWriter(fh, ["instruction", "input", "output"])
+        writer.writeheader()
+        writer.writerows(rows)
+    examples, report = examples_of(tmp_path / "plain.csv")
+    assert report.records == report.examples == 20 and report.warnings() == []
+    assert examples[1].source == ALPACA_PROMPT_NO_INPUT.format(instruction="Say 1.")
+    assert [examples[3].target, examples[5].target] == ["None", "NA"]
+    from qlora_dist.data import records
+
+    head, count = records.look(records.resolve(str(tmp_path / "plain.csv"), None), 200_000)
+    assert count == 20 and set(head[0].data) == {"instruction", "input", "output"} and head[1].data["input"] == ""
+
+
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path):
+    """D8/D9: a JSON-lines file with a UTF-8 BOM lost its first row as bad_json; a JSON array with one was
+    read as JSON lines. Both keep all rows now, gzipped too."""
+    rows = [{"input": f"q{i}", "output": f"a{i}"} for i in range(5)]
+    expected = [Example(r["input"], r["output"]) for r in rows]
+    (tmp_path / "bom.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8-sig")
+    (tmp_path / "bom.json").write_text(json.dumps(rows, indent=1), encoding="utf-8-sig")
+    with gzip.open(tmp_path / "bom.jsonl.gz", "wt", encoding="utf-8-sig") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("bom.jsonl", "bom.json", "bom.jsonl.gz"):
+        examples, report = examples_of(tmp_path / name)
+        assert examples == expected and report.skipped["bad_json"] == 0, name
+
+
+def test_a_cause_skipping_over_five_percent_of_rows_is_a_warning(tmp_path, tokenizer):
+    """Skips of one reason and field above corpus.SKIP_WARN_SHARE (5%) are a warning naming both and the
+    first row, kept in the cache's report (the trainer logs it on rank 0); 5% or fewer are only counted."""
+    from qlora_dist.data.corpus import SKIP_WARN_SHARE
+
+    def alpaca(n_missing: int) -> Path:
+        rows = [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(100)]
+        for row in rows[10:10 + n_missing]:
+            del row["output"]
+        return write_jsonl(tmp_path / f"missing{n_missing}.jsonl", rows)
+    assert SKIP_WARN_SHARE == 0.05
+    assert examples_of(alpaca(5))[1].warnings() == []
+    path = alpaca(6)
+    warning = f"6 of 100 rows (6%) skipped as missing_field in 'output' (first: {path}:11)"
+    assert examples_of(path)[1].warnings() == [warning]
+    cfg = load_config(overrides=[f"data.dataset={path}", f"data.cache_dir={tmp_path / 'cache'}"])
+    _, report = cached_rows(cfg, tokenizer, DistInfo(0, 0, 1), tmp_path / "cache")
+    assert report["warnings"] == [warning]
+
+
+def write_long_line(path: Path, mib: int) -> Path:
+    """A row of `mib` MiB, then a good row and a bad one; written in pieces (the writer never holds the row)."""
+    with (gzip.open if path.name.endswith(".gz") else open)(path, "wb") as fh:
+        fh.write(b'{"instruction": "')
+        for _ in range(mib):
+            fh.write(b"a" * 2**20)
+        fh.write(b'", "output": "x"}\n{"instruction": "after", "output": "y"}\n{not json}\n')
+    return path
+
+
+def read_back(path: Path) -> tuple[int, list]:
+    """(the preflight's count, (line, record or skip reason) of each record read)."""
+    from qlora_dist.data import records
+
+    source = records.resolve(str(path), None)
+    return records.look(source, 200_000)[1], [(r.where.rsplit(":", 1)[1], getattr(r.data, "reason", r.data))
+                                             for r in records.read(source, 200_000)]
+
+
+READ_BACK = (3, [("1", "too_long"), ("2", {"instruction": "after", "output": "y"}), ("3", "bad_json")])
+
+
+@pytest.mark.parametrize("name", ["long.jsonl", "long.jsonl.gz"])
+def test_an_over_long_line_is_skipped_without_being_held(tmp_path, name):
+    """D7: a one-line 2 GB JSONL peaked at 3.3x the line before being skipped as too_long. A 40 MiB line
+    is now skipped in chunks: the preflight's look and the read together allocate at most a few MiB at once
+    (tracemalloc's peak: every bytes, str and dict they make; ~120 MiB before), and the lines after it
+    keep their numbers."""
+    import tracemalloc
+
+    path = write_long_line(tmp_path / name, 40)
+    tracemalloc.start()
+    try:
+        assert read_back(path) == READ_BACK
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 * 2**20, f"{peak / 2**20:.1f} MiB"
+
+
+def test_a_json_array_too_large_for_memory_is_refused_naming_the_way_out(tmp_path, monkeypatch):
+    """A JSON array is parsed whole: one needing more than the memory available (here made so by the
+    factor) is one line suggesting JSON lines, not an OOM kill."""
+    from qlora_dist.data import records
+
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{"input": "q", "output": "a"}] * 10))
+    monkeypatch.setattr(records, "JSON_ARRAY_MEMORY_FACTOR", records._available_memory() // path.stat().st_size + 1)
+    with pytest.raises(ConfigError) as err:
+        examples_of(path)
+    assert len(err.value.problems) == 1 and str(path) in str(err.value) and "convert it to JSON lines" in str(err.value)

@@ -1,10 +1,13 @@
 """One writer per output folder (qlora_dist/writer_lock.py): a live holder is refused and named; a stale
 one (its process gone on this host, the same Slurm job requeued, no heartbeat for too long) is taken over
-with a line saying so; the heartbeat moves; a holder killed with SIGKILL never locks a folder out."""
+with a line saying so; the heartbeat moves; a holder killed with SIGKILL never locks a folder out. On this
+host the OS lock is the truth: a record whose pid was reused (by an unrelated process, or by this very run
+in a fresh pid namespace) does not refuse; a record of another kernel with the same hostname does."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +21,9 @@ from qlora_dist import writer_lock
 from qlora_dist.errors import ConfigError
 from qlora_dist.paths import RunPaths
 from qlora_dist.writer_lock import Holder, WriterLock, read_holder
+
+
+OTHER_KERNEL = "0b0e5c1a-another-kernel"  # a boot_id of another host (or of this one before a reboot)
 
 
 def _plant(paths: RunPaths, **changes) -> Holder:
@@ -48,10 +54,11 @@ def test_a_stale_holder_is_taken_over_with_a_line_saying_why(tmp_path, monkeypat
         expected = "is gone"
     elif case == "same Slurm job requeued":
         monkeypatch.setenv("SLURM_JOB_ID", "4242")
-        _plant(paths, host="node-that-died", slurm_job_id="4242")
+        _plant(paths, host="node-that-died", boot_id=OTHER_KERNEL, slurm_job_id="4242")
         expected = "this Slurm job (4242), requeued"
     else:
-        _plant(paths, host="node-that-died", heartbeat_at=time.time() - writer_lock.STALE_AFTER_S - 5)
+        _plant(paths, host="node-that-died", boot_id=OTHER_KERNEL,
+               heartbeat_at=time.time() - writer_lock.STALE_AFTER_S - 5)
         expected = "no heartbeat for"
     lock, said = _acquire(paths)
     try:
@@ -66,7 +73,8 @@ def test_a_live_holder_on_another_node_is_refused_even_where_flock_is_node_local
     """The OS lock is free here (as on a filesystem whose flock does not span nodes), but the record of
     another host has a fresh heartbeat: refused, naming it; nothing of its record is touched."""
     paths = RunPaths(tmp_path / "out")
-    _plant(paths, host="gpu-node-17", pid=999_999, slurm_job_id="77", heartbeat_at=time.time() - 12)
+    _plant(paths, host="gpu-node-17", boot_id=OTHER_KERNEL, pid=999_999, slurm_job_id="77",
+           heartbeat_at=time.time() - 12)
     before = paths.lock_record.read_bytes()
     with pytest.raises(ConfigError) as err:
         WriterLock(paths, log=lambda m: None).acquire()
@@ -108,3 +116,80 @@ def test_a_holder_killed_with_sigkill_is_named_then_taken_over(tmp_path):
     lock, said = _acquire(paths)
     lock.release()
     assert f"process {holder.pid} is gone" in said[0]
+
+
+@pytest.mark.parametrize("case", ["an unrelated live process", "this run itself"])
+def test_a_record_whose_pid_was_reused_on_this_host_is_taken_over(tmp_path, case):
+    """O5/O6 of the 2026-12-07 red team: the holder was killed with -9 and its pid now names another live
+    process (a `sleep`), or this run (a restarted container's new pid namespace: pid 1 again). The OS lock
+    is free on this host, so the record is stale: taken over at once with a line naming why."""
+    paths = RunPaths(tmp_path / "out")
+    sleeper = subprocess.Popen(["sleep", "60"]) if case == "an unrelated live process" else None
+    try:
+        pid = sleeper.pid if sleeper else os.getpid()
+        _plant(paths, pid=pid, heartbeat_at=time.time() - 40)
+        assert not writer_lock.live_holder(paths)[0]  # the preflight agrees
+        lock, said = _acquire(paths)
+        lock.release()
+    finally:
+        if sleeper:
+            sleeper.kill()
+            sleeper.wait(timeout=10)
+    now_is = "another process" if sleeper else "this run"
+    assert len(said) == 1 and f"from pid {pid} on {socket.gethostname()}" in said[0], said
+    assert "OS lock on this host was free" in said[0] and f"its pid {pid} is {now_is} now" in said[0], said
+
+
+def test_the_same_hostname_on_another_kernel_is_another_host(tmp_path):
+    """Containers on two machines may share a hostname: a fresh record of another kernel refuses although
+    its host name is ours and its pid is alive here (it is ours)."""
+    paths = RunPaths(tmp_path / "out")
+    _plant(paths, boot_id=OTHER_KERNEL, heartbeat_at=time.time() - 5)
+    with pytest.raises(ConfigError) as err:
+        WriterLock(paths, log=lambda m: None).acquire()
+    assert f"pid {os.getpid()} on {socket.gethostname()}" in str(err.value)
+
+
+def test_a_folder_at_the_lock_path_is_one_line_naming_it(tmp_path):
+    """O7: `mkdir OUTPUT/.lock` gave an IsADirectoryError traceback; now the preflight and the lock say it."""
+    paths = RunPaths(tmp_path / "out")
+    paths.lock.mkdir(parents=True)
+    for attempt in (lambda: writer_lock.live_holder(paths), lambda: WriterLock(paths, log=print).acquire()):
+        with pytest.raises(ConfigError) as err:
+            attempt()
+        assert err.value.problems == [f"train.output_dir: {paths.lock} cannot be the run's lock file (it is a "
+                                      "folder); remove it: the run creates it"]
+
+
+HOLD = ("import sys, time; from pathlib import Path; from qlora_dist.paths import RunPaths; "
+        "from qlora_dist.writer_lock import WriterLock; "
+        "WriterLock(RunPaths(Path(sys.argv[1])), log=lambda m: print(m, flush=True)).acquire(); "
+        "print('held', flush=True); time.sleep(120)")
+
+
+def _in_new_pid_namespace(out) -> subprocess.Popen:
+    return subprocess.Popen(["unshare", "-fp", "--mount-proc", sys.executable, "-c", HOLD, str(out)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs unshare as root")
+def test_a_container_restarted_in_a_fresh_pid_namespace_takes_its_folder_back(tmp_path):
+    """O6 for real: a run as pid 1 of a new pid namespace is killed with -9 (the whole namespace); the
+    restarted run is pid 1 again and takes the folder over instead of refusing itself."""
+    out = tmp_path / "out"
+    first = _in_new_pid_namespace(out)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        assert read_holder(RunPaths(out)).pid == 1
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    second = _in_new_pid_namespace(out)
+    try:
+        said = second.stdout.readline().strip()
+        assert "taking over the lock" in said and "its pid 1 is this run now" in said, said
+        assert second.stdout.readline().strip() == "held"
+    finally:
+        os.killpg(second.pid, signal.SIGKILL)
+        second.wait(timeout=30)

@@ -6,10 +6,14 @@ JSON array, .json/.jsonl JSON lines, optionally .gz; .csv; .tsv; .parquet); a lo
 
 JSON lines are read here line by line rather than through `datasets`' json builder: that builder
 (datasets 5.2) turns one non-UTF-8 or malformed line into a pyarrow error for the whole file, with no
-line number, where we must skip and count that line. Everything else goes through `datasets`.
+line number, where we must skip and count that line. A line is read with a bound (line_limit: a line
+longer than any row data.max_row_chars allows is skipped as too_long in chunks, never held whole), and
+a UTF-8 byte-order mark (an editor's or Excel's "UTF-8 with BOM") is not part of the data. Everything
+else goes through `datasets`.
 """
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import json
@@ -24,6 +28,15 @@ from qlora_dist.errors import ConfigError
 
 TABLE_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+# A row's line may hold this many bytes per character data.max_row_chars allows: a character takes up to 4
+# bytes in UTF-8 and 6 (12 for a surrogate pair) as a JSON \u escape, and a line also holds the keys and
+# fields no example uses. Longer lines are skipped as too_long unread.
+LINE_BYTES_PER_CHAR = 8
+DISCARD_CHUNK = 1 << 20  # bytes read at a time while skipping the rest of an over-long line
+# Parsing a JSON array whole holds the bytes, the decoded text and the Python objects: the RSS of the
+# preflight's parse grew 3.5x the file for Alpaca records (194 MiB -> +671 MiB), more for records of a few
+# short fields. A file needing more than the memory available is refused (_check_json_array_fits).
+JSON_ARRAY_MEMORY_FACTOR = 6
 
 
 @dataclass(frozen=True)
@@ -71,11 +84,19 @@ def _suffix(path: Path) -> str:
     return next((s for s in (".jsonl.gz", ".json.gz") if name.endswith(s)), path.suffix.lower())
 
 
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
 def _is_json_array(path: Path) -> bool:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        head = fh.read(4096).lstrip()
+    with _open(path) as fh:
+        head = fh.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
     return head.startswith(b"[")
+
+
+def line_limit(max_row_chars: int) -> int:
+    """The longest line (bytes) of JSON lines read for a run with this data.max_row_chars."""
+    return LINE_BYTES_PER_CHAR * max_row_chars
 
 
 def resolve(dataset: str, data_format: str | None, key: str = "data.dataset") -> Source:
@@ -109,50 +130,70 @@ def resolve(dataset: str, data_format: str | None, key: str = "data.dataset") ->
                        f"({', '.join(sorted(DATASETS))})"])
 
 
-def read(source: Source) -> Iterator[Record]:
-    """Every record of the source, in order; unreadable ones carry a RowError instead of data."""
+def read(source: Source, max_row_chars: int) -> Iterator[Record]:
+    """Every record of the source, in order; unreadable ones carry a RowError instead of data.
+    `max_row_chars` (data.max_row_chars) bounds the lines of JSON lines that are read at all."""
     readers = {"jsonl": _read_jsonl, "json-array": _read_json_array, "table": _read_table}
     if source.kind in readers:
         for path in source.paths:
-            yield from readers[source.kind](path, source.headerless)
+            yield from readers[source.kind](path, source.headerless, line_limit(max_row_chars))
         return
     dataset = _load_hub(source) if source.kind == "hub" else _load_disk(source)
     for i, row in enumerate(dataset):
         yield Record(f"{source.name} row {i + 1}", dict(row))
 
 
-def _read_jsonl(path: Path, _headerless=None) -> Iterator[Record]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            if not raw.strip():
+def _lines(path: Path, limit: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, line, its length in bytes) of every non-blank line; the line is None when it is longer
+    than `limit` bytes: its rest is then read DISCARD_CHUNK at a time and dropped, so memory stays bounded
+    by `limit` whatever the file holds (a 2 GB one-line file peaked at 3.3x the line read whole)."""
+    with _open(path) as fh:
+        number = 0
+        while raw := fh.readline(limit + 1):
+            number += 1
+            if len(raw) <= limit or raw.endswith(b"\n"):
+                if raw.strip():
+                    yield number, raw, len(raw)
                 continue
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield Record(where, RowError("non_utf8", None, f"byte {exc.start} is not UTF-8"))
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield Record(where, RowError("bad_json", None, exc.msg))
-                continue
-            yield Record(where, value if isinstance(value, dict) else RowError("wrong_type", None, "not a JSON object"))
+            size = len(raw)
+            while not raw.endswith(b"\n") and (raw := fh.readline(DISCARD_CHUNK)):
+                size += len(raw)
+            yield number, None, size
 
 
-def _read_json_array(path: Path, _headerless=None) -> Iterator[Record]:
+def _read_jsonl(path: Path, _headerless, limit: int) -> Iterator[Record]:
+    for number, raw, size in _lines(path, limit):
+        where = f"{path}:{number}"
+        if raw is None:
+            yield Record(where, RowError("too_long", None, f"a line of {size:,} bytes, over {limit:,} "
+                                         f"({LINE_BYTES_PER_CHAR} x data.max_row_chars): not read"))
+            continue
+        try:
+            line = raw.decode("utf-8-sig")  # a byte-order mark is no part of the first record
+        except UnicodeDecodeError as exc:
+            yield Record(where, RowError("non_utf8", None, f"byte {exc.start} is not UTF-8"))
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield Record(where, RowError("bad_json", None, exc.msg))
+            continue
+        yield Record(where, value if isinstance(value, dict) else RowError("wrong_type", None, "not a JSON object"))
+
+
+def _read_json_array(path: Path, _headerless, _limit) -> Iterator[Record]:
     """A JSON array file is parsed whole: a syntax error stops the run, naming the line."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as fh:
+    _check_json_array_fits(path)
+    with _open(path) as fh:
         raw = fh.read()
     try:
-        rows = json.loads(raw.decode("utf-8"))
+        rows = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
         line = raw[:exc.start].count(b"\n") + 1
         raise ConfigError([f"{path}:{line}: not UTF-8 (byte {exc.start}); a JSON array file cannot skip rows"])
     except json.JSONDecodeError as exc:
         raise ConfigError([f"{path}:{exc.lineno}: not valid JSON: {exc.msg}"])
+    del raw
     if not isinstance(rows, list):
         raise ConfigError([f"{path}: expected a JSON array of records or JSON lines"])
     for i, value in enumerate(rows):
@@ -160,10 +201,48 @@ def _read_json_array(path: Path, _headerless=None) -> Iterator[Record]:
         yield Record(where, value if isinstance(value, dict) else RowError("wrong_type", None, "not a JSON object"))
 
 
-def _read_table(path: Path, headerless: tuple[str, ...] | None) -> Iterator[Record]:
+def _check_json_array_fits(path: Path) -> None:
+    """Refuse, naming the way out, a JSON array too large to parse in the memory available (rather than
+    let the OOM killer end the run)."""
+    size = path.stat().st_size
+    if path.name.endswith(".gz"):  # gzip's trailer holds the uncompressed size modulo 2**32
+        with open(path, "rb") as fh:
+            fh.seek(-4, os.SEEK_END)
+            size = max(size, int.from_bytes(fh.read(4), "little"))
+    available = _available_memory()
+    if available is not None and size * JSON_ARRAY_MEMORY_FACTOR > available:
+        raise ConfigError([f"{path}: a JSON array is parsed whole, and this one ({size / 2**30:.1f} GiB) needs "
+                           f"about {size * JSON_ARRAY_MEMORY_FACTOR / 2**30:.1f} GiB of memory, "
+                           f"{available / 2**30:.1f} GiB available; convert it to JSON lines, which are read "
+                           f"row by row: jq -c '.[]' {path} > {path.name.split('.')[0]}.jsonl"])
+
+
+def _available_memory() -> int | None:
+    """Bytes this process may still allocate: the kernel's MemAvailable, or less under a cgroup (v2) limit;
+    None where neither can be read."""
+    found = []
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        found.append(int(next(ln.split()[1] for ln in meminfo.splitlines() if ln.startswith("MemAvailable:"))) * 1024)
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def _read_table(path: Path, headerless: tuple[str, ...] | None, _limit) -> Iterator[Record]:
     datasets = datasets_lib()
     builder = TABLE_SUFFIXES[path.suffix.lower()]
-    kwargs = {}
+    # datasets 5.2's csv builder reads with pandas (3.1) read_csv, whose default NA detection turns an empty
+    # cell, and the texts "NA", "None", "null", "nan", ..., into None: a missing field. Every column we read
+    # is text, where an empty cell is an empty string (Alpaca's no-input rows) and "None" a valid answer.
+    kwargs = {"na_filter": False} if builder == "csv" else {}
     if path.suffix.lower() == ".tsv":
         kwargs["delimiter"] = "\t"
     if headerless and builder == "csv":
@@ -225,14 +304,23 @@ def _sample_table(path: Path, headerless: tuple[str, ...] | None, n: int) -> lis
 
         batch = next(pq.ParquetFile(path).iter_batches(batch_size=n), None)
         return [Record(f"{path} row {i + 1}", row) for i, row in enumerate(batch.to_pylist() if batch else [])]
-    import csv
     import itertools
 
-    with path.open(newline="", encoding="utf-8") as f:
+    first = 1 if headerless else 2
+    rows = itertools.islice(_csv_rows(path, headerless), n)
+    return [Record(f"{path}:{i + first}", row) for i, row in enumerate(rows)]
+
+
+def _csv_rows(path: Path, headerless: tuple[str, ...] | None) -> Iterator[dict]:
+    """The records of a .csv/.tsv as the csv module parses them: a quoted cell may span lines (so lines are
+    not records), a byte-order mark is not part of the first column's name, empty cells are ""."""
+    import csv
+
+    # the csv module refuses cells over 131,072 characters by default; data.max_row_chars judges rows here
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    with path.open(newline="", encoding="utf-8-sig") as f:
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        reader = csv.DictReader(f, fieldnames=list(headerless) if headerless else None, delimiter=delimiter)
-        first = 1 if headerless else 2
-        return [Record(f"{path}:{i + first}", dict(row)) for i, row in enumerate(itertools.islice(reader, n))]
+        yield from csv.DictReader(f, fieldnames=list(headerless) if headerless else None, delimiter=delimiter)
 
 
 def _count_table(path: Path, headerless: tuple[str, ...] | None) -> int:
@@ -240,32 +328,29 @@ def _count_table(path: Path, headerless: tuple[str, ...] | None) -> int:
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(path).metadata.num_rows
-    with path.open("rb") as f:
-        lines = sum(1 for line in f if line.strip())
-    return lines if headerless else max(lines - 1, 0)
+    return sum(1 for _ in _csv_rows(path, headerless))
 
 
-def _count_jsonl(path: Path) -> int:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        return sum(1 for line in fh if line.strip())
+def _count_jsonl(path: Path, limit: int) -> int:
+    return sum(1 for _ in _lines(path, limit))
 
 
-def look(source: Source, n: int = 1000) -> tuple[list[Record], int]:
-    """(the first n records, the number of records) of a file source, cheaply: JSON lines and CSV are
-    counted by lines, parquet from its footer; a JSON array is parsed (its syntax is checked that way).
-    Named datasets and save_to_disk folders are opened (memory-mapped) to count. Unreadable files raise
-    ConfigError naming the file."""
+def look(source: Source, max_row_chars: int, n: int = 1000) -> tuple[list[Record], int]:
+    """(the first n records, the number of records) of a file source, cheaply: JSON lines are counted by
+    lines (an over-long one skipped unread), CSV by the csv module's records, parquet from its footer; a
+    JSON array is parsed (its syntax is checked that way). Named datasets and save_to_disk folders are
+    opened (memory-mapped) to count. Unreadable files raise ConfigError naming the file."""
     import itertools
 
     try:
         if source.kind == "jsonl":
-            return list(itertools.islice(read(source), n)), sum(_count_jsonl(p) for p in source.paths)
+            head = list(itertools.islice(read(source, max_row_chars), n))
+            return head, sum(_count_jsonl(p, line_limit(max_row_chars)) for p in source.paths)
         if source.kind == "table":
             head = [r for p in source.paths for r in _sample_table(p, source.headerless, n)][:n]
             return head, sum(_count_table(p, source.headerless) for p in source.paths)
         if source.kind == "json-array":
-            rows = list(read(source))
+            rows = list(read(source, max_row_chars))
             return rows[:n], len(rows)
         dataset = _load_hub(source) if source.kind == "hub" else _load_disk(source)
         return [Record(f"{source.name} row {i + 1}", dict(dataset[i])) for i in range(min(n, len(dataset)))], len(dataset)

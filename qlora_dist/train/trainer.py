@@ -117,6 +117,8 @@ class Trainer:
         if report:
             self.log.write({"event": "data", **report})
             dist.log(f"{report['summary']}; {report['rows']:,} training rows (cache {report['cache']})")
+            for warning in report["warnings"]:  # a cause that skipped many rows (corpus.SKIP_WARN_SHARE)
+                dist.log(f"warning: {warning}")
         # held out by index after the hash above: the split is a function of (rows, seed, data.eval_size)
         rows, self.validation_rows = validation.held_out(
             cfg, rows, lambda other: prepare_corpus(other, self.tokenizer, self.info, self.paths.data_cache)[0])
