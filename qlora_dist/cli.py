@@ -220,7 +220,8 @@ def _cmd_generate(ns) -> None:
     first_turns = [ns.prompt] if read is None else [q.turns[0] for q in read[1]]
     if problems := _positions_problems(ns, tokenizer, template, first_turns):
         raise ConfigError(problems)
-    loading = dict(bits=ns.bits, compute_dtype=ns.compute_dtype, allow_base_mismatch=ns.allow_base_mismatch)
+    loading = dict(bits=ns.bits, compute_dtype=ns.compute_dtype, allow_base_mismatch=ns.allow_base_mismatch,
+                   tokenizer=tokenizer)  # loaded once, above
     if ns.prompt is not None:
         model, tokenizer = load_for_inference(ns.base, ns.adapter, **loading)
         print(answer(model, tokenizer, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p, template))

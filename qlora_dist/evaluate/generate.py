@@ -65,8 +65,9 @@ def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int = 128
 
 def load_for_inference(base: str, adapter: str | None = None, bits: int | None = None, compute_dtype: str = "auto",
                        quant_type: str | None = None, double_quant: bool | None = None,
-                       allow_base_mismatch: bool = False):
-    """Base plus an optional PEFT adapter, in eval mode; and its tokenizer. The base is quantized as the
+                       allow_base_mismatch: bool = False, tokenizer=None):
+    """Base plus an optional PEFT adapter, in eval mode; and its tokenizer (`tokenizer`, where the caller
+    has loaded it already, else loaded here). The base is quantized as the
     adapter was trained (its qlora_dist.json, else the recipe's NF4 + double quant); bits, quant_type and
     double_quant override that where not None. compute_dtype: a dtype name or "auto" (by capability).
     An adapter trained on another base is refused before the base loads, unless allow_base_mismatch."""
@@ -80,7 +81,7 @@ def load_for_inference(base: str, adapter: str | None = None, bits: int | None =
     if adapter:
         model = load_adapter(model, Path(adapter), trainable=False)
     model.eval()
-    return model, load_tokenizer(path)
+    return model, tokenizer if tokenizer is not None else load_tokenizer(path)
 
 
 def chat_template_of(adapter: str | None, chosen: str | None, tokenizer, base: str) -> str:
