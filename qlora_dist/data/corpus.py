@@ -22,7 +22,6 @@ import collections
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
 import tempfile
 import time
@@ -39,6 +38,7 @@ from qlora_dist.data.batches import (IGNORE_INDEX, TokenizedExample, builtin_exa
                                      show_row, tokenize_all)
 from qlora_dist.data.formats import FORMATS, SKIP_REASONS, Example, RowError, detect
 from qlora_dist.data.tasks import TaskItem
+from qlora_dist.data.workers import WorkerPool
 from qlora_dist.errors import ConfigError
 from qlora_dist.launch import dist
 
@@ -226,13 +226,14 @@ def _tokenize_batch(examples: list[Example], tokenizer, cfg: Config, token_type)
 
 class _Tokenizers:
     """Tokenizes a stream's batches in order: in this process for the first SERIAL_BATCHES (small data
-    never starts a worker), then in forked worker processes, one per core of this process (up to 8), at
-    most two batches ahead per worker (memory stays bounded by batches, not the dataset)."""
+    never starts a worker), then in forked worker processes (data/workers.py: they end, whatever happens),
+    one per core of this process (up to 8), one batch in flight per worker (memory stays bounded by
+    batches, not the dataset)."""
 
     SERIAL_BATCHES = 2
 
     def __init__(self, tokenizer, cfg: Config, token_type):
-        self.args, self.seen, self.pool = (tokenizer, cfg, token_type), 0, None
+        self.args, self.pool = (tokenizer, cfg, token_type), None
         self.workers = min(len(os.sched_getaffinity(0)), 8)
 
     def __enter__(self) -> "_Tokenizers":
@@ -240,43 +241,33 @@ class _Tokenizers:
 
     def __exit__(self, *exc) -> None:
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.__exit__(*exc)
 
     def map(self, batches: Iterator[list]) -> Iterator[tuple]:
+        batches = iter(batches)
+        for batch in itertools.islice(batches, self.SERIAL_BATCHES if self.workers > 1 else None):
+            yield (batch, *_tokenize_batch([ex for _, ex in batch], *self.args))
+        first = next(batches, None)
+        if first is None:  # small data: no worker started
+            return
         pending: collections.deque = collections.deque()
-        for batch in batches:
-            self.seen += 1
-            if self.seen <= self.SERIAL_BATCHES or self.workers < 2:
-                yield (batch, *_tokenize_batch([ex for _, ex in batch], *self.args))
-                continue
-            pending.append((batch, self._pool().apply_async(_worker_tokenize, ([ex for _, ex in batch],))))
-            if len(pending) > 2 * self.workers:
-                batch, result = pending.popleft()
-                yield (batch, *result.get())
-        while pending:
-            batch, result = pending.popleft()
-            yield (batch, *result.get())
+        for result in self._pool().map(_examples_of(itertools.chain([first], batches), pending)):
+            yield (pending.popleft(), *result)
 
-    def _pool(self):
+    def _pool(self) -> WorkerPool:
         if self.pool is None:
             # fork: the workers inherit the tokenizer and config; the Rust tokenizer's own threads are off
             # in them (tokenizers disables them after a fork, and says so unless the variable is set).
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            self.pool = multiprocessing.get_context("fork").Pool(self.workers, _worker_init, self.args)
+            self.pool = WorkerPool(self.workers, _tokenize_batch, self.args, what="tokenizing worker")
         return self.pool
 
 
-_WORKER_ARGS: tuple = ()
-
-
-def _worker_init(*args) -> None:
-    global _WORKER_ARGS
-    _WORKER_ARGS = args
-
-
-def _worker_tokenize(examples: list[Example]):
-    return _tokenize_batch(examples, *_WORKER_ARGS)
+def _examples_of(batches: Iterator[list], sent: collections.deque) -> Iterator[list[Example]]:
+    """Each batch's examples for the workers; the batch (with its `where`s) kept in `sent` for its result."""
+    for batch in batches:
+        sent.append(batch)
+        yield [ex for _, ex in batch]
 
 
 # ------------------------------------------------------------------------------ compact Arrow columns
