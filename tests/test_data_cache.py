@@ -114,10 +114,10 @@ def test_a_worker_killed_mid_build_is_an_error_not_a_hang(tmp_path, tokenizer, m
 
 def test_every_build_through_the_pool_ends_and_no_worker_is_signalled(tmp_path, tokenizer, monkeypatch,
                                                                        trainer_signals):
-    """Six builds under the trainer's handlers: each ends in seconds, every worker exits 0 on its stop
+    """Three builds under the trainer's handlers: each ends in seconds, every worker exits 0 on its stop
     message (Pool.terminate SIGTERMed them), and the rows equal the in-process tokenization's."""
     path = alpaca_file(tmp_path / "a.jsonl", 160)
-    for _ in range(6):
+    for _ in range(3):
         tok, batches = tokenizers(tokenizer, path, monkeypatch)
         got = {}
 
@@ -126,3 +126,103 @@ def test_every_build_through_the_pool_ends_and_no_worker_is_signalled(tmp_path, 
                 got["rows"] = sum(table.num_rows for _, table, _ in tok.map(batches))
         assert finishes(build, 60) == (True, None)
         assert got["rows"] == 160 and tok.pool.exit_codes() == [0, 0]
+
+
+# ------------------------------------------------------------------------------- a cache that checks itself
+def build(tokenizer, data: Path, cache: Path, *overrides: str):
+    cfg = load_config(overrides=[f"data.dataset={data}", *overrides])
+    return corpus.cached_rows(cfg, tokenizer, ONE_RANK, cache)
+
+
+def test_an_edit_that_keeps_size_and_time_is_new_data(tmp_path, tokenizer):
+    """T8: one line rewritten in place to the same length, the modification time restored: a new
+    fingerprint and new rows (size+mtime keyed files over 256 MB trained on the old rows)."""
+    data = alpaca_file(tmp_path / "d.jsonl", 40)
+    rows, report = build(tokenizer, data, tmp_path / "c")
+    st = data.stat()
+    text = data.read_text()
+    first = json.loads(text.splitlines()[0])
+    edited = json.dumps({**first, "output": "Z" * len(first["output"])})
+    assert len(edited) == len(text.splitlines()[0])
+    data.write_text(edited + text[text.index("\n"):])
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (data.stat().st_size, data.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    again, report2 = build(tokenizer, data, tmp_path / "c")
+    assert report2["cache"] != report["cache"] and again[0].input_ids != rows[0].input_ids
+    assert again[1] == rows[1]
+
+
+def test_a_damaged_cache_is_named_and_rebuilt(tmp_path, tokenizer, capfd):
+    """T6: a truncated rows.arrow, a flipped byte (same size), a missing report: each found on open,
+    logged naming the folder and why, and rebuilt to the same rows."""
+    data = alpaca_file(tmp_path / "d.jsonl", 60)
+    rows, report = build(tokenizer, data, tmp_path / "c")
+    folder = Path(report["cache"])
+    rows_file = folder / corpus.ROWS_FILE
+    size = rows_file.stat().st_size
+    expected = [rows[i] for i in range(len(rows))]
+
+    def flip(f):
+        raw = bytearray(f.read_bytes())
+        raw[size // 2] ^= 0xFF
+        f.write_bytes(bytes(raw))
+    for harm, why in [(lambda f: os.truncate(f, 2000), f"has 2,000 bytes, report.json says {size:,}"),
+                      (flip, "content differs from its hash"),
+                      (lambda f: (f.parent / "report.json").write_text("{"), "report.json unreadable")]:
+        harm(rows_file)
+        assert corpus.damage(folder) is not None
+        capfd.readouterr()
+        again, _ = build(tokenizer, data, tmp_path / "c")
+        log = capfd.readouterr().err
+        assert f"the tokenized-data cache {folder} is damaged" in log and why in log, log
+        assert [again[i] for i in range(len(again))] == expected and corpus.damage(folder) is None
+
+
+def test_concurrent_builders_agree_and_leave_nothing_behind(tmp_path, tokenizer):
+    """T1: two processes build the same new cache at once: one builds, the other waits for the lock and
+    uses that cache; both get the same rows, no `.failed`, no temporary folder. A killed build's
+    temporary folder (T2) is removed by the next build of that fingerprint."""
+    data, cache = alpaca_file(tmp_path / "d.jsonl", 300), tmp_path / "c"
+    fp = corpus.fingerprint(load_config(overrides=[f"data.dataset={data}"]), tokenizer)
+    (cache / f".tmp-{fp}-999999999").mkdir(parents=True)  # a build killed -9
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+
+    def one():
+        rows, report = build(tokenizer, data, cache)
+        out.put((len(rows), rows.content_sha256(), report["built_by"]["pid"]))
+    procs = [ctx.Process(target=one) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = [out.get(timeout=5) for _ in procs]
+    assert results[0] == results[1] and results[0][2] in {p.pid for p in procs}  # one build, shared
+    assert sorted(p.name for p in cache.iterdir()) == [".locks", fp]
+
+
+def test_a_full_disk_is_one_line_naming_the_cache_folder(tmp_path, tokenizer):
+    """T4: writing the cache fails (here a file-size limit: EFBIG, the same path as ENOSPC): a RunFault
+    naming the cache folder, no temporary folder left, nothing published."""
+    import resource
+
+    data, cache = alpaca_file(tmp_path / "d.jsonl", 400), tmp_path / "c"
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+
+    def one():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+        try:
+            build(tokenizer, data, cache)
+            out.put("built")
+        except RunFault as exc:
+            out.put(str(exc))
+    proc = ctx.Process(target=one)
+    proc.start()
+    proc.join(120)
+    message = out.get(timeout=5)
+    assert message.startswith(f"data.cache_dir: cannot write the tokenized-data cache {cache}/"), message
+    assert "File too large" in message and "\n" not in message
+    assert [p.name for p in cache.iterdir()] == [".locks"]
