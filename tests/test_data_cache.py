@@ -226,3 +226,37 @@ def test_a_full_disk_is_one_line_naming_the_cache_folder(tmp_path, tokenizer):
     assert message.startswith(f"data.cache_dir: cannot write the tokenized-data cache {cache}/"), message
     assert "File too large" in message and "\n" not in message
     assert [p.name for p in cache.iterdir()] == [".locks"]
+
+
+def test_workers_end_quietly_when_their_parent_is_killed(tmp_path, tokenizer, monkeypatch, trainer_signals):
+    """kill -9 of the building process: its workers see the end of their pipe and exit within seconds,
+    printing nothing (they printed BrokenPipeError tracebacks; with a parent's pipe end inherited they
+    would wait for ever)."""
+    tok, batches = tokenizers(tokenizer, alpaca_file(tmp_path / "a.jsonl", 400), monkeypatch)
+    ctx = multiprocessing.get_context("fork")
+    pids, log = ctx.Queue(), tmp_path / "stderr.txt"
+
+    def parent():
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT)
+        os.dup2(fd, 2)
+        with tok:
+            for i, _ in enumerate(tok.map(batches)):
+                if i == 1:
+                    pids.put([p.pid for p in tok.pool.procs])
+                    time.sleep(600)
+    proc = ctx.Process(target=parent)
+    proc.start()
+    workers = pids.get(timeout=60)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+
+    def running(pid):
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        except FileNotFoundError:
+            return False
+    deadline = time.monotonic() + 10
+    while any(running(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(running(p) for p in workers)
+    assert log.read_text() == ""

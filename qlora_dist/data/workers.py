@@ -12,8 +12,8 @@ never answered (`AsyncResult.get` waits for ever).
 
 Here each worker has its own pipe (nothing shared, so no lock to die holding): batch k goes to worker
 k % n, one batch in flight per worker, and its result is read back from that pipe, so results come in
-order. Workers start with default signal handling (SIGTERM/SIGINT/SIGUSR1/SIGUSR2 are a plain death, and
-print nothing); a worker that dies is seen through its sentinel at once and named in the error; at the end
+order. Workers start with default signal handling (SIGTERM/SIGUSR1/SIGUSR2 are a plain death, and print
+nothing; SIGINT is ignored: Ctrl-C is the trainer's to act on); a worker that dies is seen through its sentinel at once and named in the error; at the end
 each gets a stop message and is joined within a bound, then terminated, then killed.
 """
 from __future__ import annotations
@@ -30,12 +30,17 @@ WORKER_DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.
 JOIN_S = 10.0  # how long a worker that was told to stop may take to exit before it is terminated
 
 
-def _worker_main(conn, work: Callable, args: tuple) -> None:
+def _worker_main(conn, work: Callable, args: tuple, inherited: list) -> None:
     """A worker's loop: a batch in, its result out, until the stop message (None) or the parent is gone.
-    Signals were blocked across the fork: default handling is set before they can arrive."""
+    Signals were blocked across the fork: default handling is set before they can arrive, except that
+    Ctrl-C (SIGINT, sent to the whole terminal's process group) is the trainer's to act on: it ends the
+    pool itself, and a worker dying of it first would be reported as a lost batch instead."""
     for sig in WORKER_DEFAULT_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
+        signal.signal(sig, signal.SIG_IGN if sig == signal.SIGINT else signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_DEFAULT_SIGNALS)
+    for other in inherited:  # the parent's ends (this pipe's, earlier workers'): held here, no EOF would
+        # come when the parent dies
+        other.close()
     while True:
         try:
             task = conn.recv()
@@ -58,7 +63,7 @@ class WorkerPool:
         self.what, self.procs, self.conns = what, [], []
         for _ in range(n):
             mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(theirs, work, args), daemon=True)
+            proc = ctx.Process(target=_worker_main, args=(theirs, work, args, [*self.conns, mine]), daemon=True)
             blocked = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_DEFAULT_SIGNALS)
             try:
                 proc.start()
