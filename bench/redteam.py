@@ -622,7 +622,7 @@ def _t1(b):
                                        f"train.output_dir={b.folder(name)}"], cwd=REPO, stderr=subprocess.PIPE,
                                       stdout=subprocess.DEVNULL, text=True))
         time.sleep(1)
-    errs = [p.communicate(timeout=400)[1] for p in procs]
+    errs = [p.communicate(timeout=900)[1] for p in procs]
     left = sorted(p.name for p in cache.iterdir())
     waited = sum("another run is building" in e for e in errs)
     ok = all(p.returncode == 0 for p in procs) and len([n for n in left if not n.startswith(".")]) == 1 \
@@ -638,7 +638,7 @@ def _t4(b):
         return "cannot mount a tmpfs here", "SKIP"
     try:
         data = _rows_file(b.folder("t4.jsonl"), 20_000)
-        run = train(b.folder("t4"), f"data.dataset={data}", f"data.cache_dir={mnt / 'cache'}", "train.max_steps=2")
+        run = train(b.folder("t4"), f"data.dataset={data}", f"data.cache_dir={mnt / 'cache'}", "train.max_steps=2", timeout=900)
         text, verdict = fault(run, str(mnt / "cache"), "data.cache_dir")
         left = sorted(p.name for p in (mnt / "cache").iterdir()) if (mnt / "cache").is_dir() else []
         return f"{text}; left {left}", verdict if not any(n.startswith(".tmp") for n in left) else "POOR"
@@ -648,10 +648,10 @@ def _t4(b):
 
 def _t6(b):
     data, cache = _rows_file(b.folder("t6.jsonl"), 300), b.folder("t6-cache")
-    first = train(b.folder("t6a"), f"data.dataset={data}", f"data.cache_dir={cache}", "train.max_steps=2")
+    first = train(b.folder("t6a"), f"data.dataset={data}", f"data.cache_dir={cache}", "train.max_steps=2", timeout=900)
     folder = Path(_cache_line(first))
     os.truncate(folder / "rows.arrow", 2000)
-    run = train(b.folder("t6b"), f"data.dataset={data}", f"data.cache_dir={cache}", "train.max_steps=2")
+    run = train(b.folder("t6b"), f"data.dataset={data}", f"data.cache_dir={cache}", "train.max_steps=2", timeout=900)
     said = f"the tokenized-data cache {folder} is damaged" in run.err
     return (f"rc {run.rc} in {run.seconds:.1f} s; said damaged+rebuilt: {said}",
             "OK" if run.rc == 0 and said and not run.traceback else "POOR" if run.rc else "BAD")
@@ -659,13 +659,13 @@ def _t6(b):
 
 def _t8(b):
     data, cache = _rows_file(b.folder("t8.jsonl"), 300), b.folder("t8-cache")
-    first = train(b.folder("t8a"), f"data.dataset={data}", f"data.cache_dir={cache}", "train.max_steps=2")
+    first = train(b.folder("t8a"), f"data.dataset={data}", f"data.cache_dir={cache}", "train.max_steps=2", timeout=900)
     st, lines = data.stat(), data.read_text().splitlines(keepends=True)
     row = json.loads(lines[0])
     lines[0] = json.dumps({**row, "output": "Z" * len(row["output"])}) + "\n"
     data.write_text("".join(lines))
     os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
-    run = train(b.folder("t8b"), f"data.dataset={data}", f"data.cache_dir={cache}", "train.max_steps=2")
+    run = train(b.folder("t8b"), f"data.dataset={data}", f"data.cache_dir={cache}", "train.max_steps=2", timeout=900)
     a, c = _cache_line(first), _cache_line(run)
     return (f"rc {run.rc}; same size {data.stat().st_size == st.st_size}, same mtime; cache {Path(a).name} -> "
             f"{Path(c).name}", "OK" if run.rc == 0 and a and c and a != c else "BAD")
