@@ -892,6 +892,118 @@ def _(b):
 
 
 
+# ============================================ issue 23, classes 3 and 7: the tokenized-data cache (wt-h1)
+def _rows_file(path: Path, n: int) -> Path:
+    """n generated Alpaca rows (~250 bytes each)."""
+    import random
+
+    rng, words = random.Random(n), "alpha beta gamma delta epsilon".split()
+    with path.open("w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"instruction": " ".join(rng.choices(words, k=30)), "input": "",
+                                "output": " ".join(rng.choices(words, k=40))}) + "\n")
+    return path
+
+
+def _cache_line(run: Run) -> str:
+    return next((ln.split("(cache ")[-1].rstrip(")") for ln in run.err.splitlines() if "(cache " in ln), "")
+
+
+def _t1(b):
+    data, cache = _rows_file(b.folder("t1.jsonl"), 20_000), b.folder("t1-cache")
+    args = [*BASE, f"data.dataset={data}", f"data.cache_dir={cache}", "train.max_steps=2"]
+    procs = []
+    for name in ("t1a", "t1b"):
+        procs.append(subprocess.Popen([sys.executable, "-m", "qlora_dist", "train", *args,
+                                       f"train.output_dir={b.folder(name)}"], cwd=REPO, stderr=subprocess.PIPE,
+                                      stdout=subprocess.DEVNULL, text=True))
+        time.sleep(1)
+    errs = [p.communicate(timeout=900)[1] for p in procs]
+    left = sorted(p.name for p in cache.iterdir())
+    waited = sum("another run is building" in e for e in errs)
+    ok = all(p.returncode == 0 for p in procs) and len([n for n in left if not n.startswith(".")]) == 1 \
+        and not any(n.endswith(".failed") or n.startswith(".tmp") for n in left)
+    return (f"rc {[p.returncode for p in procs]}, {waited} waited for the other's build; left {left}",
+            "OK" if ok and not any("Traceback" in e for e in errs) else "POOR")
+
+
+def _t4(b):
+    mnt = b.folder("t4-small")
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)]).returncode != 0:
+        return "cannot mount a tmpfs here", "SKIP"
+    try:
+        data = _rows_file(b.folder("t4.jsonl"), 20_000)
+        run = train(b.folder("t4"), f"data.dataset={data}", f"data.cache_dir={mnt / 'cache'}", "train.max_steps=2", timeout=900)
+        text, verdict = fault(run, str(mnt / "cache"), "data.cache_dir")
+        left = sorted(p.name for p in (mnt / "cache").iterdir()) if (mnt / "cache").is_dir() else []
+        return f"{text}; left {left}", verdict if not any(n.startswith(".tmp") for n in left) else "POOR"
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+def _t6(b):
+    data, cache = _rows_file(b.folder("t6.jsonl"), 300), b.folder("t6-cache")
+    first = train(b.folder("t6a"), f"data.dataset={data}", f"data.cache_dir={cache}", "train.max_steps=2", timeout=900)
+    folder = Path(_cache_line(first))
+    os.truncate(folder / "rows.arrow", 2000)
+    run = train(b.folder("t6b"), f"data.dataset={data}", f"data.cache_dir={cache}", "train.max_steps=2", timeout=900)
+    said = f"the tokenized-data cache {folder} is damaged" in run.err
+    return (f"rc {run.rc} in {run.seconds:.1f} s; said damaged+rebuilt: {said}",
+            "OK" if run.rc == 0 and said and not run.traceback else "POOR" if run.rc else "BAD")
+
+
+def _t8(b):
+    data, cache = _rows_file(b.folder("t8.jsonl"), 300), b.folder("t8-cache")
+    first = train(b.folder("t8a"), f"data.dataset={data}", f"data.cache_dir={cache}", "train.max_steps=2", timeout=900)
+    st, lines = data.stat(), data.read_text().splitlines(keepends=True)
+    row = json.loads(lines[0])
+    lines[0] = json.dumps({**row, "output": "Z" * len(row["output"])}) + "\n"
+    data.write_text("".join(lines))
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    run = train(b.folder("t8b"), f"data.dataset={data}", f"data.cache_dir={cache}", "train.max_steps=2", timeout=900)
+    a, c = _cache_line(first), _cache_line(run)
+    return (f"rc {run.rc}; same size {data.stat().st_size == st.st_size}, same mtime; cache {Path(a).name} -> "
+            f"{Path(c).name}", "OK" if run.rc == 0 and a and c and a != c else "BAD")
+
+
+def _t10(b):
+    data = _rows_file(b.folder("t10.jsonl"), 60_000)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(__import__("conftest").free_port()), "WORLD_SIZE": "2",
+           "LOCAL_WORLD_SIZE": "2"}
+    args = ["train", *BASE, f"data.dataset={data}", f"data.cache_dir={b.folder('t10-cache')}",
+            f"train.output_dir={b.folder('t10')}", "dist.timeout_s=10"]
+    procs = [subprocess.Popen([sys.executable, "-m", "qlora_dist", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              env={**os.environ, **env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    try:
+        for line in procs[0].stderr:  # rank 0 prints; kill it 3 s into its build
+            if "reading, validating and tokenizing" in line:
+                break
+        time.sleep(3)
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        killed = time.time()
+        err = procs[1].communicate(timeout=120)[1]
+        waited = time.time() - killed
+    except subprocess.TimeoutExpired:
+        return "rank 1 still waiting 120 s after rank 0 was killed", "BAD"
+    finally:
+        for p in procs:
+            p.kill()
+    text, verdict = fault(Run(procs[1].returncode, err, waited), "rank 1: waited for rank 0 to build",
+                          "dist.timeout_s")
+    return f"rank 1 ended {waited:.1f} s after rank 0's kill -9: {text}", verdict if waited < 10 + 15 else "POOR"
+
+
+CACHE_CASES = [("T1", "two trainings build the same new cache at once", _t1),
+               ("T4", "data.cache_dir on a full 2 MB tmpfs", _t4),
+               ("T6", "cache rows.arrow truncated, report.json intact", _t6),
+               ("T8", "dataset edited in place, size and mtime kept (small-file variant)", _t8),
+               ("T10", "ranks started by hand, rank 0 killed -9 during the cache build (dist.timeout_s=10)", _t10)]
+CASES.update({cid: (what, fn) for cid, what, fn in CACHE_CASES})
+# ======================================================================== end of issue 23 cache block (wt-h1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated case ids")

@@ -11,12 +11,18 @@ import logging
 import os
 import socket
 import sys
+import threading
+import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
 from qlora_dist import compat
+from qlora_dist.errors import RunFault
 
 
 @dataclass(frozen=True)
@@ -221,13 +227,26 @@ def log(message: str) -> None:
         print(f"[qlora-dist] {message}", file=sys.stderr, flush=True)
 
 
-def barrier() -> None:
-    """Every rank waits here for the others. Also at the end of every successful multi-rank job, before
-    the group is torn down: a rank that destroyed its gloo group while rank 0 was still writing its
-    files aborted at exit ("terminate called without an active exception", torch 2.13, deepspeed 0.19.8;
-    2 of ~40 two-rank runs in full suites, never in isolation)."""
+def barrier(what: str = "reach the same point") -> None:
+    """Every rank waits here for the others, at most dist.timeout_s (the group's timeout; a rank that is
+    gone ends it at once): then one line naming what it waited for. Also at the end of every successful
+    multi-rank job, before the group is torn down: a rank that destroyed its gloo group while rank 0 was
+    still writing its files aborted at exit ("terminate called without an active exception", torch 2.13,
+    deepspeed 0.19.8; 2 of ~40 two-rank runs in full suites, never in isolation)."""
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        with _waiting_to(what):
+            torch.distributed.barrier()
+
+
+@contextmanager
+def _waiting_to(what: str) -> Iterator[None]:
+    """A collective's failure (a timeout after dist.timeout_s, or a rank gone) as one line naming what the
+    ranks were waiting for, instead of the backend's traceback."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch's DistBackendError (gloo, nccl) is one
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RunFault(f"rank {torch.distributed.get_rank()}: waiting for every rank to {what}: {detail}") from None
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
@@ -240,12 +259,13 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
-def broadcast_object(obj, src: int = 0):
+def broadcast_object(obj, src: int = 0, what: str = "receive rank 0's result"):
     """Rank src's object on every rank (work done once, e.g. tokenization, shared with the others)."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return obj
     box = [obj if torch.distributed.get_rank() == src else None]
-    torch.distributed.broadcast_object_list(box, src=src)
+    with _waiting_to(what):
+        torch.distributed.broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -261,3 +281,57 @@ def gather_objects(obj):
 def shutdown() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------- one rank waiting for another
+HEARTBEAT_S = 2.0  # how often a rank doing work that others wait for shows it is alive
+
+
+@contextmanager
+def heartbeat(path: Path, every_s: float = HEARTBEAT_S) -> Iterator[None]:
+    """While the block runs, a thread touches `path` every `every_s`: the ranks waiting for this one's
+    work (wait_for) see that it is alive, under any launcher and across nodes (the file is in a folder
+    they share)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                path.touch()
+            except OSError:  # a full or vanished folder: the waiters then time out, naming the file
+                pass
+            if stop.wait(every_s):
+                return
+    thread = threading.Thread(target=beat, name="qlora-dist-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(every_s + 5)
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def wait_for(ready: Callable[[], bool], what: str, alive: Path, timeout_s: float, poll_s: float = 0.5) -> None:
+    """Wait until ready() (which may raise, e.g. rank 0's own error) while the rank doing the work shows
+    it is alive (its `heartbeat` on `alive` changes); dist.timeout_s (`timeout_s`) with no change ends
+    the wait with one line naming what it waited for. A file, not a collective, because the work (a
+    cache build) may take longer than dist.timeout_s; a bare poll waited for ever for a rank 0 killed
+    under a launcher that does not end the other ranks (mpirun, srun without --kill-on-bad-exit, ranks
+    started by hand: issue 23). Change is judged by this host's clock, so clocks may differ between nodes."""
+    seen, since = _mtime(alive), time.monotonic()
+    while not ready():
+        now = _mtime(alive)
+        if now != seen:
+            seen, since = now, time.monotonic()
+        elif time.monotonic() - since > timeout_s:
+            raise RunFault(f"rank {read_env().rank}: waited for rank 0 to {what}, but rank 0 showed no sign of "
+                           f"life for {timeout_s:g} s (dist.timeout_s; its heartbeat {alive} "
+                           f"{'never appeared' if seen is None else 'stopped'}): it is gone or stuck, so this rank stops")
+        time.sleep(poll_s)

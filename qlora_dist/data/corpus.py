@@ -19,11 +19,13 @@ the run stops before training with an error naming the file, line and field.
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
+import shutil
+import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,11 +41,13 @@ from qlora_dist.data.batches import (IGNORE_INDEX, TokenizedExample, builtin_exa
                                      show_row, tokenize_all)
 from qlora_dist.data.formats import FORMATS, SKIP_REASONS, Example, RowError, detect
 from qlora_dist.data.tasks import TaskItem
-from qlora_dist.errors import ConfigError
+from qlora_dist.data.workers import WorkerPool
+from qlora_dist.errors import ConfigError, RunFault
 from qlora_dist import dist
 
 CACHE_VERSION = 3  # bump when reading, tokenization, packing or the stored columns change what a cache holds
-# (3: CSV empty cells are "", not missing; a JSON-lines BOM is not a bad row; over-long lines skipped unread)
+# (3: CSV empty cells are "", not missing; a JSON-lines BOM is not a bad row; over-long lines skipped unread;
+# the fingerprint hashes every byte, report.json records the rows file's size and hash)
 DETECT_ROWS = 1000  # records read to find a readable one and detect the format (here and in the preflight)
 WRITE_BATCH = 4096  # examples tokenized (rows packed) and written at a time: what rank 0 holds while building
 ROWS_FILE = "rows.arrow"
@@ -241,13 +245,14 @@ def _tokenize_batch(examples: list[Example], tokenizer, cfg: Config, token_type)
 
 class _Tokenizers:
     """Tokenizes a stream's batches in order: in this process for the first SERIAL_BATCHES (small data
-    never starts a worker), then in forked worker processes, one per core of this process (up to 8), at
-    most two batches ahead per worker (memory stays bounded by batches, not the dataset)."""
+    never starts a worker), then in forked worker processes (data/workers.py: they end, whatever happens),
+    one per core of this process (up to 8), one batch in flight per worker (memory stays bounded by
+    batches, not the dataset)."""
 
     SERIAL_BATCHES = 2
 
     def __init__(self, tokenizer, cfg: Config, token_type):
-        self.args, self.seen, self.pool = (tokenizer, cfg, token_type), 0, None
+        self.args, self.pool = (tokenizer, cfg, token_type), None
         self.workers = min(len(os.sched_getaffinity(0)), 8)
 
     def __enter__(self) -> "_Tokenizers":
@@ -255,43 +260,33 @@ class _Tokenizers:
 
     def __exit__(self, *exc) -> None:
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.__exit__(*exc)
 
     def map(self, batches: Iterator[list]) -> Iterator[tuple]:
+        batches = iter(batches)
+        for batch in itertools.islice(batches, self.SERIAL_BATCHES if self.workers > 1 else None):
+            yield (batch, *_tokenize_batch([ex for _, ex in batch], *self.args))
+        first = next(batches, None)
+        if first is None:  # small data: no worker started
+            return
         pending: collections.deque = collections.deque()
-        for batch in batches:
-            self.seen += 1
-            if self.seen <= self.SERIAL_BATCHES or self.workers < 2:
-                yield (batch, *_tokenize_batch([ex for _, ex in batch], *self.args))
-                continue
-            pending.append((batch, self._pool().apply_async(_worker_tokenize, ([ex for _, ex in batch],))))
-            if len(pending) > 2 * self.workers:
-                batch, result = pending.popleft()
-                yield (batch, *result.get())
-        while pending:
-            batch, result = pending.popleft()
-            yield (batch, *result.get())
+        for result in self._pool().map(_examples_of(itertools.chain([first], batches), pending)):
+            yield (pending.popleft(), *result)
 
-    def _pool(self):
+    def _pool(self) -> WorkerPool:
         if self.pool is None:
             # fork: the workers inherit the tokenizer and config; the Rust tokenizer's own threads are off
             # in them (tokenizers disables them after a fork, and says so unless the variable is set).
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            self.pool = multiprocessing.get_context("fork").Pool(self.workers, _worker_init, self.args)
+            self.pool = WorkerPool(self.workers, _tokenize_batch, self.args, what="tokenizing worker")
         return self.pool
 
 
-_WORKER_ARGS: tuple = ()
-
-
-def _worker_init(*args) -> None:
-    global _WORKER_ARGS
-    _WORKER_ARGS = args
-
-
-def _worker_tokenize(examples: list[Example]):
-    return _tokenize_batch(examples, *_WORKER_ARGS)
+def _examples_of(batches: Iterator[list], sent: collections.deque) -> Iterator[list[Example]]:
+    """Each batch's examples for the workers; the batch (with its `where`s) kept in `sent` for its result."""
+    for batch in batches:
+        sent.append(batch)
+        yield [ex for _, ex in batch]
 
 
 # ------------------------------------------------------------------------------ compact Arrow columns
@@ -475,7 +470,8 @@ def _finish(cfg: Config, raw_path: Path, out_path: Path, parts: list[LoadReport]
 
 
 def _write_cache(cfg: Config, tokenizer, folder: Path) -> dict:
-    """Fill `folder` with the training rows (ROWS_FILE) and report.json; returns the report."""
+    """Fill `folder` with the training rows (ROWS_FILE) and report.json (with the rows file's size and
+    hash, which `damage` checks on every later open); returns the report."""
     start = time.perf_counter()
     parts = _write_examples(cfg, tokenizer, folder / "examples.arrow")
     rows = _finish(cfg, folder / "examples.arrow", folder / ROWS_FILE, parts, _token_type(len(tokenizer)))
@@ -483,44 +479,137 @@ def _write_cache(cfg: Config, tokenizer, folder: Path) -> dict:
     dist.log(f"{rows:,} training rows{' (packed)' if cfg.data.packing else ''} written in "
              f"{time.perf_counter() - start:.1f} s")
     out = {**asdict(report), "rows": rows, "summary": report.summary(), "warnings": report.warnings(),
+           "rows_file": _integrity(folder / ROWS_FILE),
            "built_by": {"rank": dist.read_env().rank, "pid": os.getpid()}}
     (folder / "report.json").write_text(json.dumps(out, indent=1))
     return out
 
 
+# ------------------------------------------------------------------------ a cache that verifies itself
+def _integrity(rows_file: Path) -> dict:
+    """What `damage` compares: the size and an xxh3_128 of every byte (~0.2 s per 300 MB, records.py)."""
+    import xxhash  # datasets 5.2 requires it
+
+    return {"bytes": rows_file.stat().st_size, "xxh3_128": records.file_hash(rows_file, xxhash.xxh3_128())}
+
+
+def damage(path: Path) -> str | None:
+    """Why the cache folder `path` cannot be used ("absent" if it was never built), or None if it is
+    complete and its rows file is the one its report.json describes (a truncated or altered rows.arrow
+    gave a pyarrow traceback naming no path on every run, and was never rebuilt)."""
+    try:
+        recorded = json.loads((path / "report.json").read_text())["rows_file"]
+    except FileNotFoundError:
+        return "absent"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"report.json unreadable or without an integrity record ({type(exc).__name__})"
+    rows_file = path / ROWS_FILE
+    if not rows_file.is_file():
+        return f"{ROWS_FILE} is missing"
+    if rows_file.stat().st_size != recorded.get("bytes"):
+        return f"{ROWS_FILE} has {rows_file.stat().st_size:,} bytes, report.json says {recorded.get('bytes'):,}"
+    if _integrity(rows_file) != recorded:
+        return f"{ROWS_FILE}'s content differs from its hash in report.json"
+    return None
+
+
+def _remove_stale(root: Path, fp: str) -> None:
+    """Under the fingerprint's lock (so nobody is building it): the temporary folders of builds of it
+    that were killed (atomic.folder's `.tmp-<fp>-<pid>`), and the state files of dead jobs on this host."""
+    for tmp in root.glob(f".tmp-{fp}-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for state in root.glob(f".{fp}.*-*"):
+        host, _, pid = state.name.rpartition("-")
+        if host.endswith(f".{socket.gethostname()}") and pid.isdigit() and not _alive(int(pid)):
+            state.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def _ensure_cache(cfg: Config, tokenizer, path: Path) -> None:
+    """Rank 0: the cache folder `path` intact on return, built or rebuilt if needed, under a lock per
+    fingerprint: a second job building the same cache waits for the first, then uses its cache."""
+    from filelock import FileLock, Timeout  # datasets 5.2 requires it; writer_lock uses it too
+
+    (path.parent / ".locks").mkdir(exist_ok=True)  # lock files stay (removing one races a waiter): kept apart
+    lock = FileLock(str(path.parent / ".locks" / f"{path.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        dist.log(f"another run is building the tokenized-data cache {path} ({lock.lock_file} is held): waiting for it")
+        lock.acquire()
+    try:
+        _remove_stale(path.parent, path.name)
+        problem = damage(path)
+        if problem is None:
+            return
+        if problem != "absent":
+            dist.log(f"the tokenized-data cache {path} is damaged ({problem}): rebuilding it")
+        _build_cache(cfg, tokenizer, path)
+    finally:
+        lock.release()
+
+
 def _build_cache(cfg: Config, tokenizer, path: Path) -> None:
-    """Write the cache folder atomically: a temporary folder renamed into place when complete."""
+    """Write the cache folder atomically: a temporary folder renamed into place when complete (replacing
+    a damaged one). A full disk is one line naming the folder."""
     dist.log(f"reading, validating and tokenizing {', '.join(e.path for e in cfg.data.entries())} ...")
-    with atomic.folder(path) as tmp:
-        _write_cache(cfg, tokenizer, tmp)
+    try:
+        with atomic.folder(path, replace=True) as tmp:
+            _write_cache(cfg, tokenizer, tmp)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) and "No space left" not in str(exc):
+            raise
+        raise RunFault(f"data.cache_dir: cannot write the tokenized-data cache {path}: "
+                       f"{exc.strerror or 'No space left on device'} ({shutil.disk_usage(path.parent).free / 2**20:,.0f} "
+                       "MiB free there); free space or point data.cache_dir at a larger disk") from None
 
 
-def _wait_for(path: Path, failed: Path, poll_s: float = 0.5) -> None:
-    """Other ranks wait on the file system, not on a collective: building a large dataset can take
-    longer than the collective timeout (dist.timeout_s)."""
-    while not (path / "report.json").is_file():
-        if failed.is_file():
-            raise ConfigError([f"rank 0 failed to prepare the data: {failed.read_text()}"])
-        time.sleep(poll_s)
+def _state(state: Path) -> bool:
+    """A waiting rank's view of rank 0's work: True when done; rank 0's error raised here."""
+    try:
+        text = state.read_text()
+    except OSError:
+        return False
+    if text.startswith("failed: "):
+        raise ConfigError([f"rank 0 failed to prepare the data: {text[len('failed: '):]}"])
+    return text == "ok"
 
 
 def cached_rows(cfg: Config, tokenizer, info, root: Path) -> tuple[TokenizedRows, dict]:
-    """The dataset's tokenized rows from the cache under `root` (RunPaths.data_cache), built once by rank 0."""
-    path = root / fingerprint(cfg, tokenizer)
-    failed = root / f"{path.name}.failed"
+    """The dataset's tokenized rows from the cache under `root` (RunPaths.data_cache). Rank 0 checks the
+    cache (`damage`) and builds it if needed; the other ranks wait for its verdict in this job's state file
+    (`.<fp>.<host>-<pid>` of rank 0), which rank 0 touches while it works: dist.wait_for ends their wait
+    within dist.timeout_s if rank 0 dies. The fingerprint is rank 0's (one hash of the data, not one per rank)."""
+    fp, job = dist.broadcast_object((fingerprint(cfg, tokenizer), f"{socket.gethostname()}-{os.getpid()}")
+                                    if info.is_main else None, what="agree on the data's fingerprint")
+    path, state = root / fp, root / f".{fp}.{job}"
     if info.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        failed.unlink(missing_ok=True)
-    dist.barrier()
-    if info.is_main and not (path / "report.json").is_file():
         try:
-            _build_cache(cfg, tokenizer, path)
-        except Exception as exc:
-            failed.write_text(str(exc))
+            with dist.heartbeat(state):
+                _ensure_cache(cfg, tokenizer, path)
+        except Exception as exc:  # the waiting ranks read it (a dead job's is removed by _remove_stale)
+            if info.world_size > 1:
+                atomic.write_text(state, f"failed: {exc}")
+            else:
+                state.unlink(missing_ok=True)
             raise
-    elif not info.is_main:
-        _wait_for(path, failed)
-    dist.barrier()
+        atomic.write_text(state, "ok")
+    else:
+        dist.wait_for(lambda: _state(state), f"build or check the tokenized-data cache {path}", state,
+                      cfg.dist.timeout_s)
+    dist.barrier("open the tokenized-data cache")
+    if info.is_main:
+        state.unlink(missing_ok=True)
     report = json.loads((path / "report.json").read_text())
     return TokenizedRows.from_file(path / ROWS_FILE), {**report, "cache": str(path)}
 
