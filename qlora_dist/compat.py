@@ -85,9 +85,14 @@ def load_deepspeed_cpu_op() -> None:
                 print(f"[qlora-dist] removing {folder / 'lock'}, left by a process killed while it loaded "
                       "deepspeed's CPU op", file=sys.stderr, flush=True)
                 (folder / "lock").unlink(missing_ok=True)
-            from deepspeed.comm.torch import build_shm_op
+            import deepspeed.ops
+            from deepspeed.accelerator import get_accelerator
 
-            build_shm_op()
+            # deepspeed.comm.torch.build_shm_op's own steps, without its "built successfully" print
+            # (TorchBackend prints it again when it takes the loaded module)
+            builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+            if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+                builder.load()
         finally:
             fcntl.flock(guard, fcntl.LOCK_UN)
 
