@@ -146,6 +146,7 @@ def chat_conversations(n: int) -> list[list[tuple[str, str]]]:
             for k, (a, b) in enumerate(zip(items[0::2], items[1::2]))]
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_from_a_chat_file(tmp_path):
     from qlora_dist.evaluate.generate import chat_template_of
 

@@ -113,6 +113,7 @@ def test_ranks_map_one_to_a_gpu_and_more_ranks_than_gpus_is_a_launch_error():
         gpu_index(DistInfo(1, 1, 2), 1, "nccl", {})
 
 
+@pytest.mark.slow
 def test_submit_local_runs_two_ranks_end_to_end(tmp_path):
     out = tmp_path / "local"
     proc = run_cli("submit", "--cluster", "local", "--tasks-per-node", "2", "--wait", "model.path=tiny-llama",

@@ -74,6 +74,7 @@ def trained(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_adapter_is_the_same_whatever_the_split(trained, variant):
     reference, curve = _adapter(trained, f"{variant}-8x1"), _curve(trained, f"{variant}-8x1")
@@ -85,16 +86,19 @@ def test_adapter_is_the_same_whatever_the_split(trained, variant):
         assert torch.allclose(_curve(trained, f"{variant}-{split}"), curve, rtol=1e-5, atol=0), (variant, split)
 
 
+@pytest.mark.slow
 def test_transformers_loss_is_split_invariant_and_agrees_with_the_fused_loss(trained):
     reference = _adapter(trained, "sequence-packed-hfloss-8x1")
     assert _relative(_adapter(trained, "sequence-packed-hfloss-2x2x2"), reference) < 1e-5
     assert _relative(_adapter(trained, "sequence-packed-8x1"), reference) < 1e-5
 
 
+@pytest.mark.slow
 def test_a_sane_run_draws_no_warning(trained):
     assert not [r for r in read_metrics(trained / "sequence-rows-2x2x2") if r.get("event") in ("warning", "nonfinite")]
 
 
+@pytest.mark.slow
 def test_the_two_normalisations_differ_on_variable_lengths(trained):
     """Not a tautology: with rows of different lengths the two objectives give different updates."""
     assert _relative(_adapter(trained, "token-rows-8x1"), _adapter(trained, "sequence-rows-8x1")) > 1e-3
