@@ -41,6 +41,30 @@ def tiny_model_dir() -> Path:
     return resolve_model_path("tiny-llama")
 
 
+# The suite's one tiny trained run (4 steps, a checkpoint every 2, all kept), for every test that needs a
+# trained adapter or a run's folder: read it, or damage a copy of it, never the folder itself.
+TINY_RUN_ARGS = [*TINY, "train.save_steps=2", "checkpoint.keep_last=0"]
+
+
+def tiny_run_dataset(path: Path, edit: bool = False) -> Path:
+    """The tiny run's 64 rows (Alpaca's schema); edit=True changes one output, as a user editing the file."""
+    rows = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": str(2 * i + 1)} for i in range(64)]
+    if edit:
+        rows[40]["output"] = "forty-one"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
+    """(output folder of an uninterrupted 4-step run of the real CLI, its dataset)."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    data = tiny_run_dataset(root / "data.jsonl")
+    run_cli("train", *TINY_RUN_ARGS, f"data.dataset={data}", "train.max_steps=4", f"train.output_dir={root / 'run'}",
+            timeout=300)
+    return root / "run", data
+
+
 def alpaca_file(path: Path, n: int, bad_every: int = 0) -> Path:
     """n generated rows in Alpaca's schema, of varied lengths, two in three with an input; every `bad_every`-th
     lacks its output (a bad row). For tests that need some instruction data, not Alpaca's own rows."""
