@@ -69,8 +69,9 @@ def trained(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("split")
     worker = "tests/workers/train_cases.py"
     one_rank = _cases(ONE_RANK) + _cases({"8x1": ONE_RANK["8x1"]}, HF_LOSS)
-    run_torchrun(1, str(out), *one_rank, "--", *COMMON, script=worker, timeout=120)
-    run_torchrun(2, str(out), *_cases(TWO_RANKS, VARIANTS | HF_LOSS), "--", *COMMON, script=worker, timeout=120)
+    # The timeouts guard against a hang, they measure nothing: 120 s was too short on a loaded machine.
+    run_torchrun(1, str(out), *one_rank, "--", *COMMON, script=worker, timeout=300)
+    run_torchrun(2, str(out), *_cases(TWO_RANKS, VARIANTS | HF_LOSS), "--", *COMMON, script=worker, timeout=300)
     return out
 
 
