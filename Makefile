@@ -7,7 +7,7 @@ export QLORA_DIST_CACHE ?= $(CURDIR)/.cache/models
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export HF_DATASETS_CACHE ?= $(CURDIR)/.cache/hf_datasets
 
-.PHONY: install demo test
+.PHONY: install demo test test-fast
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,3 +28,8 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q --durations=15
+
+# The edit-test loop: every test but the slow ones (end-to-end and multi-rank runs), in under 3 minutes.
+# CI runs `make test`, the whole suite.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" --durations=5

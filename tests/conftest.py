@@ -11,6 +11,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+# Small cuts of the permissively licensed files of ../shared/data (a user's clone has no ../shared); see
+# tests/data/SOURCES.md. The Alpaca rows (CC BY-NC) are not among them: tests about those read SHARED_DATA.
+TEST_DATA = REPO / "tests" / "data"
+needs_shared_alpaca = pytest.mark.skipif(
+    not (SHARED_DATA / "alpaca" / "alpaca_tiny.json").is_file(),
+    reason="the real Alpaca rows (CC BY-NC 4.0, not kept in tests/data) are only in ../shared/data/alpaca")
 
 # Everything a run caches stays inside the repository (a fresh CI machine has nothing else).
 os.environ.setdefault("QLORA_DIST_CACHE", str(REPO / ".cache" / "models"))
@@ -33,6 +39,43 @@ def tiny_model_dir() -> Path:
     from qlora_dist.model.builtin import resolve_model_path
 
     return resolve_model_path("tiny-llama")
+
+
+# The suite's one tiny trained run (4 steps, a checkpoint every 2, all kept), for every test that needs a
+# trained adapter or a run's folder: read it, or damage a copy of it, never the folder itself.
+TINY_RUN_ARGS = [*TINY, "train.save_steps=2", "checkpoint.keep_last=0"]
+
+
+def tiny_run_dataset(path: Path, edit: bool = False) -> Path:
+    """The tiny run's 64 rows (Alpaca's schema); edit=True changes one output, as a user editing the file."""
+    rows = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": str(2 * i + 1)} for i in range(64)]
+    if edit:
+        rows[40]["output"] = "forty-one"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
+    """(output folder of an uninterrupted 4-step run of the real CLI, its dataset)."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    data = tiny_run_dataset(root / "data.jsonl")
+    run_cli("train", *TINY_RUN_ARGS, f"data.dataset={data}", "train.max_steps=4", f"train.output_dir={root / 'run'}",
+            timeout=300)
+    return root / "run", data
+
+
+def alpaca_file(path: Path, n: int, bad_every: int = 0) -> Path:
+    """n generated rows in Alpaca's schema, of varied lengths, two in three with an input; every `bad_every`-th
+    lacks its output (a bad row). For tests that need some instruction data, not Alpaca's own rows."""
+    lines = []
+    for i in range(n):
+        row = {"instruction": f"Repeat {i} " * (1 + i % 7), "input": "ctx " * (i % 3), "output": f"{i} " * (1 + i % 11)}
+        if bad_every and i % bad_every == bad_every - 1:
+            del row["output"]
+        lines.append(json.dumps(row))
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:

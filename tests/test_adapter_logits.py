@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -23,14 +23,13 @@ def _seed_loading_code(base_dir, adapter_dir):
 
 def test_saved_adapter_reproduces_trained_logits(tmp_path, tiny_model_dir, monkeypatch):
     from qlora_dist import compat
-    from qlora_dist.dist import _free_port
     from qlora_dist.config import load_config
     from qlora_dist.data.batches import collate
     from qlora_dist.launch.job import prepare
     from qlora_dist.train.trainer import Trainer
 
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(_free_port())}.items():  # a free port: another suite may run beside
+                       "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(key, value)  # a world of one inside the test process, undone afterwards
     cfg = load_config(overrides=[*TINY, "train.max_steps=12", "train.save_steps=12", f"train.output_dir={tmp_path}"])
     trainer = Trainer(cfg, prepare(cfg))

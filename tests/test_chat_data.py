@@ -146,6 +146,7 @@ def chat_conversations(n: int) -> list[list[tuple[str, str]]]:
             for k, (a, b) in enumerate(zip(items[0::2], items[1::2]))]
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_from_a_chat_file(tmp_path):
     from qlora_dist.evaluate.generate import chat_template_of
 
@@ -158,7 +159,9 @@ def test_tiny_model_learns_from_a_chat_file(tmp_path):
     assert chat_template_of(str(out / "adapter_model"), None, None, "tiny-llama") == "guanaco"  # generate's choice
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} (real dataset samples) is absent")
+@pytest.mark.skipif(not (SHARED_DATA / "oasst_guanaco").is_dir(), reason=(
+    "needs the first 480 OASST1 conversations (~2 MB, too much to keep in tests/data) of "
+    f"{SHARED_DATA / 'oasst_guanaco/oa_questions.jsonl'}"))
 def test_fast_template_split_gives_the_exact_rows_on_real_conversations(tiny_model_dir, monkeypatch):
     """data.chat_template=tokenizer: one encoding of each whole conversation (batches._fast_bounds) gives the
     ids, labels and skips of tokenizing every turn prefix, on the first 480 OASST1 conversations (260, 209 and

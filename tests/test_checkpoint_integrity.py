@@ -1,7 +1,7 @@
 """Checkpoints that can be trusted: manifests, fallback to the newest intact checkpoint, nothing
 non-finite written or resumed, no code run from a checkpoint folder, clear faults (disk full, lowered
-max_steps, changed data, truncated adapters). One tiny run (4 steps, a checkpoint every 2, one rank) is
-trained once; each case damages a copy of its folder."""
+max_steps, changed data, truncated adapters). The suite's one tiny run (conftest.tiny_run: 4 steps, a
+checkpoint every 2, one rank) is trained once; each case damages a copy of its folder."""
 from __future__ import annotations
 
 import errno
@@ -14,33 +14,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import TINY, run_cli
+from conftest import TINY, TINY_RUN_ARGS, run_cli, tiny_run_dataset
 from qlora_dist.precision import dtype_name
 
 pytestmark = pytest.mark.slow  # every case works on the folder of one real training run
 
-ARGS = [*TINY, "train.save_steps=2", "checkpoint.keep_last=0"]
+ARGS = TINY_RUN_ARGS
 # DeepSpeed names the file by the run's dtype: bf16_ on a CPU with native bf16, none where `auto` is fp32
 OPTIM = f"engine/{'bf16_' if dtype_name('auto') == 'bfloat16' else ''}zero_pp_rank_0_mp_rank_00_optim_states.pt"
 ADAPTER = "adapter_model/adapter_model.safetensors"
 
 
-def _dataset(path: Path, edit: bool = False) -> Path:
-    rows = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": str(2 * i + 1)} for i in range(64)]
-    if edit:
-        rows[40]["output"] = "forty-one"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
+def trained(tiny_run) -> tuple[Path, Path]:
     """(output folder of an uninterrupted 4-step run, its dataset)."""
-    root = tmp_path_factory.mktemp("integrity")
-    data = _dataset(root / "data.jsonl")
-    run_cli("train", *ARGS, f"data.dataset={data}", "train.max_steps=4", f"train.output_dir={root / 'run'}",
-            timeout=120)
-    return root / "run", data
+    return tiny_run
 
 
 def _copy(trained, tmp_path: Path) -> Path:
@@ -116,7 +104,7 @@ def test_changed_data_is_refused_and_content_not_path_decides(trained, tmp_path,
     """K14: an edited dataset stops the resume before the model loads; the fingerprint is of the rows'
     content (the same file at another path gives the same one, which the run recorded)."""
     out = _copy(trained, tmp_path)
-    edited = _dataset(tmp_path / "data.jsonl", edit=True)
+    edited = tiny_run_dataset(tmp_path / "data.jsonl", edit=True)
     proc = run_cli("train", *ARGS, f"data.dataset={edited}", "train.max_steps=6", f"train.output_dir={out}",
                    check=False, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

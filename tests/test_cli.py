@@ -6,7 +6,7 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import TINY, run_cli
+from conftest import run_cli
 
 
 def test_presets_prints_the_recipe_table():
@@ -29,9 +29,8 @@ def test_prepare_model_tiny_llama_writes_a_loadable_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_generate_with_an_adapter_in_4_and_16_bit(tmp_path, tiny_model_dir):
-    out = tmp_path / "run"
-    run_cli("train", *TINY, "train.max_steps=2", "train.save_steps=2", f"train.output_dir={out}")
+def test_generate_with_an_adapter_in_4_and_16_bit(tiny_run):
+    out, _ = tiny_run
     for bits in ("4", "16"):
         proc = run_cli("generate", "--base", "tiny-llama", "--adapter", str(out / "adapter_model"), "--bits", bits,
                        "--prompt", "What is 2 + 2?", "--max-new-tokens", "5")

@@ -4,14 +4,12 @@ gives the expected per-dataset counts, and a bad list entry is named by its inde
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import TEST_DATA, alpaca_file
 from qlora_dist.config import load_config
 from qlora_dist.data import corpus
 from qlora_dist.data.batches import TokenizedExample
@@ -19,7 +17,6 @@ from qlora_dist.data.corpus import TokenizedRows, cached_rows, read_examples, to
 from qlora_dist.errors import ConfigError
 from qlora_dist.dist import DistInfo
 
-needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} (real dataset samples) is absent")
 ONE_RANK = DistInfo(0, 0, 1)
 
 
@@ -28,18 +25,6 @@ def tokenizer(tiny_model_dir):
     from qlora_dist.model.base import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
-
-
-def alpaca_file(path: Path, n: int, bad_every: int = 0) -> Path:
-    """n Alpaca rows of varied lengths; every `bad_every`-th lacks its output (a bad row)."""
-    lines = []
-    for i in range(n):
-        row = {"instruction": f"Repeat {i} " * (1 + i % 7), "input": "ctx " * (i % 3), "output": f"{i} " * (1 + i % 11)}
-        if bad_every and i % bad_every == bad_every - 1:
-            del row["output"]
-        lines.append(json.dumps(row))
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def reference_sha256(rows: list[TokenizedExample]) -> str:
@@ -82,9 +67,10 @@ def test_compact_columns_keep_wide_token_ids_and_several_masked_spans():
     assert TokenizedRows.from_rows(packed)[0] == packed[0]
 
 
-@needs_shared
 def test_a_weighted_mixture_of_real_samples_counts_each_dataset(tmp_path, tokenizer):
-    alpaca, seed = SHARED_DATA / "alpaca/alpaca_tiny.json", SHARED_DATA / "self_instruct/seed_tasks.jsonl"
+    """Generated Alpaca-schema rows, the real self-instruct seed tasks (a 40-row cut, tests/data) and a file
+    with bad rows."""
+    alpaca, seed = alpaca_file(tmp_path / "alpaca.jsonl", 100), TEST_DATA / "self_instruct/seed_tasks.jsonl"
     bad = alpaca_file(tmp_path / "bad.jsonl", 40, bad_every=10)
     mixture = f"data.dataset=[{{path: {alpaca}, weight: 0.25}}, {{path: {seed}, weight: 1.6}}, {bad}]"
     over = [mixture, "data.source_max_len=64", "data.target_max_len=32", "train.seed=5"]
@@ -93,27 +79,27 @@ def test_a_weighted_mixture_of_real_samples_counts_each_dataset(tmp_path, tokeni
     parts = report["parts"]
     assert [(p["key"], p["format"], p["records"], p["examples"], p["weight"], p["taken"]) for p in parts] == [
         ("data.dataset[0]", "alpaca", 100, 100, 0.25, 25),
-        ("data.dataset[1]", "self-instruct-instances", 175, 175, 1.6, 280),
+        ("data.dataset[1]", "self-instruct-instances", 40, 40, 1.6, 64),
         ("data.dataset[2]", "alpaca", 40, 36, 1.0, 36)]
     assert [sum(p["skipped"].values()) for p in parts] == [0, 0, 4] and report["skipped"]["missing_field"] == 4
-    assert len(rows) == report["rows"] == report["examples"] == 25 + 280 + 36
-    # Each dataset's rows, in order: alpaca a sample of 25 distinct rows, seed tasks each once and 105 twice.
+    assert len(rows) == report["rows"] == report["examples"] == 25 + 64 + 36
+    # Each dataset's rows, in order: alpaca a sample of 25 distinct rows, seed tasks each once and 24 twice.
     examples, _ = read_examples(cfg)
     plain = [tuple(r.input_ids) for r in tokenize_examples(examples, tokenizer, cfg)]
     got = [tuple(rows[i].input_ids) for i in range(len(rows))]
     assert set(got[:25]) <= set(plain[:100]) and len(set(got[:25])) == 25
-    assert sorted(Counter(Counter(got[25:305]).values()).items()) == [(1, 70), (2, 105)]
-    assert set(got[25:305]) == set(plain[100:275]) and got[305:] == plain[275:]
+    assert sorted(Counter(Counter(got[25:89]).values()).items()) == [(1, 16), (2, 24)]
+    assert set(got[25:89]) == set(plain[100:140]) and got[89:] == plain[140:]
     summary = report["summary"].splitlines()
     assert summary[0].startswith(f"data.dataset[0] {alpaca} (format alpaca): 100 records -> 100 examples, weight "
                                  "0.25 -> 25; skipped: none")
     assert "data.dataset[2]" in summary[2] and "missing_field 4" in summary[2]
-    assert summary[3].startswith("data: mixture of 3 datasets: 315 records -> 341 examples")
+    assert summary[3].startswith("data: mixture of 3 datasets: 180 records -> 125 examples")
     # Every dataset and weight is in the cache's key; the preview shows each dataset.
     other = load_config(overrides=[*over[1:], mixture.replace("1.6", "1.5")])
     assert corpus.fingerprint(other, tokenizer) != corpus.fingerprint(cfg, tokenizer)
     shown = corpus.preview(cfg, tokenizer, 1)
-    assert all(f"--- data.dataset[{i}] example 1:" in shown for i in range(3)) and "341 training rows" in shown
+    assert all(f"--- data.dataset[{i}] example 1:" in shown for i in range(3)) and "125 training rows" in shown
 
 
 def test_a_bad_list_entry_is_named_by_its_index(tmp_path):

@@ -1,4 +1,4 @@
-"""The seed's dataset formats: exact mapping of real rows (../shared/data) and of files written in each
+"""The seed's dataset formats: exact mapping of real rows (cuts in tests/data; Alpaca's in ../shared/data) and of files written in each
 published schema, bad rows counted by reason, strict mode, the tokenized-data cache, packing, preview."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SHARED_DATA, read_metrics, run_cli
+from conftest import REPO, SHARED_DATA, TEST_DATA, alpaca_file, needs_shared_alpaca, read_metrics, run_cli
 from qlora_dist.config import load_config
 from qlora_dist.data.batches import IGNORE_INDEX, BatchSchedule, collate, pack, padding_fraction, tokenize_all
 from qlora_dist.data.corpus import cached_rows, fingerprint, read_examples, tokenize_examples
@@ -19,7 +19,6 @@ from qlora_dist.data.formats import ALPACA_PROMPT_NO_INPUT, Example
 from qlora_dist.errors import ConfigError
 from qlora_dist.dist import DistInfo
 
-needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} (real dataset samples) is absent")
 
 
 def examples_of(dataset, *overrides: str) -> tuple[list[Example], object]:
@@ -38,38 +37,45 @@ ALPACA_INPUT_SOURCE = (
     "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
     "response that appropriately completes the request.\n\n### Instruction:\nIdentify the odd one out.\n\n"
     "### Input:\nTwitter, Instagram, Telegram\n\n### Response: ")
+ALPACA = SHARED_DATA / "alpaca/alpaca_tiny.json"
+
+
+def _real(path: Path, fmt, n_records: int, n_examples: int, pair: tuple[str, str], marks=()):
+    return pytest.param(path, fmt, n_records, n_examples, pair, marks=marks, id=f"{path.parent.name}/{path.name}")
+
+
 REAL = [  # (file, format override, records, examples, an exact (source, target) among the examples)
-    ("alpaca/alpaca_tiny.json", None, 100, 100, (ALPACA_INPUT_SOURCE, "Telegram")),
-    ("alpaca/alpaca_tiny.json", None, 100, 100, (
+    _real(ALPACA, None, 100, 100, (ALPACA_INPUT_SOURCE, "Telegram"), marks=needs_shared_alpaca),
+    _real(ALPACA, None, 100, 100, (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-        "\n\n### Instruction:\nFind the capital of Spain.\n\n### Response: ", "The capital of Spain is Madrid.")),
-    ("hh-rlhf/harmless-base/test.jsonl.gz", None, 2312, 2312, ("", "\n\nHuman: Hey you!\n\nAssistant: Do you need help?")),
-    ("self_instruct/seed_tasks.jsonl", None, 175, 175, ("Find the four smallest perfect numbers.\n\n", "6, 28, 496, and 8128")),
-    ("self_instruct/user_oriented_instructions.jsonl", None, 252, 252, (
+        "\n\n### Instruction:\nFind the capital of Spain.\n\n### Response: ", "The capital of Spain is Madrid."),
+        marks=needs_shared_alpaca),
+    _real(TEST_DATA / "hh-rlhf/harmless-base/test.jsonl.gz", None, 31, 31, ("", "\n\nHuman: Hey you!\n\nAssistant: Do you need help?")),
+    _real(TEST_DATA / "self_instruct/seed_tasks.jsonl", None, 40, 40, ("Find the four smallest perfect numbers.\n\n", "6, 28, 496, and 8128")),
+    _real(TEST_DATA / "self_instruct/user_oriented_instructions.jsonl", None, 31, 31, (
         "Answer the following question.\n\nHow do you say \"good evening\" in French.\n\n", "bonsoir")),
-    ("longform/longform_train.json", None, 17, 17, (
+    _real(TEST_DATA / "longform/longform_train.json", None, 17, 17, (
         "\"Describe Brugnens.\" Respond in 11 words.",
         " Brugnens is a commune in the Gers department in southwestern France.")),
-    ("oasst_guanaco/oa_questions.jsonl", None, 953, 953, ("### Human: ¿123 x 3567? ### Assistant:", "438,741")),
-    ("flan_v2/qasc_train.tsv", "flan-cot", 1084, 1084, (
+    _real(TEST_DATA / "oasst_guanaco/oa_questions.jsonl", None, 9, 9, ("### Human: ¿123 x 3567? ### Assistant:", "438,741")),
+    _real(TEST_DATA / "flan_v2/qasc_train.tsv", "flan-cot", 40, 40, (
         "Mussels have what?\nOptions:\n- (A) seaweed\n- (B) arms\n- (C) Energy\n- (D) a shell\n- (E) warmth\n"
         "- (F) bacteria\n- (G) Length\n- (H) legs\nLet's think step by step.",
         "Most mollusks have shells. Mussels are bivalve mollusks. Mussels have shells. So the answer is (D).")),
 ]
 
 
-@needs_shared
-@pytest.mark.parametrize("path,fmt,n_records,n_examples,pair", REAL, ids=[f"{r[0]}-{i}" for i, r in enumerate(REAL)])
+@pytest.mark.parametrize("path,fmt,n_records,n_examples,pair", REAL)
 def test_real_rows_map_to_the_exact_strings(path, fmt, n_records, n_examples, pair):
-    examples, report = examples_of(SHARED_DATA / path, *([f"data.format={fmt}"] if fmt else []))
+    examples, report = examples_of(path, *([f"data.format={fmt}"] if fmt else []))
     assert (report.records, report.examples, sum(report.skipped.values())) == (n_records, n_examples, 0)
     assert Example(*pair) in examples
 
 
-@needs_shared
+@needs_shared_alpaca
 def test_alpaca_rows_use_the_template_with_and_without_input():
-    raw = json.loads((SHARED_DATA / "alpaca/alpaca_tiny.json").read_text())
-    examples, report = examples_of(SHARED_DATA / "alpaca/alpaca_tiny.json")
+    raw = json.loads(ALPACA.read_text())
+    examples, report = examples_of(ALPACA)
     assert report.format == "alpaca"
     for row, ex in zip(raw, examples):
         assert ex.target == row["output"]
@@ -153,17 +159,17 @@ def test_a_named_dataset_missing_from_the_offline_cache_says_what_to_do(tmp_path
         examples_of("alpaca")
 
 
-@needs_shared
 def test_a_named_dataset_loads_from_a_downloaded_hub_repository(tmp_path, monkeypatch):
     """The layout `huggingface-cli download --repo-type dataset tatsu-lab/alpaca` leaves in the hub cache,
-    holding the real Alpaca rows of ../shared/data."""
+    holding 100 rows in Alpaca's schema."""
     import datasets
 
     repo = tmp_path / "hub" / "datasets--tatsu-lab--alpaca"
     (repo / "snapshots" / "0123abc" / "data").mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abc")
-    rows = json.loads((SHARED_DATA / "alpaca/alpaca_tiny.json").read_text())
+    local = alpaca_file(tmp_path / "alpaca.jsonl", 100)
+    rows = [json.loads(line) for line in local.read_text().splitlines()]
     datasets.Dataset.from_list(rows).to_parquet(str(repo / "snapshots/0123abc/data/train-00000-of-00001.parquet"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
@@ -171,7 +177,7 @@ def test_a_named_dataset_loads_from_a_downloaded_hub_repository(tmp_path, monkey
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     examples, report = examples_of("alpaca")
     assert report.format == "alpaca" and report.records == 100
-    assert examples == examples_of(SHARED_DATA / "alpaca/alpaca_tiny.json")[0]
+    assert examples == examples_of(local)[0]
 
 
 # ------------------------------------------------------------------------------------------ bad rows
@@ -283,14 +289,14 @@ def test_packed_examples_give_the_logits_they_give_alone(tmp_path, tiny_model_di
     assert worst_crossing > 1e-3
 
 
-@needs_shared
+@needs_shared_alpaca
 def test_padding_fraction_on_alpaca_at_the_7b_preset_lengths():
     """Reported in the closing note: the SmolLM2 tokenizer (the LLaMA tokenizer is not on this machine)."""
     from qlora_dist.model.base import load_tokenizer
     from qlora_dist.model.builtin import resolve_model_path
 
     tok = load_tokenizer(resolve_model_path("smollm2"))
-    base = ["model.path=smollm2", f"data.dataset={SHARED_DATA / 'alpaca/alpaca_tiny.json'}"]
+    base = ["model.path=smollm2", f"data.dataset={ALPACA}"]
     cfg = load_config(preset="7b-all", overrides=base)
     micro = 16  # the paper's 7B batch as one micro-batch: padding only matters above micro batch 1
     examples, _ = read_examples(cfg)
@@ -351,17 +357,19 @@ def test_preview_prints_mapped_rows_token_counts_and_skips(tmp_path):
            "too_long 10" in out
 
 
-@needs_shared
 @pytest.mark.slow
 def test_a_few_steps_on_each_real_sample_give_finite_losses(tmp_path):
+    """The cuts of tests/data, and the real Alpaca rows where ../shared/data has them."""
     import subprocess
 
-    samples = [f"{name}:data.dataset={SHARED_DATA / p}" for name, p in [
-        ("alpaca", "alpaca/alpaca_tiny.json"), ("hh-rlhf", "hh-rlhf/harmless-base/test.jsonl.gz"),
+    samples = [f"{name}:data.dataset={TEST_DATA / p}" for name, p in [
+        ("hh-rlhf", "hh-rlhf/harmless-base/test.jsonl.gz"),
         ("self-instruct-seed", "self_instruct/seed_tasks.jsonl"),
         ("self-instruct-user", "self_instruct/user_oriented_instructions.jsonl"),
         ("longform", "longform/longform_train.json"), ("oasst-questions", "oasst_guanaco/oa_questions.jsonl")]]
-    samples.append(f"flan-cot:data.dataset={SHARED_DATA / 'flan_v2/qasc_train.tsv'},data.format=flan-cot")
+    samples.append(f"flan-cot:data.dataset={TEST_DATA / 'flan_v2/qasc_train.tsv'},data.format=flan-cot")
+    if ALPACA.is_file():
+        samples.append(f"alpaca:data.dataset={ALPACA}")
     settings = ["model.path=tiny-llama", "lora.r=8", "train.global_batch_size=4", "train.micro_batch_size=2",
                 "train.max_steps=3", "train.save_steps=3", "eval.at_end=false", "data.source_max_len=96",
                 "data.target_max_len=96", "data.max_examples=48", "data.packing=true"]
@@ -371,7 +379,7 @@ def test_a_few_steps_on_each_real_sample_give_finite_losses(tmp_path):
     losses = {name: [r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r]
               for name in (s.partition(":")[0] for s in samples)}
     print({k: [round(x, 3) for x in v] for k, v in losses.items()})
-    assert len(losses) == 7
+    assert len(losses) == len(samples) >= 6
     for name, curve in losses.items():
         assert len(curve) == 3 and all(math.isfinite(x) and x > 0 for x in curve), name
         assert (tmp_path / name / "adapter_model" / "adapter_model.safetensors").is_file(), name

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from conftest import SHARED_DATA, run_torchrun
+from conftest import TEST_DATA, run_torchrun
 
-VICUNA = SHARED_DATA / "vicuna_bench"
+VICUNA = TEST_DATA / "vicuna_bench"  # the two FastChat question files, whole
 
 
 def _random_adapter(base_dir, out_dir, seed: int = 0):
@@ -88,7 +88,6 @@ def _check_judge_rows(rows: list[dict], question_ids: list, turns: list[int] | N
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not VICUNA.is_dir(), reason=f"{VICUNA} (the shared Vicuna questions) absent")
 def test_vicuna_answers_on_two_ranks_in_fastchat_schema(tmp_path, tiny_model_dir):
     questions = [json.loads(line) for line in (VICUNA / "fastchat_llm_judge" / "question.jsonl").read_text().splitlines()]
     out = tmp_path / "answers.jsonl"
@@ -100,7 +99,6 @@ def test_vicuna_answers_on_two_ranks_in_fastchat_schema(tmp_path, tiny_model_dir
     assert {r["model_id"] for r in rows} == {"tiny"}
 
 
-@pytest.mark.skipif(not VICUNA.is_dir(), reason=f"{VICUNA} (the shared Vicuna questions) absent")
 def test_old_eval_table_schema_and_single_prompt(tmp_path, tiny_model_dir, capsys):
     from qlora_dist.cli import main
 

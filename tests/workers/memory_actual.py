@@ -1,5 +1,8 @@
-"""Run under torchrun: build the real engine, take one step, and write what each rank really holds
-beside what the planner says, item by item (rank 0 writes the JSON)."""
+"""Run under torchrun: for each case, build the real engine, take one step, and write what each rank really
+holds beside what the planner says, item by item (rank 0 writes OUT/NAME/memory_actual.json). The cases
+share one process group (imports and DeepSpeed set-up paid once per launch).
+
+usage: memory_actual.py OUT NAME:key=value,key=value ... -- key=value ...   (the keys after -- apply to all)"""
 from __future__ import annotations
 
 import json
@@ -67,21 +70,32 @@ def actual(trainer) -> dict[str, int]:
     return items
 
 
-def main() -> None:
-    out, overrides = sys.argv[1], sys.argv[2:]
-    cfg = load_config(overrides=[*overrides, f"train.output_dir={out}"])
+def measure(cfg) -> None:
     trainer = Trainer(cfg, prepare(cfg))
     trainer.setup()
     got = actual(trainer)
     plan = memory.make_plan(memory.setup_from_config(cfg, trainer.info.world_size, on_gpu=False))
     rows = dist.gather_objects({"rank": trainer.info.rank, "actual": got, "planned": plan.items})
     if trainer.info.is_main:
-        with open(f"{out}/memory_actual.json", "w") as f:
+        with open(f"{cfg.train.output_dir}/memory_actual.json", "w") as f:
             json.dump(rows, f, indent=2)
     dist.barrier()
     trainer.cleanup()
 
 
+def main(argv: list[str]) -> None:
+    # One process group for all the cases: DeepSpeed 0.19.8 keeps the first group in its globals and
+    # cannot train in a second one after destroy_process_group.
+    shutdown, dist.shutdown = dist.shutdown, lambda: None
+    out, rest = argv[0], argv[1:]
+    split = rest.index("--") if "--" in rest else len(rest)
+    for case in rest[:split]:
+        name, _, keys = case.partition(":")
+        measure(load_config(overrides=[*rest[split + 1:], *filter(None, keys.split(",")),
+                                       f"train.output_dir={out}/{name}"]))
+    shutdown()
+
+
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
     dist.leave(0)  # see compat.exit_without_finalization

@@ -2,13 +2,19 @@
 are paid once per launch), each into OUT/NAME: the final adapter is in OUT/NAME/adapter as usual.
 
 usage: train_cases.py OUT NAME:key=value,key=value ... -- key=value ...   (the keys after -- apply to all)
+  copy=FOLDER among a case's keys: FOLDER (a checkpoint of another run, maybe of another launch) is copied
+  into OUT/NAME before it trains, as a user who continues a run in a new folder would do.
+Rank 0 writes "=== case NAME" to stderr before each case, so a test can tell the cases' messages apart.
 """
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
 from qlora_dist.compat import quiet_known_warnings, set_library_env
+
+CASE_MARK = "=== case "
 
 
 def main(argv: list[str]) -> None:
@@ -26,9 +32,18 @@ def main(argv: list[str]) -> None:
     out, rest = Path(argv[0]), argv[1:]
     split = rest.index("--") if "--" in rest else len(rest)
     cases, common = rest[:split], rest[split + 1:]
+    if any("copy=" in case for case in cases):
+        dist.init()  # the copies are made by rank 0 while the others wait: the group must exist first
     for case in cases:
         name, _, keys = case.partition(":")
-        cfg = load_config(overrides=[*common, *filter(None, keys.split(",")), f"train.output_dir={out / name}"])
+        overrides = [k for k in keys.split(",") if k and not k.startswith("copy=")]
+        for source in (Path(k[len("copy="):]) for k in keys.split(",") if k.startswith("copy=")):
+            if dist.is_main():
+                shutil.copytree(source, out / name / source.name)
+            dist.barrier()
+        if dist.is_main():
+            print(f"{CASE_MARK}{name}", file=sys.stderr, flush=True)
+        cfg = load_config(overrides=[*common, *overrides, f"train.output_dir={out / name}"])
         run(cfg, prepare(cfg))
     dist.barrier()
     shutdown()
