@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import os
 import threading
 import time
 
@@ -54,25 +55,27 @@ def test_deepspeed_cpu_op_build_is_announced_unless_cached(tmp_path, monkeypatch
     assert compat.deepspeed_cpu_op_to_build() == (None if cached else tmp_path / compat.SHM_COMM_OP)
 
 
-def test_a_load_of_the_deepspeed_op_killed_midway_does_not_hang_the_next_run():
+def test_a_load_of_the_deepspeed_op_killed_midway_does_not_hang_the_next_run(tmp_path):
     """torch's FileBaton `lock` left by a process killed while it loaded the op (compat.load_deepspeed_cpu_op):
     without the work-around the next process waits for it forever."""
+    import shutil
     import subprocess
     import sys
 
     from qlora_dist import compat
 
     compat.load_deepspeed_cpu_op()  # built once per suite, in the repo's cache
-    folder = compat.deepspeed_cpu_op_dir()
+    built = compat.deepspeed_cpu_op_dir()
+    folder = tmp_path / built.name  # a private copy (times kept: nothing to rebuild) that no other process loads
+    shutil.copytree(built, folder, copy_function=shutil.copy2, ignore=shutil.ignore_patterns("lock", ".ninja_lock"))
     baton = folder / "lock"
     baton.touch()  # what a kill -9 inside torch's load leaves
     try:
         done = subprocess.run([sys.executable, "-c", "from qlora_dist import compat; compat.load_deepspeed_cpu_op()"],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)})
     except subprocess.TimeoutExpired:
         pytest.fail("the next load waited for a dead process's lock")
-    finally:
-        baton.unlink(missing_ok=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"removing {baton}, left by a process killed" in done.stderr
 
