@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -511,20 +512,34 @@ def _(b):
 
 
 # ------------------------------------------------------------------------------------------ disk
+@contextmanager
+def tmpfs(b, name: str, options: str):
+    """A tmpfs mounted at b.folder(name) (`-o options`: a size, ro), unmounted afterwards; None where this
+    machine cannot mount one (not root)."""
+    mnt = b.folder(name)
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True).returncode:
+        yield None
+        return
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+NO_TMPFS = "cannot mount a tmpfs here", "SKIP"
+
+
 @case("D1", "disk full while saving (1 MB tmpfs)")
 def _(b):
-    mnt = b.folder("d1")
-    mnt.mkdir()
     # 1 MB: the data cache and the first checkpoint (~0.4 MB) fit, the second does not
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        return "cannot mount a tmpfs here", "SKIP"
-    try:
+    with tmpfs(b, "d1", "size=1m") as mnt:
+        if mnt is None:
+            return NO_TMPFS
         run = train(mnt / "run", "train.max_steps=6", "train.save_steps=2")
         text, verdict = fault(run, "free")
         left = sorted(p.name for p in (mnt / "run").glob("*checkpoint-*"))
         return f"{text}; left {left}", verdict if not any(n.startswith(".tmp") for n in left) else "POOR"
-    finally:
-        subprocess.run(["umount", str(mnt)])
 
 
 # -------------------------------------------------------------------------------------- other commands
@@ -649,14 +664,8 @@ def _r7_g4a(b):
 
 
 def _r7_g4b(b):
-    mnt = b.folder("g4b-ro")
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        return "cannot mount a read-only tmpfs here", "SKIP"
-    try:
-        return _answers_to(b, mnt / "answers.jsonl", "--out", "not writable")
-    finally:
-        subprocess.run(["umount", str(mnt)])
+    with tmpfs(b, "g4b-ro", "ro,size=1m") as mnt:
+        return _answers_to(b, mnt / "answers.jsonl", "--out", "not writable") if mnt else NO_TMPFS
 
 
 def _r7_g4c(b):
@@ -729,15 +738,11 @@ def _r7_o2(b):
 
 
 def _r7_o3(b):
-    mnt = b.folder("o3-ro")
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        return "cannot mount a read-only tmpfs here", "SKIP"
-    try:
+    with tmpfs(b, "o3-ro", "ro,size=1m") as mnt:
+        if mnt is None:
+            return NO_TMPFS
         return _early(cli("merge", "--base", "tiny-llama", "--adapter", str(b.reference() / "adapter_model"),
                           "--out", str(mnt / "merged")), "--out", "not writable")
-    finally:
-        subprocess.run(["umount", str(mnt)])
 
 
 H2_CASES = [
@@ -928,18 +933,14 @@ def _t1(b):
 
 
 def _t4(b):
-    mnt = b.folder("t4-small")
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)]).returncode != 0:
-        return "cannot mount a tmpfs here", "SKIP"
-    try:
+    with tmpfs(b, "t4-small", "size=2m") as mnt:
+        if mnt is None:
+            return NO_TMPFS
         data = _rows_file(b.folder("t4.jsonl"), 20_000)
         run = train(b.folder("t4"), f"data.dataset={data}", f"data.cache_dir={mnt / 'cache'}", "train.max_steps=2", timeout=900)
         text, verdict = fault(run, str(mnt / "cache"), "data.cache_dir")
         left = sorted(p.name for p in (mnt / "cache").iterdir()) if (mnt / "cache").is_dir() else []
         return f"{text}; left {left}", verdict if not any(n.startswith(".tmp") for n in left) else "POOR"
-    finally:
-        subprocess.run(["umount", str(mnt)])
 
 
 def _t6(b):
