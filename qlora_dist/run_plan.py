@@ -16,7 +16,7 @@ from qlora_dist.config import AUTO_NEEDS_CAP, Config, parse_config, parse_size
 from qlora_dist.errors import ConfigError
 
 
-def parse_run_config(path, preset: str | None, overrides: list[str]) -> tuple[Config, list[str]]:
+def parse_run_config(path=None, preset: str | None = None, overrides: list[str] = ()) -> tuple[Config, list[str]]:
     """The run's config from the user's YAML, preset and overrides, with every problem found in it: the one
     place a command builds it (config.parse_config holds the schema). A dataset alone (`--preset oasst1`,
     recipe.DATASET_PRESETS) first takes its size class from model.path's parameter count (memory.sized_preset
@@ -32,7 +32,7 @@ def parse_run_config(path, preset: str | None, overrides: list[str]) -> tuple[Co
     return cfg, errs + more
 
 
-def load_run_config(path, preset: str | None, overrides: list[str]) -> Config:
+def load_run_config(path=None, preset: str | None = None, overrides: list[str] = ()) -> Config:
     """parse_run_config, raising every problem at once."""
     cfg, errs = parse_run_config(path, preset, overrides)
     if errs:

@@ -11,10 +11,10 @@ import time
 import pytest
 import torch
 
-from conftest import SHARED_DATA, TINY
+from conftest import TEST_DATA, TINY, alpaca_file
 
-QUESTIONS = SHARED_DATA / "vicuna_bench" / "fastchat_llm_judge" / "question.jsonl"
-MMLU = SHARED_DATA / "mmlu" / "zero_shot_mmlu_val.json"
+QUESTIONS = TEST_DATA / "vicuna_bench" / "fastchat_llm_judge" / "question.jsonl"
+MMLU = TEST_DATA / "mmlu" / "zero_shot_mmlu_val.json"
 
 
 def _fake_adapter(out, base_dir, base_name: str, r: int = 8, identity: bool = True, wrong_in: bool = False):
@@ -168,7 +168,7 @@ def test_option_ranges_are_checked_on_the_command_line_and_in_the_config(tmp_pat
     # computed from a value already refused.
     _, problems = parse_config(overrides=["train.seed=99999999999999999999999"])
     assert problems == [f"train.seed: must be an integer in [0, {SEED_MAX}] (got 99999999999999999999999)"]
-    alpaca = SHARED_DATA / "alpaca" / "alpaca_tiny.json"
+    alpaca = alpaca_file(tmp_path / "alpaca.json", 100)  # Alpaca-schema rows (the real ones are not kept)
     out = f"train.output_dir={tmp_path / 'run'}"
     for bad, needle in ((f"data.dataset=[{{path: {alpaca}, weight: -1}}]", "weight: must be a number > 0"),
                         (f"data.dataset=[{{path: {alpaca}, weight: abc}}]", "weight: must be a finite number > 0"),

@@ -336,7 +336,7 @@ def test_mixture_of_experts_is_refused_in_the_preflight(tmp_path, capsys, tiny_m
 
 
 def test_a_dataset_preset_takes_the_size_class_from_the_model(tmp_path, capsys):
-    from qlora_dist.config import load_config
+    from qlora_dist.run_plan import load_run_config as load_config  # a dataset alone: resolved from the model
     from qlora_dist.errors import ConfigError
     from qlora_dist.recipe import PRESETS
 
