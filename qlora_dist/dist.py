@@ -259,6 +259,17 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host has that pid now (another user's counts: it exists)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def broadcast_object(obj, src: int = 0, what: str = "receive rank 0's result"):
     """Rank src's object on every rank (work done once, e.g. tokenization, shared with the others)."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:

@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from qlora_dist import atomic
+from qlora_dist import atomic, dist
 from qlora_dist.errors import ConfigError
 from qlora_dist.paths import RunPaths
 
@@ -82,7 +82,7 @@ def stale_reason(holder: Holder, now: float | None = None) -> str | None:
     was found free (a holder that has it is refused before its record is read)."""
     now = time.time() if now is None else now
     if holder.on_this_host():
-        if not _pid_alive(holder.pid):
+        if not dist.pid_alive(holder.pid):
             return f"its process {holder.pid} is gone"
         now_is = "this run" if holder.pid == os.getpid() else "another process"
         return (f"the OS lock on this host was free, so that run is over (its pid {holder.pid} is {now_is} "
@@ -92,16 +92,6 @@ def stale_reason(holder: Holder, now: float | None = None) -> str | None:
     if now - holder.heartbeat_at > STALE_AFTER_S:
         return f"no heartbeat for {now - holder.heartbeat_at:.0f} s (limit {STALE_AFTER_S:.0f} s)"
     return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def busy_problem(paths: RunPaths, holder: Holder | None) -> str:

@@ -488,7 +488,7 @@ def _write_cache(cfg: Config, tokenizer, folder: Path) -> dict:
 # ------------------------------------------------------------------------ a cache that verifies itself
 def _integrity(rows_file: Path) -> dict:
     """What `damage` compares: the size and an xxh3_128 of every byte (~0.2 s per 300 MB, records.py)."""
-    import xxhash  # datasets 5.2 requires it
+    import xxhash  # a dependency (pyproject.toml); datasets requires it too
 
     return {"bytes": rows_file.stat().st_size, "xxh3_128": records.file_hash(rows_file, xxhash.xxh3_128())}
 
@@ -520,24 +520,14 @@ def _remove_stale(root: Path, fp: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     for state in root.glob(f".{fp}.*-*"):
         host, _, pid = state.name.rpartition("-")
-        if host.endswith(f".{socket.gethostname()}") and pid.isdigit() and not _alive(int(pid)):
+        if host.endswith(f".{socket.gethostname()}") and pid.isdigit() and not dist.pid_alive(int(pid)):
             state.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    return True
 
 
 def _ensure_cache(cfg: Config, tokenizer, path: Path) -> None:
     """Rank 0: the cache folder `path` intact on return, built or rebuilt if needed, under a lock per
     fingerprint: a second job building the same cache waits for the first, then uses its cache."""
-    from filelock import FileLock, Timeout  # datasets 5.2 requires it; writer_lock uses it too
+    from filelock import FileLock, Timeout  # a dependency (pyproject.toml), as for writer_lock
 
     (path.parent / ".locks").mkdir(exist_ok=True)  # lock files stay (removing one races a waiter): kept apart
     lock = FileLock(str(path.parent / ".locks" / f"{path.name}.lock"))

@@ -59,12 +59,12 @@ class Source:
         """A hash of every byte of every file (its path, size and content), so that a file edited in place
         with its size and time kept (cp -p, rsync -t, touch -r) is new data. Until issue 23 files over
         256 MB were keyed by size and time only, and such an edit trained on the old cache's rows.
-        Why hashing every byte up front is cheap enough: xxh3_128 (xxhash, a dependency of `datasets`)
+        Why hashing every byte up front is cheap enough: xxh3_128 (xxhash)
         hashed a 300 MB file in 0.17 s, reading it alone 0.15 s (sha256 0.58 s, blake2b 0.97 s; page
         cache warm, 2 shared cores); tokenizing that file takes ~2 minutes (issue 23: 300,000 rows,
         129 MB in 53 s), so on a cache miss the extra pass is ~0.2% (cold, one extra read, after which
         the tokenizer reads from the page cache), and on a hit it is the check a reused cache needs."""
-        import xxhash  # datasets 5.2 requires it
+        import xxhash  # a dependency (pyproject.toml); datasets requires it too
 
         h = hashlib.sha256(f"{self.name}|{self.kind}".encode())
         for p in self.paths:
