@@ -26,8 +26,11 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/qlora-dist train --preset demo
 
+# Two pytest workers, a test file each at a time (module-scoped runs stay in one process): most of a test's
+# time is single-threaded (imports, process start, ranks waiting on each other), so two keep both cores busy.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # The edit-test loop: every test but the slow ones (end-to-end and multi-rank runs), in under 3 minutes.
 # CI runs `make test`, the whole suite.

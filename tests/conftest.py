@@ -57,12 +57,36 @@ def tiny_run_dataset(path: Path, edit: bool = False) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
-    """(output folder of an uninterrupted 4-step run of the real CLI, its dataset)."""
-    root = tmp_path_factory.mktemp("tiny_run")
-    data = tiny_run_dataset(root / "data.jsonl")
-    run_cli("train", *TINY_RUN_ARGS, f"data.dataset={data}", "train.max_steps=4", f"train.output_dir={root / 'run'}",
-            timeout=300)
-    return root / "run", data
+    """(output folder of an uninterrupted 4-step run of the real CLI, its dataset). Under pytest-xdist the
+    workers share one run: the first to need it trains it under a file lock, the others read its folder."""
+    from filelock import FileLock
+
+    root = _shared_tmp(tmp_path_factory) / "tiny_run"
+    with FileLock(str(root) + ".lock"):
+        if not (root / "done").is_file():
+            root.mkdir(exist_ok=True)
+            data = tiny_run_dataset(root / "data.jsonl")
+            run_cli("train", *TINY_RUN_ARGS, f"data.dataset={data}", "train.max_steps=4",
+                    f"train.output_dir={root / 'run'}", timeout=300)
+            (root / "done").touch()
+    return root / "run", root / "data.jsonl"
+
+
+def _shared_tmp(tmp_path_factory) -> Path:
+    """A folder every xdist worker of this session sees (the session's base temp without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+# The files whose module-scoped runs take longest (multi-rank launches, a Slurm cluster), run first: under
+# `pytest -n 2 --dist loadfile` (make test) a long file started last would leave one core idle at the end.
+LONGEST_FIRST = ["test_slurm.py", "test_ranks.py", "test_memory.py", "test_families.py", "test_preempt.py",
+                 "test_tracking.py", "test_split_invariance.py", "test_paged_masters.py", "test_zero3_memory.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 def alpaca_file(path: Path, n: int, bad_every: int = 0) -> Path:

@@ -6,6 +6,7 @@ trap: a case that got past the preflight would trip it and fail the test with th
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -33,12 +34,24 @@ def trapped(monkeypatch):
     from qlora_dist.model import base, loader
     from qlora_dist.train import trainer
 
+    # Every module of the package imported before the trap is set: one first imported during a test would
+    # bind the trap by `from ... import name` and keep it after monkeypatch undoes the attributes (it did:
+    # later tests in the same process then failed "model weights were reached through ...").
+    import pkgutil
+
+    import qlora_dist
+    for module in pkgutil.walk_packages(qlora_dist.__path__, "qlora_dist."):
+        if module.name != "qlora_dist.__main__":
+            importlib.import_module(module.name)
+    import transformers.modeling_utils as modeling_utils  # lazily imported by transformers; binds safe_open
+
     def trap(name):
         def raise_(*args, **kwargs):
             raise LoadTrap(f"model weights were reached through {name} before the preflight stopped the run")
         return raise_
     for owner, name in [(base, "build_model"), (base, "load_base"), (base, "load_base_layerwise"),
                         (trainer, "build_model"), (loader, "load_layerwise"), (safetensors, "safe_open"),
+                        (modeling_utils, "safe_open"),
                         (torch, "load"), (transformers.AutoModelForCausalLM, "from_pretrained")]:
         monkeypatch.setattr(owner, name, trap(f"{getattr(owner, '__name__', owner)}.{name}"))
 
