@@ -299,10 +299,11 @@ def _cmd_eval_vicuna(ns) -> None:
     template = chat_template_of(ns.adapter, ns.chat_template, tokenizer, ns.base)  # before the model
     if problems := _positions_problems(ns, tokenizer, template, [q.turns[0] for q in questions]):
         raise ConfigError(problems)
+    out = Path(ns.out)
+    written = vicuna.read_written(out, questions)  # every rank: a wrong file is refused by all, before joining
     info = _join_ranks()
     try:
-        out = Path(ns.out)
-        written = dist.broadcast_object(vicuna.read_written(out, questions) if info.is_main else None)
+        written = dist.broadcast_object(written)  # rank 0's file is the record (a node may not share its disk)
         if len(written) < len(questions):
             dist.log(f"{len(written)} of {len(questions)} answers already in {out}; answering the rest")
             model, tokenizer = load_for_inference(ns.base, ns.adapter, ns.bits, ns.compute_dtype,
@@ -622,7 +623,8 @@ def _add_chatbot_commands(eval_sub, mismatch_help: str, bits_help: str, dtype_he
     p.set_defaults(func=_cmd_eval_score)
 
     p = eval_sub.add_parser("elo", help="Elo of the systems of a three-class pairwise tournament")
-    p.add_argument("--pairwise", required=True, help="a folder of A-vs-B-<judge>-reviewer-threeclass.jsonl files")
+    p.add_argument("--pairwise", required=True, nargs="+", metavar="PATH",
+                   help="A-vs-B-<judge>-reviewer-threeclass.jsonl files, or folders of them")
     p.add_argument("--orderings", type=int, default=10_000, help="random orders of the matches averaged")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")

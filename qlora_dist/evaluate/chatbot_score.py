@@ -159,13 +159,16 @@ class Matches:
     unparsed: int
 
 
-def read_tournament(folder: Path | str) -> Matches:
-    """Every three-class review of the folder's pairwise files. The two systems of a file come from its
-    name; which was Assistant 1 from the ids: a system's answer to a question has the same id in all its
-    files, so it is the one id its files share at that question."""
-    files = sorted(Path(folder).glob("*.jsonl")) if Path(folder).is_dir() else []
-    if not files:
-        raise ConfigError([f"--pairwise: {folder}: no .jsonl review files"])
+def read_tournament(paths: list[Path | str] | Path | str) -> Matches:
+    """Every three-class review of the pairwise files given (a folder: its .jsonl files). The two systems
+    of a file come from its name; which was Assistant 1 from the ids: a system's answer to a question has
+    the same id in all its files, so it is the id most of its reviews of that question show."""
+    files = []
+    for path in map(Path, paths if isinstance(paths, list) else [paths]):
+        found = sorted(path.glob("*.jsonl")) if path.is_dir() else [path] if path.is_file() else []
+        if not found:
+            raise ConfigError([f"--pairwise: {path}: no .jsonl review files"])
+        files += found
     named = []
     for f in files:
         m = PAIRWISE_NAME.match(f.name)

@@ -49,16 +49,14 @@ def _key(question_id) -> str:
 
 
 def read_written(path: Path, questions: list[Question], option: str = "--out") -> dict[str, dict]:
-    """The answers already in `path`, by question id (none if it does not exist). A last line without its
-    newline is what a kill left: dropped from the file. Any other line must be an answer to one of the
-    questions."""
+    """The answers already in `path`, by question id (none if it does not exist). Only reads: a last line
+    without its newline (what a kill left) is not counted; rank 0 cuts it off before appending
+    (answer_missing). Any other line must be an answer to one of the questions."""
     if not path.is_file():
         return {}
-    if atomic.cut_partial_line(path):
-        dist.log(f"{path}: dropped a last line that was cut short")
     wanted = {_key(q.question_id) for q in questions}
     written, problems = {}, []
-    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for line, text in enumerate(path.read_text(encoding="utf-8").split("\n")[:-1], 1):
         try:
             record = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -88,6 +86,8 @@ def answer_missing(model, tokenizer, questions: list[Question], schema: str, wri
     from tqdm import tqdm
 
     todo = batches_to_answer(questions, written, sampling.batch_size)
+    if info.is_main and out.is_file() and atomic.cut_partial_line(out):
+        dist.log(f"{out}: dropped a last line that a kill cut short")
     bar = tqdm(total=len(todo), desc="vicuna answers", unit="batch", disable=not info.is_main)
     added = 0
     for start in range(0, len(todo), info.world_size):
