@@ -367,8 +367,13 @@ def _cmd_eval_score(ns) -> None:
     from qlora_dist import atomic
     from qlora_dist.evaluate import bench_files, chatbot_score
 
+    from qlora_dist.config import SEED, range_problems
+
     reviews = _named_files(ns.reviews, "--reviews")
-    if ns.report and (problems := atomic.output_problems(ns.report, "--report", folder=True)):
+    problems = range_problems([("--seed", ns.seed, SEED)])
+    if ns.report:
+        problems += atomic.output_problems(ns.report, "--report", folder=True)
+    if problems:
         raise ConfigError(problems)
     reference = bench_files.read_answers(ns.reference, "--reference")
     rows = chatbot_score.score_systems(reviews, reference, ns.seed)

@@ -149,6 +149,14 @@ def test_answers_must_match_the_questions(tmp_path, capsys):
 
     with pytest.raises(ConfigError, match=f"{answers}:7: question_id 81 is not one of the questions"):
         vicuna.read_written(answers, qs)
+    # a reference with missing ids, for the judge: named with the ids it lacks
+    rows[6]["question_id"] = 7
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    short_ref = tmp_path / "ref.jsonl"
+    short_ref.write_text("".join(REFERENCE.read_text().splitlines(keepends=True)[:78]))
+    err = _error_of(capsys, "eval", "judge", "--questions", str(questions), "--answers", str(answers), "--reference",
+                    str(short_ref), "--judge-model", "m", "--out", str(tmp_path / "reviews"))
+    assert err == f"qlora-dist: error: --reference: {short_ref} has no answer to question_id(s) 79, 80"
 
 
 # -------------------------------------------------------------------------------------------------- Elo
