@@ -70,3 +70,27 @@ def folder(final: Path, replace: bool = False) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def append_lines(path: Path, lines: list[str]) -> None:
+    """Whole lines appended to `path` with one write (O_APPEND) and flushed to disk, so that a kill leaves
+    at most the last line cut short, which a reader of the file drops (see cut_partial_line)."""
+    data = "".join(line.rstrip("\n") + "\n" for line in lines).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:  # a regular file takes it in one write; a signal may split it
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def cut_partial_line(path: Path) -> bool:
+    """Drop a last line without its newline (a write a kill interrupted); True if one was dropped."""
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    with open(path, "r+b") as f:
+        f.truncate(data.rfind(b"\n") + 1)
+    return True

@@ -201,7 +201,8 @@ def _cmd_generate(ns) -> None:
     from qlora_dist import atomic
     from qlora_dist.config import POSITIVE, SEED, TEMPERATURE, TOP_P
     from qlora_dist.evaluate.generate import (answer, answer_questions, answer_records, chat_template_of,
-                                              load_for_inference, read_prompt_file, write_jsonl)
+                                              load_for_inference, write_jsonl)
+    from qlora_dist.evaluate.bench_files import read_prompt_file
     from qlora_dist import dist
     from qlora_dist.model.base import load_tokenizer
 
@@ -274,6 +275,125 @@ def _cmd_eval_mmlu(ns) -> None:
         dist.barrier()  # leave together (see dist.barrier)
     finally:
         dist.shutdown()
+
+
+def _cmd_eval_vicuna(ns) -> None:
+    from pathlib import Path
+
+    from qlora_dist import atomic, dist
+    from qlora_dist.config import POSITIVE, SEED, TEMPERATURE, TOP_P
+    from qlora_dist.evaluate import vicuna
+    from qlora_dist.evaluate.bench_files import read_prompt_file
+    from qlora_dist.evaluate.generate import chat_template_of, load_for_inference
+    from qlora_dist.model.base import load_tokenizer
+
+    problems = _inference_problems(ns, [
+        ("--max-new-tokens", ns.max_new_tokens, POSITIVE), ("--temperature", ns.temperature, TEMPERATURE),
+        ("--top-p", ns.top_p, TOP_P), ("--batch-size", ns.batch_size, POSITIVE), ("--seed", ns.seed, SEED)])
+    problems += atomic.output_problems(ns.out, "--out")  # an existing file is continued, not refused
+    read = _collected(problems, lambda: read_prompt_file(ns.questions, "--questions"))
+    if problems:
+        raise ConfigError(problems)
+    schema, questions = read
+    tokenizer = load_tokenizer(ns.base)
+    template = chat_template_of(ns.adapter, ns.chat_template, tokenizer, ns.base)  # before the model
+    if problems := _positions_problems(ns, tokenizer, template, [q.turns[0] for q in questions]):
+        raise ConfigError(problems)
+    out = Path(ns.out)
+    written = vicuna.read_written(out, questions)  # every rank: a wrong file is refused by all, before joining
+    info = _join_ranks()
+    try:
+        written = dist.broadcast_object(written)  # rank 0's file is the record (a node may not share its disk)
+        if len(written) < len(questions):
+            dist.log(f"{len(written)} of {len(questions)} answers already in {out}; answering the rest")
+            model, tokenizer = load_for_inference(ns.base, ns.adapter, ns.bits, ns.compute_dtype,
+                                                  allow_base_mismatch=ns.allow_base_mismatch, tokenizer=tokenizer)
+            sampling = vicuna.Sampling(ns.seed, ns.batch_size, ns.max_new_tokens, ns.temperature, ns.top_p, template)
+            model_id = ns.model_id or Path(ns.adapter or ns.base).name
+            added = vicuna.answer_missing(model, tokenizer, questions, schema, written, sampling, out, model_id, info)
+            dist.log(f"{added} answers generated; {len(questions)} answers ({schema} schema) in {out}")
+        else:
+            dist.log(f"all {len(questions)} answers are already in {out}; nothing to generate")
+        dist.barrier()  # leave together (see dist.barrier)
+    finally:
+        dist.shutdown()
+
+
+def _cmd_eval_judge(ns) -> None:
+    from pathlib import Path
+
+    from qlora_dist import atomic
+    from qlora_dist.config import COUNT, POSITIVE, range_problems
+    from qlora_dist.evaluate import bench_files, chatbot_score, judge
+    from qlora_dist.evaluate.bench_files import read_prompt_file
+
+    problems = range_problems([("--workers", ns.workers, POSITIVE), ("--requests-per-minute", ns.requests_per_minute,
+                                                                       COUNT), ("--max-retries", ns.max_retries, COUNT)])
+    problems += atomic.output_problems(ns.out, "--out", folder=True)  # a folder with reviews is continued
+    read = _collected(problems, lambda: read_prompt_file(ns.questions, "--questions"))
+    ids = [q.question_id for q in read[1]] if read else None
+    answers = _collected(problems, lambda: bench_files.read_answers(ns.answers, "--answers", ids))
+    reference = _collected(problems, lambda: bench_files.read_answers(ns.reference, "--reference", ids,
+                                                                                    others_ok=True))
+    prompts = _collected(problems, lambda: bench_files.read_judge_prompts(ns.prompts))
+    client = _collected(problems, lambda: judge.make_client(ns.max_retries))
+    if problems:
+        raise ConfigError(problems)
+    requests = judge.build_requests(read[1], answers, reference, prompts)
+    print(f"{len(requests)} reviews by {ns.judge_model} ({len(read[1])} questions x 2 orders)", file=sys.stderr)
+    files, asked = judge.run_judge(requests, ns.judge_model, Path(ns.out), client, ns.workers, ns.requests_per_minute)
+    name = ns.name or Path(ns.answers).stem
+    rows = chatbot_score.score_systems([(name, path) for path in files.values()], reference)
+    report = chatbot_score.write_report(Path(ns.out), rows)
+    print(f"{asked} requests asked now, {len(requests) - asked} from the cache; reviews: "
+          f"{', '.join(str(p) for p in files.values())}; report: {report[0]}, {report[2]}", file=sys.stderr)
+    print(chatbot_score.format_scores(rows))
+
+
+def _named_files(pairs: list[str], option: str) -> list[tuple]:
+    """NAME=FILE arguments as (name, path)."""
+    from pathlib import Path
+
+    bad = [p for p in pairs if "=" not in p or not p.split("=", 1)[0] or not p.split("=", 1)[1]]
+    if bad:
+        raise ConfigError([f"{option}: {bad[0]!r} is not NAME=FILE"])
+    return [(p.split("=", 1)[0], Path(p.split("=", 1)[1])) for p in pairs]
+
+
+def _cmd_eval_score(ns) -> None:
+    import json
+    from pathlib import Path
+
+    from qlora_dist import atomic
+    from qlora_dist.evaluate import bench_files, chatbot_score
+
+    from qlora_dist.config import SEED, range_problems
+
+    reviews = _named_files(ns.reviews, "--reviews")
+    problems = range_problems([("--seed", ns.seed, SEED)])
+    if ns.report:
+        problems += atomic.output_problems(ns.report, "--report", folder=True)
+    if problems:
+        raise ConfigError(problems)
+    reference = bench_files.read_answers(ns.reference, "--reference")
+    rows = chatbot_score.score_systems(reviews, reference, ns.seed)
+    if ns.report:
+        chatbot_score.write_report(Path(ns.report), rows)
+    print(json.dumps(rows) if ns.json else chatbot_score.format_scores(rows))
+
+
+def _cmd_eval_elo(ns) -> None:
+    import json
+
+    from qlora_dist.config import POSITIVE, SEED, range_problems
+    from qlora_dist.evaluate import chatbot_score
+
+    if problems := range_problems([("--orderings", ns.orderings, POSITIVE), ("--seed", ns.seed, SEED)]):
+        raise ConfigError(problems)
+    matches = chatbot_score.read_tournament(ns.pairwise)
+    ratings = chatbot_score.elo(matches, ns.orderings, ns.seed)
+    rows = chatbot_score.elo_table(matches, ratings)
+    print(json.dumps(rows) if ns.json else chatbot_score.format_elo(rows, matches, ns.orderings))
 
 
 def _cmd_verify(ns) -> None:
@@ -443,6 +563,8 @@ def _add_data_and_model_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="the whole report, predictions included, as JSON")
     p.set_defaults(func=_cmd_eval_mmlu)
 
+    _add_chatbot_commands(eval_sub, mismatch_help, bits_help, dtype_help)
+
     p = sub.add_parser("merge", help="merge an adapter into the dequantized NF4 base: a plain 16-bit HF folder")
     p.add_argument("--base", required=True, help="HF folder, or smollm2 / tiny-llama")
     p.add_argument("--adapter", required=True)
@@ -452,6 +574,66 @@ def _add_data_and_model_commands(sub) -> None:
     p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="auto",
                    help=f"dtype the quantized base is loaded and dequantized in; {auto_help}")
     p.set_defaults(func=_cmd_merge)
+
+
+def _add_chatbot_commands(eval_sub, mismatch_help: str, bits_help: str, dtype_help: str) -> None:
+    """The paper's chatbot benchmark: answers (vicuna), a judge relative to ChatGPT, the score, Elo."""
+    from pathlib import Path
+
+    from qlora_dist.precision import COMPUTE_DTYPES
+
+    bench = Path(__file__).parent / "evaluate" / "vicuna_bench"  # the questions and the authors' judge prompts
+    p = eval_sub.add_parser("vicuna", help="answer the Vicuna benchmark's 80 questions (runs under torchrun; resumable)")
+    p.add_argument("--base", required=True, help="HF folder, or smollm2 / tiny-llama")
+    p.add_argument("--adapter", help="a PEFT adapter folder")
+    p.add_argument("--allow-base-mismatch", action="store_true", help=mismatch_help)
+    p.add_argument("--chat-template", choices=("guanaco", "tokenizer"),
+                   help="prompt format (default: the adapter's data.chat_template, else guanaco)")
+    p.add_argument("--bits", type=int, choices=[4, 16], help=bits_help)
+    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="auto", help=dtype_help)
+    p.add_argument("--questions", default=str(bench / "question.jsonl"),
+                   help="a FastChat question.jsonl, either schema (default: the 80 Vicuna questions)")
+    p.add_argument("--out", required=True, help="the answer .jsonl (FastChat's schema); an existing one is continued")
+    p.add_argument("--model-id", help="model_id in the answers (default: the adapter's or base's folder name)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per batch; answers depend on it, not on ranks")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, 0 to 2^32-1 (each batch derives its own)")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=0.7, help="the paper's 0.7; 0: greedy")
+    p.add_argument("--top-p", type=float, default=0.9, help="the paper's 0.9")
+    p.set_defaults(func=_cmd_eval_vicuna)
+
+    p = eval_sub.add_parser("judge", help="a judge's 10-point reviews of answers against ChatGPT's, in both orders "
+                                          "(an OpenAI-compatible endpoint: OPENAI_BASE_URL, OPENAI_API_KEY)")
+    p.add_argument("--questions", default=str(bench / "question.jsonl"), help="default: the 80 Vicuna questions")
+    p.add_argument("--answers", required=True, help="the system's answers (eval vicuna --out)")
+    p.add_argument("--reference", required=True, help="ChatGPT's answers, e.g. the authors' answer_gpt35.jsonl")
+    p.add_argument("--judge-model", required=True, help="the endpoint's model name, e.g. gpt-4")
+    p.add_argument("--out", required=True, help="folder for the reviews (chatgpt_first.jsonl, system_first.jsonl), "
+                                                "their cache and the report")
+    p.add_argument("--name", help="the system's name in the report (default: the answer file's stem)")
+    p.add_argument("--prompts", default=str(bench), help="folder with reviewer.jsonl and vicuna_prompt_relative.jsonl "
+                                                         "(default: the authors')")
+    p.add_argument("--workers", type=int, default=4, help="requests in flight at once")
+    p.add_argument("--requests-per-minute", type=float, default=60, help="0: no limit")
+    p.add_argument("--max-retries", type=int, default=6, help="retries of a 429 / 5xx / dropped request, with backoff")
+    p.set_defaults(func=_cmd_eval_judge)
+
+    p = eval_sub.add_parser("score", help="score relative to ChatGPT per system and order, their mean and a 95% CI")
+    p.add_argument("--reference", required=True, help="ChatGPT's answers (their ids tell each review's order)")
+    p.add_argument("--reviews", nargs="+", required=True, metavar="NAME=FILE",
+                   help="relative review files; a NAME given twice pools its files (its two orders)")
+    p.add_argument("--report", help="also write the table and a bar plot (PNG) into this folder")
+    p.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_eval_score)
+
+    p = eval_sub.add_parser("elo", help="Elo of the systems of a three-class pairwise tournament")
+    p.add_argument("--pairwise", required=True, nargs="+", metavar="PATH",
+                   help="A-vs-B-<judge>-reviewer-threeclass.jsonl files, or folders of them")
+    p.add_argument("--orderings", type=int, default=10_000, help="random orders of the matches averaged")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_eval_elo)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,6 +13,7 @@ from qlora_dist import atomic
 from qlora_dist.data.batches import end_of_turn_id
 from qlora_dist.data.prompts import CHAT_TEMPLATES, chat_prompt, cut_answer
 from qlora_dist.errors import ConfigError, RunFault
+from qlora_dist.evaluate.bench_files import Question
 from qlora_dist import dist
 from qlora_dist.model import adapter_settings
 from qlora_dist.model.base import adapter_problems, load_adapter, load_base, load_tokenizer
@@ -117,46 +117,6 @@ def answer(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperature
 SHORTUUID_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"  # shortuuid's default
 
 
-@dataclass(frozen=True)
-class Question:
-    question_id: object
-    turns: list[str]
-
-
-def read_prompt_file(path: str | Path) -> tuple[str, list[Question]]:
-    """('llm_judge' or 'eval_table', questions) of a FastChat question.jsonl; one schema per file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"--prompts: {path}: file not found"])
-    problems, questions, schemas = [], [], set()
-    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{path}:{line}: not valid JSON ({exc.msg})")
-            continue
-        turns = record.get("turns") if isinstance(record, dict) else None
-        if isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns):
-            schemas.add("llm_judge")
-        elif isinstance(record, dict) and isinstance(record.get("text"), str):
-            schemas.add("eval_table")
-            turns = [record["text"]]
-        else:
-            problems.append(f"{path}:{line}: expected {{question_id, turns: [...]}} (llm_judge) or "
-                            "{question_id, text} (FastChat eval table)")
-            continue
-        questions.append(Question(record.get("question_id", line), turns))
-    if len(schemas) > 1:
-        problems.append(f"{path}: mixes the llm_judge (turns) and eval-table (text) schemas")
-    if not questions and not problems:
-        problems.append(f"{path}: no questions")
-    if problems:
-        raise ConfigError(problems)
-    return schemas.pop(), questions
-
-
 def random_answer_id() -> str:
     """A 22-character id like FastChat's shortuuid.uuid()."""
     return "".join(secrets.choice(SHORTUUID_ALPHABET) for _ in range(22))
@@ -169,18 +129,27 @@ def answer_questions(model, tokenizer, questions: list[Question], max_new_tokens
     rank i % world_size (each rank holds the whole model, so ranks need not run equal counts); turn k
     of a conversation is answered with the earlier turns and answers in the prompt."""
     mine = list(range(rank, len(questions), world_size))
-    answers: dict[int, list[str]] = {i: [] for i in mine}
-    for turn in range(max((len(questions[i].turns) for i in mine), default=0)):
-        todo = [i for i in mine if len(questions[i].turns) > turn]
+    answers = dict(zip(mine, answer_batch(model, tokenizer, [questions[i] for i in mine], max_new_tokens,
+                                          temperature, top_p, batch_size, chat_template)))
+    merged: dict[int, list[str]] = {}
+    for part in dist.gather_objects(answers):
+        merged.update(part)
+    return [merged[i] for i in range(len(questions))]
+
+
+def answer_batch(model, tokenizer, questions: list[Question], max_new_tokens: int, temperature: float,
+                 top_p: float, batch_size: int, chat_template: str) -> list[list[str]]:
+    """The answers of these questions (one per turn) on this rank; turn k of a conversation is answered
+    with the earlier turns and answers in the prompt."""
+    answers: list[list[str]] = [[] for _ in questions]
+    for turn in range(max((len(q.turns) for q in questions), default=0)):
+        todo = [i for i, q in enumerate(questions) if len(q.turns) > turn]
         prompts = [chat_prompt(chat_template, tokenizer, questions[i].turns[:turn + 1], answers[i]) for i in todo]
         texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p,
                                chat_template=chat_template)
         for i, text in zip(todo, texts):
             answers[i].append(cut_answer(text, template=chat_template))
-    merged: dict[int, list[str]] = {}
-    for part in dist.gather_objects(answers):
-        merged.update(part)
-    return [merged[i] for i in range(len(questions))]
+    return answers
 
 
 def answer_records(schema: str, questions: list[Question], answers: list[list[str]], model_id: str) -> list[dict]:
