@@ -180,14 +180,23 @@ def _assert_completed(cluster, job: str, out: Path) -> None:
     assert state == "COMPLETED", f"job {job}: {state}\n{log}"
 
 
+# The preemption test's reference: 30 steps, no periodic checkpoint (only a preemption's, in the other job).
+PREEMPT_STEPS = "train.max_steps=30 train.save_steps=1000"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_job(cluster, tmp_path_factory) -> Path:
+    """One 2-node x 2-rank sbatch job run to its end: the smoke test's subject and the preemption's reference."""
+    out = tmp_path_factory.mktemp("sbatch") / "uninterrupted"
+    _assert_completed(cluster, _sbatch(cluster, out, PREEMPT_STEPS), out)
+    return out
+
+
 @pytest.mark.slow
-def test_sbatch_cpu_smoke_trains_on_two_nodes(cluster, tmp_path):
-    out = tmp_path / "smoke"
-    job = _sbatch(cluster, out, "train.max_steps=6 train.save_steps=3")
-    _assert_completed(cluster, job, out)
-    progress = json.loads((out / "checkpoint-6" / "progress.json").read_text())
+def test_sbatch_cpu_smoke_trains_on_two_nodes(uninterrupted_job):
+    progress = json.loads((uninterrupted_job / "checkpoint-30" / "progress.json").read_text())
     assert progress["world_size"] == 4 and progress["zero_stage"] == 2
-    assert len(load_adapter_tensors(out / "adapter_model")) == 28
+    assert len(load_adapter_tensors(uninterrupted_job / "adapter_model")) == 28
 
 
 @pytest.mark.slow
@@ -218,13 +227,10 @@ def test_submitit_launcher_on_slurm(cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_preempted_job_resumes_after_requeue_and_ends_as_if_uninterrupted(cluster, tmp_path):
-    steps = "train.max_steps=30 train.save_steps=1000"  # no periodic checkpoint: only the preemption's
-    full = tmp_path / "uninterrupted"
-    _assert_completed(cluster, _sbatch(cluster, full, steps), full)
-
+def test_preempted_job_resumes_after_requeue_and_ends_as_if_uninterrupted(cluster, uninterrupted_job, tmp_path):
+    full = uninterrupted_job
     out = tmp_path / "preempted"
-    job = _sbatch(cluster, out, steps)
+    job = _sbatch(cluster, out, PREEMPT_STEPS)
     _wait_for_steps(out, 5)  # 25 steps before the end: room for the signal's way through Slurm
     cluster.run("scancel", "--signal=USR1", job)  # what --signal=USR1@60 does before the time limit
     deadline = time.time() + 120

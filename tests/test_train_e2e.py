@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY, load_adapter_tensors, read_metrics, run_cli
+from conftest import REPO, TINY, TINY_RUN_ARGS, load_adapter_tensors, read_metrics, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -162,17 +163,17 @@ def test_missing_model_folder(tmp_path):
     assert proc.returncode == 2 and "model folder not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_output_folder_of_a_different_configuration(tmp_path):
-    out = tmp_path / "run"
-    run_cli("train", *TINY, "train.max_steps=2", "train.save_steps=2", f"train.output_dir={out}")
-    before = (out / "checkpoint-2" / "adapter_model" / "adapter_model.safetensors").read_bytes()
-    proc = run_cli("train", *TINY, "lora.r=4", "optim.lr=1e-3", "train.max_steps=4", f"train.output_dir={out}",
-                   check=False)
+def test_output_folder_of_a_different_configuration(tmp_path, tiny_run):
+    out = tmp_path / "run"  # a copy of the suite's tiny run (4 steps, checkpoints 2 and 4)
+    shutil.copytree(tiny_run[0], out, ignore=shutil.ignore_patterns(".lock"))
+    same = [*TINY_RUN_ARGS, f"data.dataset={tiny_run[1]}", f"train.output_dir={out}"]
+    before = (out / "checkpoint-4" / "adapter_model" / "adapter_model.safetensors").read_bytes()
+    proc = run_cli("train", *same, "lora.r=4", "optim.lr=1e-3", "train.max_steps=6", check=False)
     assert proc.returncode == 2
-    assert "holds checkpoint-2 of a different configuration" in proc.stderr
+    assert "holds checkpoint-4 of a different configuration" in proc.stderr
     assert "lora.r: checkpoint has 8, this run has 4" in proc.stderr
     assert "optim.lr: checkpoint has 0.003, this run has 0.001" in proc.stderr
-    assert (out / "checkpoint-2" / "adapter_model" / "adapter_model.safetensors").read_bytes() == before
+    assert (out / "checkpoint-4" / "adapter_model" / "adapter_model.safetensors").read_bytes() == before
     # Changing only how long to train is a continuation, not a different configuration.
-    run_cli("train", *TINY, "train.max_steps=3", "train.save_steps=2", f"train.output_dir={out}")
-    assert json.loads((out / "completed").read_text())["step"] == 3
+    run_cli("train", *same, "train.max_steps=5")
+    assert json.loads((out / "completed").read_text())["step"] == 5
