@@ -146,8 +146,13 @@ class Trainer:
         dist.log(f"model {self.cfg.model.path} loaded in {time.perf_counter() - start:.1f} s: {trainable:,} trainable LoRA parameters of {total:,}; "
                  f"{self.cfg.quantization.bits}-bit base; ZeRO stage {self.zero_stage}; world size "
                  f"{self.info.world_size}; micro batch {self.ds['train_micro_batch_size_per_gpu']} x accumulation "
-                 f"{self.ds['gradient_accumulation_steps']} x ranks = global batch {self.ds['train_batch_size']}")
+                 f"{self.ds['gradient_accumulation_steps']} x {self._data_parallel_words()} = global batch "
+                 f"{self.ds['train_batch_size']}")
         return model
+
+    def _data_parallel_words(self) -> str:
+        g = self.groups
+        return "ranks" if g.size == 1 else f"{g.data_world} group(s) of {g.size} ranks sharing each row"
 
     def _load_model(self):
         """The layer-wise loader stops at the first layer all ranks agree on after a signal;
