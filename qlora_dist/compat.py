@@ -319,3 +319,16 @@ def forget_deepspeed_mpu() -> None:
     from deepspeed.utils import groups
 
     groups.mpu = None
+
+
+def gradient_divisor(engine, world_size: int, sequence_parallel: int) -> int:
+    """What DeepSpeed 0.19.8 divides the summed gradients of a step by (model/loss.py backward multiplies
+    it back). ZeRO-1/2, and ZeRO-3's contiguous path, divide by world / sequence_parallel_size once the
+    Ulysses mpu is there (stage_1_and_2.average_tensor, stage3.__avg_scatter_contiguous_grads); ZeRO-3's
+    default path, reduce_scatter=true (stage3.__avg_scatter_grads -> reduce_scatter_coalesced), divides
+    by the whole world, sequence parallel or not: without this, ZeRO-3 under dist.sequence_parallel=2
+    trained on half the gradient (its norm was exactly half the one rank's)."""
+    optimizer = getattr(engine, "optimizer", None)
+    if sequence_parallel > 1 and engine.zero_optimization_stage() == 3 and getattr(optimizer, "reduce_scatter", True):
+        return world_size
+    return world_size // sequence_parallel

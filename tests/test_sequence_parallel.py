@@ -3,9 +3,9 @@ group gives the update of one rank holding it whole; its refusals come before lo
 resume under another dist.sequence_parallel.
 
 Real rows of variable length (the self-instruct seed tasks, up to 512 tokens here), the tiny LLaMA (4
-heads, 2 KV heads) in fp32, LoRA dropout off. Three launches for the whole file (tests/workers/
-train_cases.py): 1 rank (the reference), 2 ranks (N=2; N=1 over 2 ranks; resumes across N), 4 ranks
-(2 groups x N=2)."""
+heads, 2 KV heads) in fp32, LoRA dropout off, 4 steps. Three launches for the whole file (tests/workers/
+train_cases.py): 1 rank (the reference), 2 ranks (N=2 under ZeRO-2 and ZeRO-3; N=1 over 2 ranks;
+resumes across N and within it), 4 ranks (2 groups x N=2)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,10 +37,13 @@ def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sp")
     worker = "tests/workers/train_cases.py"
     run_torchrun(1, str(out), "one", "--", *COMMON, script=worker, timeout=300)
-    # N=2 and N=1 on 2 ranks, then each resumed from the other's checkpoint-2 under the other N
+    # N=2 and N=1 on 2 ranks, then each resumed from the other's checkpoint-2 under the other N, N=2 resumed
+    # under N=2 (DeepSpeed's own load), and N=2 under ZeRO-3
     run_torchrun(2, str(out), _case("sp2", SP2), "dp2",
                  _case("sp2to1", f"copy={out / 'sp2' / 'checkpoint-2'}"),
                  _case("dp2to2", SP2, f"copy={out / 'dp2' / 'checkpoint-2'}"),
+                 _case("sp2again", SP2, f"copy={out / 'sp2' / 'checkpoint-2'}"),
+                 _case("sp2z3", SP2, "dist.ds_config=zero3"),
                  "--", *COMMON, script=worker, timeout=400)
     run_torchrun(4, str(out), _case("sp2x2", SP2), "--", *COMMON, script=worker, timeout=300)
     return out
@@ -61,8 +64,8 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run,reference", [("sp2", "one"), ("sp2x2", "dp2")],
-                         ids=["N=2 on 2 ranks vs 1 rank", "2 groups x N=2 vs 2 ranks x N=1"])
+@pytest.mark.parametrize("run,reference", [("sp2", "one"), ("sp2z3", "one"), ("sp2x2", "dp2")],
+                         ids=["N=2 on 2 ranks vs 1 rank", "N=2 under ZeRO-3 vs 1 rank", "2 groups x N=2 vs 2 ranks x N=1"])
 def test_split_rows_train_as_one_rank_holding_them_whole(runs, run, reference):
     got, want = _curve(runs / run), _curve(runs / reference)
     assert got.shape == (4, 2) and want[-1, 0] < want[0, 0]
@@ -86,6 +89,14 @@ def test_a_checkpoint_resumes_under_another_sequence_parallel_size(runs, resumed
     assert got.shape == (2, 2)  # steps 3 and 4, after checkpoint-2
     assert torch.allclose(got, want[2:], rtol=TOLERANCE, atol=0)
     assert _relative(_adapter(runs / resumed), _adapter(runs / full)) < TOLERANCE
+
+
+@pytest.mark.slow
+def test_a_checkpoint_resumes_under_the_same_sequence_parallel_size_bitwise(runs):
+    """The same world and N: DeepSpeed loads its own files (named by the rank within the group)."""
+    a, b = load_adapter_tensors(runs / "sp2" / "adapter_model"), load_adapter_tensors(runs / "sp2again" / "adapter_model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(_curve(runs / "sp2again"), _curve(runs / "sp2")[2:])
 
 
 @pytest.mark.slow

@@ -104,15 +104,15 @@ def weighted_loss(forward, model, batch: dict[str, torch.Tensor], weights: torch
     return weighted_cross_entropy(logits, batch["labels"], weights)
 
 
-def backward(engine, loss: torch.Tensor, data_parallel: int) -> float:
+def backward(engine, loss: torch.Tensor, divisor: int) -> float:
     """Backward of a micro-batch's share; returns its value. The share is already normalised by the
     global batch, so DeepSpeed 0.19.8's own scaling is undone: engine.backward divides by the
     accumulation steps unless scale_wrt_gas=False, and ZeRO stages 1-3 divide the reduced gradients by the
     data-parallel world size (stage_1_and_2.average_tensor, stage3.__avg_scatter_contiguous_grads), which
     we multiply back. The sum over ranks and micro-batches is then the gradient of the objective.
-    `data_parallel` is that size: the world size over dist.sequence_parallel, as DeepSpeed divides by
-    world / sequence_parallel_size once it has the Ulysses mpu (each rank of a group backs the loss of its
-    own slice; the all-to-all's backward carries the rest, so the group's gradients sum to the rows').
+    `divisor` is what DeepSpeed divides by (compat.gradient_divisor): the world size, or under
+    dist.sequence_parallel mostly world / sequence_parallel_size (each rank of a group backs the loss of
+    its own slice; the all-to-all's backward carries the rest, so the group's gradients sum to the rows').
 
     A non-finite loss is multiplied by NaN, which makes every gradient of this rank NaN (0 x NaN is NaN):
     DeepSpeed's overflow check, over the reduced gradients of all ranks, then skips the step on every rank
@@ -120,5 +120,5 @@ def backward(engine, loss: torch.Tensor, data_parallel: int) -> float:
     value = loss.item()
     if not math.isfinite(value):
         loss = loss * math.nan
-    engine.backward(loss * data_parallel, scale_wrt_gas=False)
+    engine.backward(loss * divisor, scale_wrt_gas=False)
     return value

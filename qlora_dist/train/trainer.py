@@ -71,6 +71,7 @@ class Trainer:
         self.mmlu_questions = self._setup_mmlu()
         self.model = self._setup_model()
         self.engine = self._setup_engine()
+        self.gradient_divisor = compat.gradient_divisor(self.engine, self.info.world_size, self.groups.size)
         restored = self.checkpointer.restore(self.engine)
         self.step = self.saved_step = restored.step if restored else 0
         self.guard = StepGuard(self.cfg, self.log, self.info.world_size, self.checkpointer.newest_good,
@@ -225,7 +226,7 @@ class Trainer:
             rows = [self.rows[i] for i in micro]
             batch, weights = self._micro_batch(rows, step_objective)
             share = objective.micro_loss(self.engine, batch, weights)
-            losses.append(objective.backward(self.engine, share, self.groups.data_world))
+            losses.append(objective.backward(self.engine, share, self.gradient_divisor))
             self.engine.step()
             # real tokens, padding excluded; a group's ranks share their rows: each counts its 1/N
             tokens += sum(len(r.input_ids) for r in rows) / self.groups.size
