@@ -391,6 +391,38 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def sequence_parallel_problems(cfg, world_size: int, shape: Shape | None = None) -> list[str]:
+    """What dist.sequence_parallel=N > 1 (Ulysses, DeepSpeed 0.19.8) cannot run, from the config and the
+    model's shape (if known) alone (`plan` and the preflight; the preflight adds the sliding window, from the
+    model's config). The heads (and KV heads) are dealt to the N ranks of a group; its attention drops the mask and
+    attends causally over each gathered row, so packed rows (documents kept apart only by the mask built
+    from their position ids) would attend across documents; eager attention materialises the mask
+    DeepSpeed refuses to carry."""
+    n, keys = cfg.dist.sequence_parallel, f"dist.sequence_parallel={cfg.dist.sequence_parallel}"
+    if n == 1:
+        return []
+    errs = []
+    if world_size % n:
+        errs.append(f"{keys}: the world size {world_size} is not a multiple of it (world = sequence_parallel x "
+                    "data-parallel size); start a multiple of it in ranks")
+    if cfg.data.packing:
+        errs.append(f"data.packing=true with {keys}: Ulysses attention drops the mask that keeps packed documents "
+                    "apart (DeepSpeed 0.19.8, sdpa); set data.packing=false or dist.sequence_parallel=1")
+    if cfg.model.attn_implementation == "eager":
+        errs.append(f"model.attn_implementation=eager with {keys}: eager attention materialises a full "
+                    "sequence x sequence mask, which Ulysses refuses; use model.attn_implementation=sdpa")
+    if shape is None:
+        return errs
+    if shape.heads % n or (shape.kv_heads % n and n % shape.kv_heads):
+        errs.append(f"{keys}: {cfg.model.path} has {shape.heads} attention heads and {shape.kv_heads} KV heads; "
+                    f"Ulysses deals the heads to the {n} ranks of a group: both must be multiples of it (or it "
+                    "of the KV heads)")
+    if shape.attention == "eager":
+        errs.append(f"{keys}: {cfg.model.path} runs eager attention only (soft-capping), which Ulysses refuses (a "
+                    "full sequence x sequence mask); this family cannot use sequence parallelism")
+    return errs
+
+
 # ---------------------------------------------------------------------------------------------------
 # From a run's config: the plan `train` checks before loading, and `train.micro_batch_size=auto`.
 

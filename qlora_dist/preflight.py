@@ -159,46 +159,23 @@ def _chat_template(cfg: Config) -> list[str]:
 
 
 def _sequence_parallel(cfg: Config, world_size: int, model_ok: bool) -> list[str]:
-    """dist.sequence_parallel=N > 1 (Ulysses, DeepSpeed 0.19.8): what it cannot run, before loading. The
-    heads (and KV heads) are dealt to the N ranks of a group; its attention drops the mask and attends
-    causally over each gathered row, so packed rows (documents apart only by the mask built from their
-    position ids) and a sliding window shorter than a row would attend where one rank does not; eager
-    attention materialises the mask DeepSpeed refuses to carry."""
+    """dist.sequence_parallel=N > 1: what Ulysses cannot run (memory.sequence_parallel_problems), and a
+    sliding window shorter than a row, which it would lose with the mask it drops."""
     n, keys = cfg.dist.sequence_parallel, f"dist.sequence_parallel={cfg.dist.sequence_parallel}"
-    if n == 1:
-        return []
-    errs = []
-    if world_size % n:
-        errs.append(f"{keys}: the world size {world_size} is not a multiple of it (world = sequence_parallel x "
-                    "data-parallel size); start a multiple of it in ranks")
-    if cfg.data.packing:
-        errs.append(f"data.packing=true with {keys}: Ulysses attention drops the mask that keeps packed documents "
-                    "apart (DeepSpeed 0.19.8, sdpa); set data.packing=false or dist.sequence_parallel=1")
-    if cfg.model.attn_implementation == "eager":
-        errs.append(f"model.attn_implementation=eager with {keys}: eager attention materialises a full "
-                    "sequence x sequence mask, which Ulysses refuses; use model.attn_implementation=sdpa")
-    return errs + (_sequence_parallel_model(cfg, n, keys) if model_ok else [])
-
-
-def _sequence_parallel_model(cfg: Config, n: int, keys: str) -> list[str]:
+    if n == 1 or not model_ok:
+        return memory.sequence_parallel_problems(cfg, world_size)
     from qlora_dist.model import builtin
 
     shape = memory.shape_for(cfg)
+    errs = memory.sequence_parallel_problems(cfg, world_size, shape)
     config = (builtin.random_llama_config(size) if (size := builtin.random_size(cfg.model.path))
               else _hf_config(builtin.resolve_model_path(cfg.model.path)))
-    errs, name = [], cfg.model.path
-    if shape.heads % n or (shape.kv_heads % n and n % shape.kv_heads):
-        errs.append(f"{keys}: {name} has {shape.heads} attention heads and {shape.kv_heads} KV heads; Ulysses deals "
-                    f"the heads to the {n} ranks of a group: both must be multiples of it (or N of the KV heads)")
-    if shape.attention == "eager":
-        errs.append(f"{keys}: {name} ({config.model_type}) runs eager attention only (soft-capping), which Ulysses "
-                    "refuses (a full sequence x sequence mask); this family cannot use sequence parallelism")
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     longest = cfg.data.source_max_len + cfg.data.target_max_len
     if window and longest > window and shape.attention != "eager":
-        errs.append(f"{keys}: {name} attends within a sliding window of {window} tokens, but rows reach {longest} "
-                    "(data.source_max_len + data.target_max_len) and Ulysses drops the window's mask; keep rows "
-                    f"within {window} tokens or set dist.sequence_parallel=1")
+        errs.append(f"{keys}: {cfg.model.path} attends within a sliding window of {window} tokens, but rows reach "
+                    f"{longest} (data.source_max_len + data.target_max_len) and Ulysses drops the window's mask; "
+                    f"keep rows within {window} tokens or set dist.sequence_parallel=1")
     return errs
 
 

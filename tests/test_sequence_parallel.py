@@ -181,6 +181,11 @@ def test_what_sequence_parallelism_cannot_run_is_refused_before_loading(tmp_path
     assert code == 2 and len(lines) == 1 and needle in lines[0], lines
 
 
+def test_plan_refuses_what_the_shape_cannot_split(capsys):
+    code, lines = run_main(capsys, "plan", "--preset", "7b-all", "--world-size", "3", "dist.sequence_parallel=3")
+    assert code == 2 and len(lines) == 1 and "llama-7b has 32 attention heads and 32 KV heads" in lines[0], lines
+
+
 def test_the_plan_holds_half_the_activations_per_rank_under_two():
     from qlora_dist import memory
     from qlora_dist.config import load_config
