@@ -102,6 +102,8 @@ def _cmd_plan(ns) -> None:
             cfg, world, shape, micro_batch=1, checkpointing=True, on_gpu=True)
     else:
         setup = memory.setup_from_config(cfg, world, shape, on_gpu=True)
+    if problems := memory.sequence_parallel_problems(cfg, world, setup.shape):
+        raise ConfigError(problems)
     plan = memory.make_plan(setup, cap)
     fix = memory.suggest(plan.setup, cap) if cap and not plan.fits else None
     if ns.json:

@@ -276,3 +276,59 @@ def exit_without_finalization(code: int) -> None:
         except (OSError, ValueError):  # a closed or broken pipe: nothing more to say
             pass
     os._exit(code)
+
+
+def register_ulysses(model: torch.nn.Module, attn_implementation: str, size: int, micro_batch: int):
+    """DeepSpeed 0.19.8's Ulysses attention for dist.sequence_parallel=`size`: its process groups and its
+    mpu (for deepspeed.initialize), from UlyssesSPAttentionHF.register_with_transformers, with one gap
+    filled. That call replaces ALL_ATTENTION_FUNCTIONS[attn_implementation] for the whole process, and
+    its wrapper drops the attention mask before anything else, even where disable_in_eval then bypasses
+    the all-to-all: evaluation and generation after training (full rows on every rank, left padding, a KV
+    cache) ran without their mask, 0.39 off a fresh process's on rank 1. So the function installed here
+    sends only the training forward of a model marked by `use_ulysses` through Ulysses, and everything
+    else (eval mode, another model of the process) to the original attention, mask and all. Call once
+    per process (DeepSpeed asserts on a second call)."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    original = ALL_ATTENTION_FUNCTIONS[attn_implementation]
+    mpu = UlyssesSPAttentionHF.register_with_transformers(
+        model, attn_implementation, size, micro_batch, seq_length_is_variable=True, disable_in_eval=True)
+    ulysses = ALL_ATTENTION_FUNCTIONS[attn_implementation]
+
+    def attention(module, *args, **kwargs):
+        chosen = ulysses if module.training and getattr(module, ULYSSES_MARK, False) else original
+        return chosen(module, *args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS[attn_implementation] = attention
+    return mpu
+
+
+ULYSSES_MARK = "_qlora_ulysses"  # set on the modules of a model that trains under sequence parallelism
+
+
+def use_ulysses(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        setattr(module, ULYSSES_MARK, True)
+
+
+def forget_deepspeed_mpu() -> None:
+    """deepspeed 0.19.8 keeps the mpu of an engine in deepspeed.utils.groups.mpu, where every later engine
+    of the process finds it, mpu or not: after a sequence-parallel engine, one without would still divide
+    its gradients and batches by the old group's size. An engine without sequence parallelism clears it."""
+    from deepspeed.utils import groups
+
+    groups.mpu = None
+
+
+def gradient_divisor(engine, world_size: int, sequence_parallel: int) -> int:
+    """What DeepSpeed 0.19.8 divides the summed gradients of a step by (model/loss.py backward multiplies
+    it back). ZeRO-1/2, and ZeRO-3's contiguous path, divide by world / sequence_parallel_size once the
+    Ulysses mpu is there (stage_1_and_2.average_tensor, stage3.__avg_scatter_contiguous_grads); ZeRO-3's
+    default path, reduce_scatter=true (stage3.__avg_scatter_grads -> reduce_scatter_coalesced), divides
+    by the whole world, sequence parallel or not: without this, ZeRO-3 under dist.sequence_parallel=2
+    trained on half the gradient (its norm was exactly half the one rank's)."""
+    optimizer = getattr(engine, "optimizer", None)
+    if sequence_parallel > 1 and engine.zero_optimization_stage() == 3 and getattr(optimizer, "reduce_scatter", True):
+        return world_size
+    return world_size // sequence_parallel

@@ -377,9 +377,19 @@ class DistConfig:
     ds_config: str = opt("zero2", "zero2 | zero3 | zero3_offload | path to a DeepSpeed JSON")
     backend: str = choice("auto", ("auto", "gloo", "nccl"), "auto: nccl on GPUs, gloo on CPU")
     timeout_s: int = opt(600, "collective timeout: a dead rank fails the others after this")
+    sequence_parallel: int = opt(1, "ranks that share one sequence (Ulysses, DeepSpeed's ALST): groups of this many "
+                                    "ranks split each row; data parallelism runs across the groups (world size = "
+                                    "this x data-parallel size); the global batch counts sequences whatever it is")
 
     def check(self) -> list[str]:
-        return range_problems([("dist.timeout_s", self.timeout_s, POSITIVE)])
+        errs = range_problems([("dist.timeout_s", self.timeout_s, POSITIVE)])
+        if not isinstance(self.sequence_parallel, int) or self.sequence_parallel < 1:
+            errs.append(f"dist.sequence_parallel: a positive integer (got {self.sequence_parallel!r})")
+        return errs
+
+    def data_parallel(self, world_size: int) -> int:
+        """Ranks that see different rows: one per group of dist.sequence_parallel ranks."""
+        return max(world_size // self.sequence_parallel, 1)
 
 
 @dataclass

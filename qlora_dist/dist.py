@@ -36,6 +36,29 @@ class DistInfo:
         return self.rank == 0
 
 
+@dataclass(frozen=True)
+class SequenceGroups:
+    """Where a rank stands under dist.sequence_parallel=N, in DeepSpeed 0.19.8's layout
+    (parallel_state_sp.initialize_sequence_parallel): ranks [g*N, (g+1)*N) form group g and share its
+    rows, each holding 1/N of every row's positions; g is the rank's place in data parallelism."""
+    size: int  # N
+    rank: int
+    world_size: int
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank // self.size
+
+    @property
+    def data_world(self) -> int:
+        return self.world_size // self.size
+
+    @property
+    def sequence_rank(self) -> int:
+        """Which 1/N slice of each row this rank holds."""
+        return self.rank % self.size
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

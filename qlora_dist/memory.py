@@ -138,6 +138,13 @@ class Setup:
     on_gpu: bool = True  # paged optimizer states live in CUDA unified memory only on a GPU
     fused_loss: bool = True  # model.fused_loss: the loss by chunks of tokens (qlora_dist/fastpath.py)
     paged_masters: bool = False  # optim.master_weights=paged: fp32 masters in CUDA unified memory
+    sequence_parallel: int = 1  # dist.sequence_parallel: each rank holds 1/N of every row's positions
+
+    @property
+    def tokens(self) -> int:
+        """Positions one rank's activations hold: its 1/N slice of the micro-batch's rows (Ulysses: the
+        attention sees whole rows but 1/N of the heads, the same count of q/k/v values)."""
+        return self.micro_batch * -(-self.seq_len // self.sequence_parallel)
 
 
 @dataclass
@@ -270,7 +277,7 @@ def logits_bytes(s: Setup) -> int:
     keeps its bf16 output for the backward). Such a model (Shape.logit_transform) declines the fused loss
     whatever model.fused_loss says. The fused loss: one chunk's fp32 logits and its bf16 product and
     softmax (8 bytes per entry), plus the labelled hidden states and their gradient, kept for the backward."""
-    sh, tokens = s.shape, s.micro_batch * s.seq_len
+    sh, tokens = s.shape, s.tokens
     if not s.fused_loss or sh.logit_transform:
         return (12 + 2 * (sh.logit_transform == "final_logit_softcapping")) * sh.vocab * tokens
     from qlora_dist.model.fastpath import chunk_tokens
@@ -279,7 +286,7 @@ def logits_bytes(s: Setup) -> int:
 
 
 def activation_items(s: Setup) -> dict[str, int]:
-    sh, tokens = s.shape, s.micro_batch * s.seq_len
+    sh, tokens = s.shape, s.tokens
     layer = layer_activation_bytes_per_token(s) * tokens
     logits = logits_bytes(s)
     # Backward of one layer: gradients of its widest activations, and its weight dequantized to bf16.
@@ -368,7 +375,9 @@ def format_plan(plan: Plan) -> str:
     s = plan.setup
     head = (f"per-rank memory plan: {s.shape.layers} layers x {s.shape.hidden} hidden, {s.bits}-bit base, "
             f"ZeRO-{s.zero_stage}{' + optimizer offload' if s.offload_optimizer else ''}, {s.world_size} rank(s), "
-            f"micro batch {s.micro_batch} x {s.seq_len} tokens, checkpointing {'on' if s.checkpointing else 'off'}")
+            f"micro batch {s.micro_batch} x {s.seq_len} tokens"
+            f"{f' split over {s.sequence_parallel} ranks (dist.sequence_parallel)' if s.sequence_parallel > 1 else ''}, "
+            f"checkpointing {'on' if s.checkpointing else 'off'}")
     width = max([44] + [len(k) + 2 for k in plan.outside])  # the figures in one column
     lines = [head]
     lines += [f"  {k:<{width}}{v / GB:>9.2f} GB" for k, v in plan.items.items()]
@@ -380,6 +389,38 @@ def format_plan(plan: Plan) -> str:
     if plan.cap is not None:
         lines.append(f"  cap {plan.cap / GB:.2f} GB per GPU: {'fits' if plan.fits else 'DOES NOT FIT'}")
     return "\n".join(lines)
+
+
+def sequence_parallel_problems(cfg, world_size: int, shape: Shape | None = None) -> list[str]:
+    """What dist.sequence_parallel=N > 1 (Ulysses, DeepSpeed 0.19.8) cannot run, from the config and the
+    model's shape (if known) alone (`plan` and the preflight; the preflight adds the sliding window, from the
+    model's config). The heads (and KV heads) are dealt to the N ranks of a group; its attention drops the mask and
+    attends causally over each gathered row, so packed rows (documents kept apart only by the mask built
+    from their position ids) would attend across documents; eager attention materialises the mask
+    DeepSpeed refuses to carry."""
+    n, keys = cfg.dist.sequence_parallel, f"dist.sequence_parallel={cfg.dist.sequence_parallel}"
+    if n == 1:
+        return []
+    errs = []
+    if world_size % n:
+        errs.append(f"{keys}: the world size {world_size} is not a multiple of it (world = sequence_parallel x "
+                    "data-parallel size); start a multiple of it in ranks")
+    if cfg.data.packing:
+        errs.append(f"data.packing=true with {keys}: Ulysses attention drops the mask that keeps packed documents "
+                    "apart (DeepSpeed 0.19.8, sdpa); set data.packing=false or dist.sequence_parallel=1")
+    if cfg.model.attn_implementation == "eager":
+        errs.append(f"model.attn_implementation=eager with {keys}: eager attention materialises a full "
+                    "sequence x sequence mask, which Ulysses refuses; use model.attn_implementation=sdpa")
+    if shape is None:
+        return errs
+    if shape.heads % n or (shape.kv_heads % n and n % shape.kv_heads):
+        errs.append(f"{keys}: {cfg.model.path} has {shape.heads} attention heads and {shape.kv_heads} KV heads; "
+                    f"Ulysses deals the heads to the {n} ranks of a group: both must be multiples of it (or it "
+                    "of the KV heads)")
+    if shape.attention == "eager":
+        errs.append(f"{keys}: {cfg.model.path} runs eager attention only (soft-capping), which Ulysses refuses (a "
+                    "full sequence x sequence mask); this family cannot use sequence parallelism")
+    return errs
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -450,7 +491,7 @@ def setup_from_config(cfg, world_size: int, shape: Shape | None = None, micro_ba
         bits=cfg.quantization.bits, double_quant=cfg.quantization.double_quant, lora_r=cfg.lora.r,
         lora_dropout=cfg.lora.dropout > 0, optimizer=cfg.optim.name,
         on_gpu=torch.cuda.is_available() if on_gpu is None else on_gpu, fused_loss=cfg.model.fused_loss,
-        paged_masters=cfg.optim.master_weights == "paged")
+        paged_masters=cfg.optim.master_weights == "paged", sequence_parallel=cfg.dist.sequence_parallel)
 
 
 def relative_speed(s: Setup) -> float:
@@ -463,7 +504,7 @@ def relative_speed(s: Setup) -> float:
 def choose_micro_batch(cfg, world_size: int, cap: int, shape: Shape | None = None,
                        on_gpu: bool | None = None) -> Setup | None:
     """The fastest (micro batch, checkpointing) whose plan fits the cap; None when nothing fits."""
-    per_rank = cfg.train.global_batch_size // world_size
+    per_rank = cfg.train.global_batch_size // cfg.dist.data_parallel(world_size)  # rows per group
     sizes = [m for m in range(1, per_rank + 1) if per_rank % m == 0]
     shape = shape or shape_for(cfg)
     fitting = [s for m in sizes for ckpt in (False, True)

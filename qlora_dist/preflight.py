@@ -79,6 +79,7 @@ def run(cfg: Config, world_size: int, problems: list[str] = (), cuda: bool | Non
         _collect(report, lambda: _tokenizer_and_data(cfg, report, counted))
     if model_ok:
         _collect(report, lambda: _chat_template(cfg))
+    _collect(report, lambda: _sequence_parallel(cfg, world_size, model_ok))
     _collect(report, lambda: _mmlu(cfg, report))
     _collect(report, lambda: _tracking_and_validation(cfg))
     if not _checked(report, lambda: init_adapter.problems(cfg)):
@@ -155,6 +156,33 @@ def _chat_template(cfg: Config) -> list[str]:
         return []
     return [f"data.chat_template: 'tokenizer', but the tokenizer of model.path={cfg.model.path} has no chat "
             "template; use data.chat_template=guanaco"]
+
+
+def _sequence_parallel(cfg: Config, world_size: int, model_ok: bool) -> list[str]:
+    """dist.sequence_parallel=N > 1: what Ulysses cannot run (memory.sequence_parallel_problems), and a
+    sliding window shorter than a row, which it would lose with the mask it drops."""
+    n, keys = cfg.dist.sequence_parallel, f"dist.sequence_parallel={cfg.dist.sequence_parallel}"
+    if n == 1 or not model_ok:
+        return memory.sequence_parallel_problems(cfg, world_size)
+    from qlora_dist.model import builtin
+
+    shape = memory.shape_for(cfg)
+    errs = memory.sequence_parallel_problems(cfg, world_size, shape)
+    config = (builtin.random_llama_config(size) if (size := builtin.random_size(cfg.model.path))
+              else _hf_config(builtin.resolve_model_path(cfg.model.path)))
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    longest = cfg.data.source_max_len + cfg.data.target_max_len
+    if window and longest > window and shape.attention != "eager":
+        errs.append(f"{keys}: {cfg.model.path} attends within a sliding window of {window} tokens, but rows reach "
+                    f"{longest} (data.source_max_len + data.target_max_len) and Ulysses drops the window's mask; "
+                    f"keep rows within {window} tokens or set dist.sequence_parallel=1")
+    return errs
+
+
+def _hf_config(folder: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder)
 
 
 def _tracking_and_validation(cfg: Config) -> list[str]:

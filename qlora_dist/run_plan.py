@@ -50,6 +50,7 @@ class RunPlan:
     grad_accum: int
     planned_gb_per_rank: float | None = None  # with train.max_memory_per_gpu: the memory plan's total
     cap_gb: float | None = None
+    sequence_parallel: int = 1  # dist.sequence_parallel: ranks per group sharing each row
 
     def apply(self, cfg: Config) -> Config:
         """A copy of the user's config with the resolved values: what the model and engine are built from."""
@@ -66,8 +67,15 @@ class RunPlan:
         memory_part = (f"; memory plan {self.planned_gb_per_rank:.2f} GB per rank under the cap of "
                        f"{self.cap_gb:.2f} GB" if self.cap_gb else "")
         return (f"compute dtype {self.compute_dtype} ({self.compute_dtype_why}); micro batch {self.micro_batch_size} "
-                f"x accumulation {self.grad_accum} x {self.world_size} rank(s); activation checkpointing "
+                f"x accumulation {self.grad_accum} x {self._ranks()}; activation checkpointing "
                 f"{'on' if self.gradient_checkpointing else 'off'}{memory_part}")
+
+
+    def _ranks(self) -> str:
+        n = self.sequence_parallel
+        if n == 1:
+            return f"{self.world_size} rank(s)"
+        return f"{self.world_size // n} group(s) of {n} ranks sharing each row (dist.sequence_parallel={n})"
 
 
 @dataclass(frozen=True)
@@ -97,8 +105,9 @@ def resolve(cfg: Config, world_size: int, cuda: bool | None = None) -> RunPlan:
         raise ConfigError([AUTO_NEEDS_CAP])
     if cap and micro == "auto":
         micro, ckpt = _micro_batch(cfg, world_size, cap, cuda)
-    plan = RunPlan(world_size, dtype, why, int(micro), ckpt, 0)
-    accum = plan.apply(cfg).train.grad_accum(world_size)  # ConfigError when the batch does not divide
+    plan = RunPlan(world_size, dtype, why, int(micro), ckpt, 0, sequence_parallel=cfg.dist.sequence_parallel)
+    # ConfigError when the batch does not divide; the ranks of a sequence-parallel group share their rows
+    accum = plan.apply(cfg).train.grad_accum(cfg.dist.data_parallel(world_size))
     if not cap:
         return RunPlan(**{**plan.to_json(), "grad_accum": accum})
     memory_plan = memory.make_plan(memory.setup_from_config(plan.apply(cfg), world_size, on_gpu=cuda), cap)

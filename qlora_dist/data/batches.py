@@ -373,10 +373,13 @@ def _concat(members: list[TokenizedExample], length: int) -> TokenizedExample:
     return TokenizedExample(ids, labels, positions)
 
 
-def collate(rows: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(rows: list[TokenizedExample], pad_id: int, multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row; padding never counts in the loss. Unpacked rows mask padding out
-    of attention; packed rows carry position ids instead (the padding is one more short sequence)."""
-    width = max(len(r.input_ids) for r in rows)
+    of attention; packed rows carry position ids instead (the padding is one more short sequence).
+    `multiple_of` > 1 (dist.sequence_parallel): the width is padded up to a multiple of it, so that the
+    ranks of a group get equal slices of whole rows, and unpacked rows carry their position ids too
+    (Ulysses gathers them to rebuild each row's positions: model/loss.py shard_for_group)."""
+    width = -(-max(len(r.input_ids) for r in rows) // multiple_of) * multiple_of
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -387,8 +390,10 @@ def collate(rows: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor
         labels[i, :n] = torch.tensor(r.labels)
         mask[i, :n] = 1
         positions[i] = torch.tensor((r.position_ids or list(range(n))) + list(range(width - n)))
-    if rows[0].position_ids is None:
+    if rows[0].position_ids is None and multiple_of == 1:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if rows[0].position_ids is None:
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
     return {"input_ids": ids, "position_ids": positions, "labels": labels}
 
 

@@ -99,18 +99,22 @@ def _gathered(weight: torch.nn.Parameter):
     return deepspeed.zero.GatheredParameters([weight])
 
 
-def _shift(labels: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Labels (and their weights) one position left, flattened: position t predicts label t + 1."""
-    shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
+def _shift(labels: torch.Tensor, weights: torch.Tensor | None,
+           shifted: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Labels (and their weights) one position left, flattened: position t predicts label t + 1.
+    `shifted`: they already are (a sequence-parallel slice, shifted on the whole row: model/loss.py)."""
+    cut = 0 if shifted else 1
+    labels = torch.nn.functional.pad(labels, (0, cut), value=IGNORE_INDEX)[..., cut:].reshape(-1)
     if weights is not None:
-        weights = torch.nn.functional.pad(weights, (0, 1))[..., 1:].reshape(-1).float()
-    return shifted, weights
+        weights = torch.nn.functional.pad(weights, (0, cut))[..., cut:].reshape(-1).float()
+    return labels, weights
 
 
-def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                           shifted: bool = False) -> torch.Tensor:
     """sum of weight x cross-entropy over the labelled positions, in fp32 as transformers' ForCausalLMLoss;
     `weights` is shaped like `labels` and belongs to the label (not to the position predicting it)."""
-    shifted, w = _shift(labels, weights)
+    shifted, w = _shift(labels, weights, shifted)
     ce = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted,
                                            ignore_index=IGNORE_INDEX, reduction="none")
     return (ce * w).sum()
@@ -118,11 +122,11 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
 
 def linear_cross_entropy(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor,
                          num_items_in_batch: int | torch.Tensor | None = None,
-                         loss_weights: torch.Tensor | None = None) -> torch.Tensor:
+                         loss_weights: torch.Tensor | None = None, shifted: bool = False) -> torch.Tensor:
     """transformers' ForCausalLMLoss(lm_head(hidden), labels) without the full logits: labels shifted
     by one, -100 ignored, mean over the labelled tokens (or sum / num_items_in_batch when given); with
     `loss_weights` (shaped like labels) `weighted_cross_entropy` instead."""
-    shifted, weights = _shift(labels, loss_weights)
+    shifted, weights = _shift(labels, loss_weights, shifted)
     keep = (shifted != IGNORE_INDEX).nonzero().squeeze(1)
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
     targets = shifted.index_select(0, keep)
@@ -176,19 +180,24 @@ def install_fused_loss(model: torch.nn.Module) -> bool:
         return False
     hf_forward = causal_lm.forward
 
-    def forward(self, *args, labels=None, logits_to_keep=0, num_items_in_batch=None, loss_weights=None, **kwargs):
+    def forward(self, *args, labels=None, logits_to_keep=0, num_items_in_batch=None, loss_weights=None,
+                shift_labels=None, **kwargs):
+        # shift_labels (transformers' name): labels already shifted on the whole row, a sequence-parallel slice
+        shifted, labels = shift_labels is not None, labels if shift_labels is None else shift_labels
         if labels is None or logits_to_keep or not self._qlora_fused_loss:
             if loss_weights is not None:  # model/loss.py passes them only to the fused loss
                 raise ValueError("loss_weights needs the fused loss (labels, all logits, fused loss on)")
             if num_items_in_batch is not None:
                 kwargs["num_items_in_batch"] = num_items_in_batch
+            if shifted:
+                kwargs["shift_labels"] = labels
             return hf_forward(*args, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         kwargs.pop("return_dict", None)
         outputs = self.model(*args, **kwargs)
         loss = linear_cross_entropy(outputs.last_hidden_state, self.lm_head, labels, num_items_in_batch,
-                                    loss_weights)
+                                    loss_weights, shifted)
         return CausalLMOutputWithPast(loss=loss, logits=None)  # training: use_cache is off, no cache
 
     causal_lm.forward = types.MethodType(forward, causal_lm)

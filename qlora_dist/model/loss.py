@@ -67,6 +67,24 @@ class StepObjective:
         return terms.float() * per_term / sizes.clamp(min=1).float()
 
 
+def shard_for_group(batch: dict[str, torch.Tensor], weights: torch.Tensor, size: int,
+                    sequence_rank: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """This rank's 1/`size` slice of every row (dist.sequence_parallel), and its weights. The labels and
+    weights are shifted on the whole row first (`shift_labels`, transformers' name, tells the loss so):
+    on a slice, the label a slice's last position predicts is the next slice's first, which `_shift`
+    within the slice would lose, and `loss_terms` would drop each slice's first label as a row's. The
+    weights come from the whole rows (`StepObjective.weights`), so the step's objective is the same
+    whatever dist.sequence_parallel is. No attention mask: Ulysses drops it (DeepSpeed 0.19.8
+    uattn_wrapper) and attends causally over the gathered row, whose padding lies after its tokens."""
+    width = batch["input_ids"].shape[1] // size
+    cut = slice(sequence_rank * width, (sequence_rank + 1) * width)
+    shift_labels = torch.nn.functional.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]
+    shift_weights = torch.nn.functional.pad(weights, (0, 1))[:, 1:]
+    part = {"input_ids": batch["input_ids"][:, cut], "position_ids": batch["position_ids"][:, cut],
+            "shift_labels": shift_labels[:, cut]}
+    return {k: v.contiguous() for k, v in part.items()}, shift_weights[:, cut].contiguous()
+
+
 def micro_loss(engine, batch: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """This micro-batch's share of the step's objective: the sum of weight x cross-entropy."""
     return weighted_loss(engine, engine.module, batch, weights)
@@ -80,16 +98,21 @@ def weighted_loss(forward, model, batch: dict[str, torch.Tensor], weights: torch
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(causal_lm, "_qlora_fused_loss", False):
         return forward(**batch, loss_weights=weights).loss
-    logits = forward(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    logits = forward(**{k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}).logits
+    if "shift_labels" in batch:  # a sequence-parallel slice (shard_for_group)
+        return weighted_cross_entropy(logits, batch["shift_labels"], weights, shifted=True)
     return weighted_cross_entropy(logits, batch["labels"], weights)
 
 
-def backward(engine, loss: torch.Tensor, world_size: int) -> float:
+def backward(engine, loss: torch.Tensor, divisor: int) -> float:
     """Backward of a micro-batch's share; returns its value. The share is already normalised by the
     global batch, so DeepSpeed 0.19.8's own scaling is undone: engine.backward divides by the
     accumulation steps unless scale_wrt_gas=False, and ZeRO stages 1-3 divide the reduced gradients by the
     data-parallel world size (stage_1_and_2.average_tensor, stage3.__avg_scatter_contiguous_grads), which
     we multiply back. The sum over ranks and micro-batches is then the gradient of the objective.
+    `divisor` is what DeepSpeed divides by (compat.gradient_divisor): the world size, or under
+    dist.sequence_parallel mostly world / sequence_parallel_size (each rank of a group backs the loss of
+    its own slice; the all-to-all's backward carries the rest, so the group's gradients sum to the rows').
 
     A non-finite loss is multiplied by NaN, which makes every gradient of this rank NaN (0 x NaN is NaN):
     DeepSpeed's overflow check, over the reduced gradients of all ranks, then skips the step on every rank
@@ -97,5 +120,5 @@ def backward(engine, loss: torch.Tensor, world_size: int) -> float:
     value = loss.item()
     if not math.isfinite(value):
         loss = loss * math.nan
-    engine.backward(loss * world_size, scale_wrt_gas=False)
+    engine.backward(loss * divisor, scale_wrt_gas=False)
     return value

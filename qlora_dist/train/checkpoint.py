@@ -72,6 +72,7 @@ class Progress:
     eval_loss: float | None = None  # validation loss at this step (evaluate/validation.py), if validated
     best_step: int | None = None  # the checkpoint of the lowest eval_loss so far, this one included
     best_eval_loss: float | None = None  # (checkpoint.keep_best keeps it; recorded here to survive resume)
+    sequence_parallel: int = 1  # dist.sequence_parallel of the run that saved it (1: older runs)
 
 
 def read_progress(ckpt: Path) -> Progress:
@@ -312,13 +313,21 @@ def _restore_rng(ckpt: Path, rank: int) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Loading
 
+def _same_layout(progress: Progress, engine, world_size: int) -> bool:
+    """Whether DeepSpeed's own load_checkpoint can read the engine files: same world size, ZeRO stage and
+    dist.sequence_parallel. The Ulysses mpu makes DeepSpeed 0.19.8 name them by the rank in the group
+    (mp_rank_01_...), which another dist.sequence_parallel looks for in vain; reshard reads any names."""
+    return (progress.world_size == world_size and progress.zero_stage == engine.zero_optimization_stage()
+            and progress.sequence_parallel == getattr(engine, "sequence_parallel_size", 1))
+
+
 def _load(engine, ckpt: Path, rank: int, world_size: int) -> Progress:
     """Restore the engine (LoRA weights, fp32 masters, optimizer, LR schedule) and this rank's RNG.
-    On the checkpoint's own world size DeepSpeed loads it (bitwise); on another, reshard does."""
+    On the checkpoint's own layout DeepSpeed loads it (bitwise); on another, reshard does."""
     progress = read_progress(ckpt)
     compat.load_engine_files_safely(engine)
     try:
-        if progress.world_size == world_size and progress.zero_stage == engine.zero_optimization_stage():
+        if _same_layout(progress, engine, world_size):
             load_path, _ = engine.load_checkpoint(str(ckpt), tag="engine", load_module_strict=compat.LOAD_MODULE_STRICT,
                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
             if load_path is None:
@@ -326,8 +335,11 @@ def _load(engine, ckpt: Path, rank: int, world_size: int) -> Progress:
         else:
             from qlora_dist.train import reshard
 
-            dist.log(f"{ckpt.name} was saved by {progress.world_size} rank(s) under ZeRO-{progress.zero_stage}; this "
-                     f"run has {world_size} under ZeRO-{engine.zero_optimization_stage()}: resharding the LoRA "
+            now_sp = getattr(engine, "sequence_parallel_size", 1)
+            dist.log(f"{ckpt.name} was saved by {progress.world_size} rank(s) under ZeRO-{progress.zero_stage}"
+                     f"{f', dist.sequence_parallel={progress.sequence_parallel}' if progress.sequence_parallel > 1 else ''}; "
+                     f"this run has {world_size} under ZeRO-{engine.zero_optimization_stage()}"
+                     f"{f', dist.sequence_parallel={now_sp}' if now_sp > 1 else ''}: resharding the LoRA "
                      "weights and optimizer states")
             reshard.restore(engine, ckpt)
     except (RunFault, ConfigError):

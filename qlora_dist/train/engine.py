@@ -39,7 +39,7 @@ def derived_values(cfg: Config, world_size: int) -> dict[str, Any]:
     dtype = dtype_name(cfg.model.compute_dtype)  # `auto` resolved, as the run plan does
     return {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum(world_size),
+        "gradient_accumulation_steps": cfg.train.grad_accum(cfg.dist.data_parallel(world_size)),
         "train_batch_size": cfg.train.global_batch_size,
         "gradient_clipping": cfg.optim.max_grad_norm,
         "bf16.enabled": dtype == "bfloat16",
@@ -49,6 +49,13 @@ def derived_values(cfg: Config, world_size: int) -> dict[str, Any]:
         "bf16.check_grad_overflow": True,
         "fp16.enabled": dtype == "float16",
     }
+
+
+def _sequence_parallel_values(cfg: Config) -> dict[str, Any]:
+    """DeepSpeed 0.19.8 counts a batch over world / sequence_parallel_size ranks: from the Ulysses mpu in
+    deepspeed.initialize, from this key where there is none yet (zero.Init of the layer-wise ZeRO-3 load)."""
+    n = cfg.dist.sequence_parallel
+    return {"sequence_parallel_size": n} if n > 1 else {}
 
 
 def _set_checked(ds: dict[str, Any], dotted: str, value: Any, source: str, problems: list[str]) -> None:
@@ -69,7 +76,7 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     for key in ("optimizer", "scheduler"):
         if key in ds:
             problems.append(f"{source}: remove {key!r}: the {key} comes from our config (optim.*)")
-    for dotted, value in derived_values(cfg, world_size).items():
+    for dotted, value in {**derived_values(cfg, world_size), **_sequence_parallel_values(cfg)}.items():
         _set_checked(ds, dotted, value, source, problems)
     if problems:
         raise ConfigError(problems)
@@ -96,16 +103,45 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.opti
     return classes[o.name](params, **kwargs)
 
 
+# The Ulysses attention registered in this process (compat.register_ulysses): its shape and its mpu.
+_ULYSSES: dict[tuple, Any] = {}
+
+
+def sequence_parallel_mpu(cfg: Config, model: torch.nn.Module):
+    """None for dist.sequence_parallel=1; else DeepSpeed's Ulysses groups (mpu) for deepspeed.initialize:
+    without it the engine sees a sequence-parallel world of 1 and averages gradients over every rank.
+    Registered once per process (DeepSpeed allows one); a later engine of the same process (tests train
+    several runs in one process group) reuses it if its shape is the same, else it cannot be served."""
+    n = cfg.dist.sequence_parallel
+    if n == 1:
+        compat.forget_deepspeed_mpu()
+        return None
+    compat.use_ulysses(model)
+    text = model.config.get_text_config()
+    attention = model.config._attn_implementation
+    key = (n, int(cfg.train.micro_batch_size), attention, text.num_attention_heads,
+           text.num_key_value_heads, text.num_hidden_layers)
+    if not _ULYSSES:
+        _ULYSSES[key] = compat.register_ulysses(model, attention, n, int(cfg.train.micro_batch_size))
+    if key not in _ULYSSES:
+        raise RuntimeError(f"this process registered Ulysses attention for {next(iter(_ULYSSES))} "
+                           f"(sequence parallel, micro batch, attention, heads, KV heads, layers); a run with "
+                           f"{key} needs a process of its own")
+    return _ULYSSES[key]
+
+
 def initialize(cfg: Config, model: torch.nn.Module, ds: dict[str, Any]):
-    """deepspeed.initialize with our client optimizer; returns the engine, in train mode, its fp32 masters
-    moved to paged memory under optim.master_weights=paged (train/paged_masters.py)."""
+    """deepspeed.initialize with our client optimizer (and, under dist.sequence_parallel, the Ulysses
+    mpu); returns the engine, in train mode, its fp32 masters moved to paged memory under
+    optim.master_weights=paged (train/paged_masters.py)."""
     import deepspeed
 
     from qlora_dist.train import paged_masters
 
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(cfg, params),
-                                           model_parameters=params, config=ds)
+                                           model_parameters=params, config=ds,
+                                           mpu=sequence_parallel_mpu(cfg, model))
     compat.engine_train_mode(engine)
     paged_masters.apply(engine, cfg, "set-up")
     return engine

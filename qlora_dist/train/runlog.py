@@ -95,7 +95,8 @@ class RunLog:
         tps = tokens / max(seconds, 1e-9)
         self._bar().update(1)
         speed = self.throughput.of(tokens, seconds) if self.throughput else {}
-        per_gpu = {"tok_s_gpu": f"{speed['tokens_per_s_per_gpu']:.0f}",
+        per_gpu = {**({"tok_s_group": f"{speed['tokens_per_s_per_group']:.0f}"} if "tokens_per_s_per_group" in speed else {}),
+                   "tok_s_gpu": f"{speed['tokens_per_s_per_gpu']:.0f}",
                    "mfu": "n/a" if speed["mfu"] is None else f"{100 * speed['mfu']:.1f}%"} if speed else {}
         shown = {} if self.eval_loss is None else {"val_loss": f"{self.eval_loss:.4f}"}
         self.bar.set_postfix(loss=f"{loss:.4f}", **shown, lr=f"{lr:.2e}", tok_s=f"{tps:.0f}", **per_gpu,

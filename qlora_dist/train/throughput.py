@@ -49,15 +49,19 @@ def current_device_name() -> str | None:
 
 
 class Throughput:
-    """Per-GPU tokens/s and MFU of a model with `parameters` weights trained on `world_size` ranks."""
+    """Per-GPU tokens/s and MFU of a model with `parameters` weights trained on `world_size` ranks; under
+    dist.sequence_parallel also per group (`groups` of world_size / N ranks, each sharing its rows)."""
 
-    def __init__(self, parameters: int, world_size: int, device_name: str | None = None):
+    def __init__(self, parameters: int, world_size: int, device_name: str | None = None, *, groups: int | None = None):
         self.parameters, self.world_size = parameters, world_size
+        self.groups = groups or world_size
         self.peak, self.peak_source = peak_tflops(device_name if device_name is not None else current_device_name())
 
     def of(self, tokens: float, seconds: float) -> dict:
         per_gpu = tokens / max(seconds, 1e-9) / self.world_size
-        return {"tokens_per_s_per_gpu": per_gpu, "mfu": mfu(self.parameters, per_gpu, self.peak),
+        per_group = {} if self.groups == self.world_size else {
+            "tokens_per_s_per_group": tokens / max(seconds, 1e-9) / self.groups}
+        return {"tokens_per_s_per_gpu": per_gpu, **per_group, "mfu": mfu(self.parameters, per_gpu, self.peak),
                 "mfu_peak": self.peak_source}
 
 

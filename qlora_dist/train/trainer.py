@@ -62,7 +62,8 @@ class Trainer:
             return
         self.log = RunLog(self.paths, self.checkpointer.start_step, self.cfg.train.max_steps,
                           self.cfg.train.report_to, self.cfg.to_dict())
-        self.log.throughput = Throughput(0, self.info.world_size)  # its peak read now: a bad one fails early
+        self.groups = dist.SequenceGroups(self.cfg.dist.sequence_parallel, self.info.rank, self.info.world_size)
+        self.log.throughput = Throughput(0, self.info.world_size, groups=self.groups.data_world)  # peak read now: a bad one fails early
         self.log.write({"event": "plan", "step": self.checkpointer.start_step, **self.plan.to_json(),
                         "resume_from": str(resume_from) if resume_from else None})
         self.tokenizer = self._setup_tokenizer()
@@ -70,6 +71,7 @@ class Trainer:
         self.mmlu_questions = self._setup_mmlu()
         self.model = self._setup_model()
         self.engine = self._setup_engine()
+        self.gradient_divisor = compat.gradient_divisor(self.engine, self.info.world_size, self.groups.size)
         restored = self.checkpointer.restore(self.engine)
         self.step = self.saved_step = restored.step if restored else 0
         self.guard = StepGuard(self.cfg, self.log, self.info.world_size, self.checkpointer.newest_good,
@@ -126,8 +128,9 @@ class Trainer:
             raise ConfigError([f"data.dataset: {len(rows)} training rows, fewer than one global batch "
                                f"(train.global_batch_size={cfg.train.global_batch_size})"])
         lengths = rows.lengths() if cfg.data.group_by_length else None
+        # the ranks of a sequence-parallel group share their rows: the schedule deals them to the groups
         schedule = BatchSchedule(len(rows), cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                                 self.info.rank, self.info.world_size, cfg.train.seed, lengths)
+                                 self.groups.data_rank, self.groups.data_world, cfg.train.seed, lengths)
         return rows, held_out, schedule
 
     def _setup_mmlu(self) -> list:
@@ -144,8 +147,13 @@ class Trainer:
         dist.log(f"model {self.cfg.model.path} loaded in {time.perf_counter() - start:.1f} s: {trainable:,} trainable LoRA parameters of {total:,}; "
                  f"{self.cfg.quantization.bits}-bit base; ZeRO stage {self.zero_stage}; world size "
                  f"{self.info.world_size}; micro batch {self.ds['train_micro_batch_size_per_gpu']} x accumulation "
-                 f"{self.ds['gradient_accumulation_steps']} x ranks = global batch {self.ds['train_batch_size']}")
+                 f"{self.ds['gradient_accumulation_steps']} x {self._data_parallel_words()} = global batch "
+                 f"{self.ds['train_batch_size']}")
         return model
+
+    def _data_parallel_words(self) -> str:
+        g = self.groups
+        return "ranks" if g.size == 1 else f"{g.data_world} group(s) of {g.size} ranks sharing each row"
 
     def _load_model(self):
         """The layer-wise loader stops at the first layer all ranks agree on after a signal;
@@ -216,11 +224,12 @@ class Trainer:
         step_objective = objective.StepObjective.of(self.cfg.train.loss_normalization, collate(global_rows, pad))
         for micro in self.schedule.micro_batches(self.step):
             rows = [self.rows[i] for i in micro]
-            batch = {k: v.to(self.device) for k, v in collate(rows, pad).items()}
-            share = objective.micro_loss(self.engine, batch, step_objective.weights(batch))
-            losses.append(objective.backward(self.engine, share, self.info.world_size))
+            batch, weights = self._micro_batch(rows, step_objective)
+            share = objective.micro_loss(self.engine, batch, weights)
+            losses.append(objective.backward(self.engine, share, self.gradient_divisor))
             self.engine.step()
-            tokens += sum(len(r.input_ids) for r in rows)  # real tokens, padding excluded
+            # real tokens, padding excluded; a group's ranks share their rows: each counts its 1/N
+            tokens += sum(len(r.input_ids) for r in rows) / self.groups.size
         self.step += 1
         finite = [v for v in losses if math.isfinite(v)]
         loss_sum, token_sum, bad_losses, weight_sq = dist.all_reduce_sum(
@@ -236,6 +245,16 @@ class Trainer:
                       log_this_step=not nonfinite and self.step % self.cfg.train.logging_steps == 0)
         if nonfinite:
             self.guard.skip(self.engine, self.step, int(bad_losses), grad_norm, self.zero_stage)
+
+    def _micro_batch(self, rows, step_objective) -> tuple[dict, torch.Tensor]:
+        """A micro-batch on this rank's device and its loss weights: whole rows, or under
+        dist.sequence_parallel this rank's slice of them (weights and shifted labels from the whole rows)."""
+        n = self.groups.size
+        whole = collate(rows, self.tokenizer.pad_token_id, multiple_of=n)
+        weights = step_objective.weights(whole)
+        if n > 1:
+            whole, weights = objective.shard_for_group(whole, weights, n, self.groups.sequence_rank)
+        return {k: v.to(self.device) for k, v in whole.items()}, weights.to(self.device)
 
     # --------------------------------------------------------------------------------------- evaluate
     def evaluate(self, when: str) -> dict | None:
@@ -290,6 +309,7 @@ class Trainer:
                             epoch=self.schedule.epoch_of(self.step), seed=self.cfg.train.seed,
                             world_size=self.info.world_size, global_batch_size=self.cfg.train.global_batch_size,
                             zero_stage=self.zero_stage, loss=getattr(self, "last_loss", None),
+                            sequence_parallel=self.groups.size,
                             nonfinite_steps=self.guard.skipped,
                             eval_loss=self.validated[1] if self.validated[0] == self.step else None)
         path = self.checkpointer.save(self.engine, progress, self.zero_stage)
