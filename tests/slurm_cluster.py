@@ -55,6 +55,16 @@ def _wait(check, what: str, timeout: float = 60) -> None:
     raise RuntimeError(f"timed out waiting for {what}")
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie: a daemon that exited stays a zombie where this container's init does not reap
+    its orphans, and waiting for a zombie to vanish took the full timeout for each daemon."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
 class SlurmCluster:
     def __init__(self, base: Path):
         self.base = Path(base)
@@ -85,24 +95,23 @@ class SlurmCluster:
         return self
 
     def stop(self) -> None:
+        """SIGTERM to every daemon at once, then SIGKILL to any still running after 15 s."""
+        pids = []
         for pidfile in reversed(self.pidfiles):
             try:
                 pid = int(pidfile.read_text().split()[0])
                 os.kill(pid, signal.SIGTERM)
+                pids.append(pid)
             except (FileNotFoundError, ValueError, ProcessLookupError):
                 continue
-            deadline = time.time() + 15
-            while time.time() < deadline:
-                try:
-                    os.kill(pid, 0)
-                    time.sleep(0.2)
-                except ProcessLookupError:
-                    break
-            else:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        deadline = time.time() + 15
+        while time.time() < deadline and any(_running(p) for p in pids):
+            time.sleep(0.2)
+        for pid in filter(_running, pids):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     # --------------------------------------------------------------------------------------- pieces
     def _map_node_names(self) -> None:

@@ -181,7 +181,9 @@ def _assert_completed(cluster, job: str, out: Path) -> None:
 
 
 # The preemption test's reference: 30 steps, no periodic checkpoint (only a preemption's, in the other job).
-PREEMPT_STEPS = "train.max_steps=30 train.save_steps=1000"
+# Two sequence-parallel groups of 2 (one a node): Ulysses' all-to-alls within a node, data parallelism across
+# nodes, preempted and requeued like any job (the submitit job below runs without sequence parallelism).
+PREEMPT_STEPS = "train.max_steps=30 train.save_steps=1000 dist.sequence_parallel=2"
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +197,7 @@ def uninterrupted_job(cluster, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_sbatch_cpu_smoke_trains_on_two_nodes(uninterrupted_job):
     progress = json.loads((uninterrupted_job / "checkpoint-30" / "progress.json").read_text())
-    assert progress["world_size"] == 4 and progress["zero_stage"] == 2
+    assert progress["world_size"] == 4 and progress["zero_stage"] == 2 and progress["sequence_parallel"] == 2
     assert len(load_adapter_tensors(uninterrupted_job / "adapter_model")) == 28
 
 
