@@ -528,13 +528,7 @@ def _add_data_and_model_commands(sub) -> None:
     p.set_defaults(func=_cmd_data_preview)
 
     p = sub.add_parser("generate", help="answer a prompt in the Guanaco format (or the adapter's chat template)")
-    p.add_argument("--base", required=True, help="HF folder, or smollm2 / tiny-llama")
-    p.add_argument("--adapter", help="a PEFT adapter folder, e.g. OUTPUT/adapter_model")
-    p.add_argument("--allow-base-mismatch", action="store_true", help=mismatch_help)
-    p.add_argument("--chat-template", choices=("guanaco", "tokenizer"),
-                   help="prompt format (default: the adapter's data.chat_template, else guanaco)")
-    p.add_argument("--bits", type=int, choices=[4, 16], help=bits_help)
-    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="auto", help=dtype_help)
+    _add_model_args(p, mismatch_help, bits_help, dtype_help, chat_template=True)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--prompt", help="one prompt: its answer is printed")
     which.add_argument("--prompts", help="a FastChat question.jsonl (llm_judge `turns` or eval-table `text` "
@@ -551,11 +545,7 @@ def _add_data_and_model_commands(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a base (and adapter) on a benchmark")
     eval_sub = p.add_subparsers(dest="eval_command", required=True)
     p = eval_sub.add_parser("mmlu", help="MMLU accuracy per subject and mean (runs under torchrun too)")
-    p.add_argument("--base", required=True, help="HF folder, or smollm2 / tiny-llama")
-    p.add_argument("--adapter", help="a PEFT adapter folder")
-    p.add_argument("--allow-base-mismatch", action="store_true", help=mismatch_help)
-    p.add_argument("--bits", type=int, choices=[4, 16], help=bits_help)
-    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="auto", help=dtype_help)
+    _add_model_args(p, mismatch_help, bits_help, dtype_help, chat_template=False)
     p.add_argument("--data", required=True, help="a hendrycks MMLU folder (dev/ val/ test/ CSVs) or a JSON-lines "
                                                  "file like qlora's data/mmlu/zero_shot_mmlu_val.json")
     p.add_argument("--shots", type=int, choices=[0, 5], default=5, help="hendrycks folder only")
@@ -578,21 +568,28 @@ def _add_data_and_model_commands(sub) -> None:
     p.set_defaults(func=_cmd_merge)
 
 
+def _add_model_args(p, mismatch_help: str, bits_help: str, dtype_help: str, chat_template: bool) -> None:
+    """The options of every command that loads a base and an adapter to run them (generate, eval)."""
+    from qlora_dist.precision import COMPUTE_DTYPES
+
+    p.add_argument("--base", required=True, help="HF folder, or smollm2 / tiny-llama")
+    p.add_argument("--adapter", help="a PEFT adapter folder, e.g. OUTPUT/adapter_model")
+    p.add_argument("--allow-base-mismatch", action="store_true", help=mismatch_help)
+    if chat_template:
+        p.add_argument("--chat-template", choices=("guanaco", "tokenizer"),
+                       help="prompt format (default: the adapter's data.chat_template, else guanaco)")
+    p.add_argument("--bits", type=int, choices=[4, 16], help=bits_help)
+    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="auto", help=dtype_help)
+
+
 def _add_chatbot_commands(eval_sub, mismatch_help: str, bits_help: str, dtype_help: str) -> None:
     """The paper's chatbot benchmark: answers (vicuna), a judge relative to ChatGPT, the score, Elo."""
     from pathlib import Path
 
-    from qlora_dist.precision import COMPUTE_DTYPES
 
     bench = Path(__file__).parent / "evaluate" / "vicuna_bench"  # the questions and the authors' judge prompts
     p = eval_sub.add_parser("vicuna", help="answer the Vicuna benchmark's 80 questions (runs under torchrun; resumable)")
-    p.add_argument("--base", required=True, help="HF folder, or smollm2 / tiny-llama")
-    p.add_argument("--adapter", help="a PEFT adapter folder")
-    p.add_argument("--allow-base-mismatch", action="store_true", help=mismatch_help)
-    p.add_argument("--chat-template", choices=("guanaco", "tokenizer"),
-                   help="prompt format (default: the adapter's data.chat_template, else guanaco)")
-    p.add_argument("--bits", type=int, choices=[4, 16], help=bits_help)
-    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="auto", help=dtype_help)
+    _add_model_args(p, mismatch_help, bits_help, dtype_help, chat_template=True)
     p.add_argument("--questions", default=str(bench / "question.jsonl"),
                    help="a FastChat question.jsonl, either schema (default: the 80 Vicuna questions)")
     p.add_argument("--out", required=True, help="the answer .jsonl (FastChat's schema); an existing one is continued")

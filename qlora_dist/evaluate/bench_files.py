@@ -64,21 +64,12 @@ class Question:
 def read_prompt_file(path: str | Path, option: str = "--prompts") -> tuple[str, list[Question]]:
     """('llm_judge' or 'eval_table', questions) of a FastChat question.jsonl; one schema per file."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"{option}: {path}: file not found"])
     problems, questions, schemas = [], [], set()
-    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{path}:{line}: not valid JSON ({exc.msg})")
-            continue
-        turns = record.get("turns") if isinstance(record, dict) else None
+    for line, record in read_jsonl(path, option):  # each line a JSON object, or an error naming it
+        turns = record.get("turns")
         if isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns):
             schemas.add("llm_judge")
-        elif isinstance(record, dict) and isinstance(record.get("text"), str):
+        elif isinstance(record.get("text"), str):
             schemas.add("eval_table")
             turns = [record["text"]]
         else:
@@ -89,8 +80,6 @@ def read_prompt_file(path: str | Path, option: str = "--prompts") -> tuple[str, 
         questions.append(Question(record.get("question_id", line), turns, category if isinstance(category, str) else None))
     if len(schemas) > 1:
         problems.append(f"{path}: mixes the llm_judge (turns) and eval-table (text) schemas")
-    if not questions and not problems:
-        problems.append(f"{path}: no questions")
     if problems:
         raise ConfigError(problems)
     return schemas.pop(), questions
