@@ -134,6 +134,12 @@ def prepare_for_training(model: torch.nn.Module, cfg: Config) -> None:
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)  # DoRA's magnitude too: lora_magnitude_vector
     # LoRA weights in one dtype, the model's: ZeRO-3 needs it, and the engine keeps fp32 masters.
+    # DoRA's magnitude included, although TRL #7268 found a bf16 magnitude frozen: there the optimizer
+    # updated the bf16 values themselves, and steps below bf16's resolution (0.4%) vanished. Here the
+    # optimizer steps DeepSpeed's fp32 master of it and the bf16 copy follows, so updates accumulate
+    # (tests/test_dora.py checks it changes). An fp32 magnitude in the module is not possible under
+    # deepspeed 0.19.8 anyway: ZeRO-3 refuses mixed dtypes (defragment: one dtype), ZeRO-1/2 cast every
+    # parameter to bf16 at initialize.
     for name, param in model.named_parameters():
         if param.requires_grad:
             param.data = param.data.to(DTYPES[dtype_name(cfg.model.compute_dtype)])
