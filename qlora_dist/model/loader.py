@@ -129,13 +129,14 @@ ROW_NORMS = "_qlora_row_norms"  # attribute of a linear layer: its weight's row 
 
 def row_norms(layer: torch.nn.Module) -> torch.Tensor:
     """The L2 norm of each output row of the layer's weight as the forward uses it (NF4 dequantized, else
-    as stored), in fp32: what peft 0.21.2's DoRA computes for its magnitude when B is zero."""
+    as stored), as peft 0.21.2's DoRA computes its starting magnitude (B is zero then): in the weight's
+    dtype (a bf16 weight gives bf16-rounded norms), returned as fp32."""
     weight = layer.weight
     if getattr(weight, "quant_state", None) is not None:
         import bitsandbytes.functional as bnbf
 
         weight = bnbf.dequantize_4bit(weight.data, weight.quant_state)
-    return torch.linalg.norm(weight.detach().float(), dim=1)
+    return torch.linalg.norm(weight.detach(), dim=1).float()
 
 
 def _keep_row_norms(piece: torch.nn.Module, prefix: str) -> None:
