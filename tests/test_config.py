@@ -123,3 +123,16 @@ def test_lora_variant_and_rslora_are_typed_with_defaults():
         load_config(overrides=["lora.variant=pissa", "lora.rslora=maybe"])
     text = "\n".join(err.value.problems)
     assert "lora.variant" in text and "lora, dora" in text and "lora.rslora" in text
+
+
+def test_resume_keeps_the_variant_and_old_checkpoints_are_plain_lora():
+    from qlora_dist.config import flat
+    from qlora_dist.train.checkpoint import config_differences
+
+    saved = load_config().to_dict()
+    assert config_differences(saved, load_config(overrides=["lora.variant=dora"])) == [
+        "lora.variant: checkpoint has 'lora', this run has 'dora'"]
+    before_the_keys = {k: v for k, v in flat(saved).items() if k not in ("lora.variant", "lora.rslora")}
+    assert config_differences(before_the_keys, load_config()) == []  # saved before the keys: lora, no rsLoRA
+    assert config_differences(before_the_keys, load_config(overrides=["lora.rslora=true"])) == [
+        "lora.rslora: checkpoint has False, this run has True"]
