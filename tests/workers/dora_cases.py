@@ -1,12 +1,15 @@
 """Run under torchrun: DoRA cases in one process group (imports and DeepSpeed set-up paid once).
 
 usage: dora_cases.py OUT NAME:key=value,... ... -- key=value ...   (the keys after -- apply to all)
+  copy=FOLDER among a case's keys: FOLDER (another case's checkpoint) is copied into OUT/NAME first, so the
+  case resumes from it (as tests/workers/train_cases.py).
 Each case trains into OUT/NAME; rank 0 writes OUT/NAME/magnitudes-start.safetensors (every DoRA magnitude,
 gathered, as the engine holds it before the first step) and OUT/NAME/trained_logits.pt (the trained
 model's logits on a fixed batch, computed by all ranks under the run's ZeRO stage).
 """
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -61,9 +64,14 @@ def main(argv: list[str]) -> None:
     shutdown, dist.shutdown = dist.shutdown, lambda: None
     out, rest = Path(argv[0]), argv[1:]
     split = rest.index("--") if "--" in rest else len(rest)
+    dist.init()  # the copies are made by rank 0 while the others wait: the group must exist first
     for case in rest[:split]:
         name, _, keys = case.partition(":")
-        run_case(out / name, [*rest[split + 1:], *(k for k in keys.split(",") if k)])
+        for source in (Path(k[len("copy="):]) for k in keys.split(",") if k.startswith("copy=")):
+            if dist.is_main():
+                shutil.copytree(source, out / name / source.name)
+            dist.barrier()
+        run_case(out / name, [*rest[split + 1:], *(k for k in keys.split(",") if k and not k.startswith("copy="))])
     dist.barrier()
     shutdown()
 
