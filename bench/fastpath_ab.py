@@ -20,7 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trainer_run import REPO, launch  # noqa: E402
 
 VARIANTS = {"default": [], "fused_loss=false": ["model.fused_loss=false"],
-            "fused_lora=false": ["model.fused_lora=false"], "compile_kernels=true": ["model.compile_kernels=true"]}
+            "fused_lora=false": ["model.fused_lora=false"], "compile_kernels=true": ["model.compile_kernels=true"],
+            # adapter variants (README "Adapter variants"): not in the default set, name them with --variants
+            "variant=dora": ["lora.variant=dora"], "rslora=true": ["lora.rslora=true"]}
+DEFAULT_SET = "default,fused_loss=false,fused_lora=false,compile_kernels=true"
 RECIPE = ["lora.r=64", "lora.alpha=16", "lora.dropout=0.1", "optim.lr=2e-4", "optim.max_grad_norm=0.3",
           "optim.name=paged_adamw_32bit", "optim.scheduler=constant", "optim.warmup_steps=0",
           "model.compute_dtype=bfloat16"]
@@ -35,7 +38,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="compile_kernels compiles in its first steps")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=DEFAULT_SET, help=f"any of {', '.join(VARIANTS)}")
     parser.add_argument("--timeout-s", type=float, default=1500)
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
     ns = parser.parse_args()

@@ -332,3 +332,74 @@ def gradient_divisor(engine, world_size: int, sequence_parallel: int) -> int:
     if sequence_parallel > 1 and engine.zero_optimization_stage() == 3 and getattr(optimizer, "reduce_scatter", True):
         return world_size
     return world_size // sequence_parallel
+
+# ------------------------------------------------------------------------------ DoRA under ZeRO-3
+@contextmanager
+def dora_magnitude_from_row_norms(attribute: str):
+    """peft 0.21.2's DoRA sets its magnitude to the row norms of W + s*BA, reading W inside
+    gather_params_ctx, which gathers only when transformers' is_deepspeed_zero3_enabled() is true. Our
+    layer-wise loader partitions each layer as it loads it (without HfDeepSpeedConfig, which that loader
+    cannot run under), so peft reads an empty slice ("shape '[64, 32]' is invalid for input of size 0").
+    Within this block a base layer that carries its row norms (model/loader.py ROW_NORMS, taken before
+    partitioning) gets them as its magnitude; they are peft's value exactly while B is zero, which is how
+    peft starts B (also in PeftModel.from_pretrained, which loads the saved magnitude over it afterwards)."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    original = DoraLinearLayer.update_layer
+
+    def update_layer(self, *, base_layer, lora_A, lora_B, scaling, place_on_cpu=False):
+        norms = getattr(base_layer, attribute, None)
+        if norms is None or not hasattr(base_layer.weight, "ds_id"):  # whole weight: peft's own computation
+            return original(self, base_layer=base_layer, lora_A=lora_A, lora_B=lora_B, scaling=scaling,
+                            place_on_cpu=place_on_cpu)
+        if bool(lora_B.any()):
+            raise RuntimeError("DoRA under ZeRO-3: the magnitude from row norms needs lora_B to start at zero")
+        self.weight = torch.nn.Parameter(norms.to(lora_A.device).clone(), requires_grad=True)
+
+    DoraLinearLayer.update_layer = update_layer
+    try:
+        yield
+    finally:
+        DoraLinearLayer.update_layer = original
+
+
+def dora_dequantize_in_place() -> None:
+    """peft 0.21.2's DoRA reads the base weight through dequantize_module_weight, which on CPU ends with
+    `module.weight = module.weight.to(device)` (for 8-bit weights, which its dequantization moves). For a
+    Params4bit, .to() returns a new parameter: under ZeRO-3 the layer's partitioned weight is replaced
+    by a plain copy of the gathered one, and the next fetch fails ("'Params4bit' object has no attribute
+    'ds_status'"). Here a 4-bit weight is dequantized and left where it is; anything else is peft's.
+    Installed once per process, on the name peft's DoRA module calls."""
+    from peft.tuners.lora import dora
+
+    if getattr(dora.dequantize_module_weight, "_qlora_dist", False):
+        return
+    original = dora.dequantize_module_weight
+
+    def dequantize_module_weight(module):
+        weight = getattr(module, "weight", None)
+        if type(weight).__name__ == "Params4bit" and weight.quant_state is not None:
+            import bitsandbytes.functional as bnbf
+
+            return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+        return original(module)
+
+    dequantize_module_weight._qlora_dist = True
+    dora.dequantize_module_weight = dequantize_module_weight
+
+
+def gather_base_weight_in_dora_forward(model: torch.nn.Module) -> int:
+    """peft 0.21.2's DoRA forward dequantizes the base weight again, after the base layer's own forward has
+    run (it needs ||W + s*BA|| per row). Under ZeRO-3 the weight is gathered only for its own module's
+    forward and partitioned again right after, so DoRA would read a slice. Registering it as an external
+    parameter of the LoRA layer (DeepSpeed's mechanism for a weight used in another module's forward)
+    keeps it gathered for the whole LoRA layer's forward (and its recomputation). Harmless without
+    ZeRO-3 (the registry is only read by ZeRO-3's hooks). Returns how many layers were registered."""
+    import deepspeed
+
+    count = 0
+    for module in model.modules():
+        if getattr(module, "lora_magnitude_vector", None) and hasattr(module, "base_layer"):
+            deepspeed.zero.register_external_parameter(module, module.get_base_layer().weight)
+            count += 1
+    return count

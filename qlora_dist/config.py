@@ -141,6 +141,10 @@ class LoraConfig:
     alpha: float = opt(recipe.LORA_ALPHA)
     dropout: float = opt(0.1)
     target_modules: list[str] = opt(["all-linear"], "'all-linear' (every nn.Linear but lm_head) or module names")
+    # The adapter's form and its scaling; how its weights start (a later lora.init) is a separate key.
+    variant: str = choice("lora", ("lora", "dora"), "lora: W + s*BA; dora: weight-decomposed LoRA, a trained "
+                                                    "magnitude per output row (peft's use_dora; model/base.py)")
+    rslora: bool = opt(False, "rank-stabilised scaling alpha/sqrt(r) instead of alpha/r (peft's use_rslora)")
 
     def check(self) -> list[str]:
         errs = []
@@ -639,7 +643,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 # the next optimizer step computes. Everything else must match (see train/checkpoint.py, resume_point).
 # Keys added after checkpoints existed whose default does what the versions before them did: a checkpoint
 # saved without one resumes under its default (another value is a difference like any other).
-ADDED_AT_DEFAULT = {"data.eval_size": 0, "data.chat_template": "guanaco"}
+ADDED_AT_DEFAULT = {"data.eval_size": 0, "data.chat_template": "guanaco", "lora.variant": "lora", "lora.rslora": False}
 RESUMABLE_CHANGES = (
     "train.output_dir", "train.max_steps", "train.save_steps", "train.logging_steps", "train.micro_batch_size",
     "train.max_memory_per_gpu", "model.gradient_checkpointing", "eval.", "checkpoint.", "dist.", "preset",

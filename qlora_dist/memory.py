@@ -134,6 +134,7 @@ class Setup:
     double_quant: bool = True
     lora_r: int = 64
     lora_dropout: bool = True
+    dora: bool = False  # lora.variant=dora: a trained magnitude per output row, and DoRA's extra forward work
     optimizer: str = "paged_adamw_32bit"
     on_gpu: bool = True  # paged optimizer states live in CUDA unified memory only on a GPU
     fused_loss: bool = True  # model.fused_loss: the loss by chunks of tokens (qlora_dist/fastpath.py)
@@ -204,9 +205,18 @@ def weight_items(s: Setup) -> dict[str, int]:
 
 
 def lora_numels(s: Setup) -> list[int]:
-    """Element counts of every LoRA matrix (A: r x in, B: out x r), in model order."""
-    one_layer = [n for fan_in, fan_out in s.shape.linears() for n in (s.lora_r * fan_in, fan_out * s.lora_r)]
+    """Element counts of every LoRA matrix (A: r x in, B: out x r, and with DoRA its magnitude: out), in
+    model order."""
+    one_layer = [n for fan_in, fan_out in s.shape.linears()
+                 for n in (s.lora_r * fan_in, fan_out * s.lora_r, *([fan_out] if s.dora else []))]
     return one_layer * s.shape.layers
+
+
+def dora_activation_bytes_per_token(s: Setup) -> int:
+    """What DoRA adds to one layer's saved activations per token: peft 0.21.2's DoRA output
+    (m/||W + sBA|| - 1) * base + m/||W + sBA|| * s * lora keeps the base output and the LoRA output of
+    every linear layer for the backward of the two products (bf16: 2 + 2 bytes per output unit)."""
+    return 4 * sum(fan_out for _, fan_out in s.shape.linears()) if s.dora else 0
 
 
 def _flat_partition(total: int, n: int) -> int:
@@ -287,11 +297,13 @@ def logits_bytes(s: Setup) -> int:
 
 def activation_items(s: Setup) -> dict[str, int]:
     sh, tokens = s.shape, s.tokens
-    layer = layer_activation_bytes_per_token(s) * tokens
+    layer = (layer_activation_bytes_per_token(s) + dora_activation_bytes_per_token(s)) * tokens
     logits = logits_bytes(s)
     # Backward of one layer: gradients of its widest activations, and its weight dequantized to bf16.
+    # DoRA's forward (recomputed in the backward) also holds, for its widest layer, the weight dequantized
+    # again, B·A (peft builds it as a full matrix) and their sum for the row norms: 3 more bf16 matrices.
     widest = max(fan_in * fan_out for fan_in, fan_out in sh.linears())
-    backward = (4 * sh.intermediate + 8 * sh.hidden) * tokens + 2 * widest
+    backward = (4 * sh.intermediate + 8 * sh.hidden) * tokens + 2 * widest * (4 if s.dora else 1)
     if s.checkpointing:
         kept = sh.layers * 2 * sh.hidden * tokens  # each layer's input, bf16
         peak_phase = max(logits, layer + backward)
@@ -371,6 +383,14 @@ def suggest(s: Setup, cap: int, depth: int = 3) -> list[str] | None:
     return None
 
 
+def adapter_description(s: Setup) -> str:
+    """'LoRA r=64: 160,432,128 trainable parameters' (with DoRA, how many of them are magnitudes)."""
+    total = sum(lora_numels(s))
+    magnitudes = sum(fan_out for _, fan_out in s.shape.linears()) * s.shape.layers if s.dora else 0
+    extra = f", of which {magnitudes:,} DoRA magnitudes" if s.dora else ""
+    return f"{'DoRA' if s.dora else 'LoRA'} r={s.lora_r}: {total:,} trainable parameters{extra}"
+
+
 def format_plan(plan: Plan) -> str:
     s = plan.setup
     head = (f"per-rank memory plan: {s.shape.layers} layers x {s.shape.hidden} hidden, {s.bits}-bit base, "
@@ -379,7 +399,7 @@ def format_plan(plan: Plan) -> str:
             f"{f' split over {s.sequence_parallel} ranks (dist.sequence_parallel)' if s.sequence_parallel > 1 else ''}, "
             f"checkpointing {'on' if s.checkpointing else 'off'}")
     width = max([44] + [len(k) + 2 for k in plan.outside])  # the figures in one column
-    lines = [head]
+    lines = [head, f"  adapter: {adapter_description(s)}"]
     lines += [f"  {k:<{width}}{v / GB:>9.2f} GB" for k, v in plan.items.items()]
     lines.append(f"  {'total on the GPU':<{width}}{plan.total / GB:>9.2f} GB")
     if plan.outside:
@@ -489,7 +509,7 @@ def setup_from_config(cfg, world_size: int, shape: Shape | None = None, micro_ba
         seq_len=cfg.data.source_max_len + cfg.data.target_max_len,
         checkpointing=cfg.model.gradient_checkpointing if checkpointing is None else checkpointing,
         bits=cfg.quantization.bits, double_quant=cfg.quantization.double_quant, lora_r=cfg.lora.r,
-        lora_dropout=cfg.lora.dropout > 0, optimizer=cfg.optim.name,
+        lora_dropout=cfg.lora.dropout > 0, dora=cfg.lora.variant == "dora", optimizer=cfg.optim.name,
         on_gpu=torch.cuda.is_available() if on_gpu is None else on_gpu, fused_loss=cfg.model.fused_loss,
         paged_masters=cfg.optim.master_weights == "paged", sequence_parallel=cfg.dist.sequence_parallel)
 

@@ -112,3 +112,27 @@ def test_ds_config_choice_is_validated():
     problems = preflight.run(load_config(overrides=["dist.ds_config=zero9"]), 1).problems
     assert any(p.startswith("dist.ds_config: unknown 'zero9'") for p in problems), problems
     assert load_config(overrides=["dist.ds_config=zero3"]).dist.ds_config == "zero3"
+
+
+def test_lora_variant_and_rslora_are_typed_with_defaults():
+    cfg = load_config()
+    assert (cfg.lora.variant, cfg.lora.rslora) == ("lora", False)  # presets and defaults: plain LoRA
+    cfg = load_config(overrides=["lora.variant=dora", "lora.rslora=true"])
+    assert (cfg.lora.variant, cfg.lora.rslora) == ("dora", True)
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["lora.variant=pissa", "lora.rslora=maybe"])
+    text = "\n".join(err.value.problems)
+    assert "lora.variant" in text and "lora, dora" in text and "lora.rslora" in text
+
+
+def test_resume_keeps_the_variant_and_old_checkpoints_are_plain_lora():
+    from qlora_dist.config import flat
+    from qlora_dist.train.checkpoint import config_differences
+
+    saved = load_config().to_dict()
+    assert config_differences(saved, load_config(overrides=["lora.variant=dora"])) == [
+        "lora.variant: checkpoint has 'lora', this run has 'dora'"]
+    before_the_keys = {k: v for k, v in flat(saved).items() if k not in ("lora.variant", "lora.rslora")}
+    assert config_differences(before_the_keys, load_config()) == []  # saved before the keys: lora, no rsLoRA
+    assert config_differences(before_the_keys, load_config(overrides=["lora.rslora=true"])) == [
+        "lora.rslora: checkpoint has False, this run has True"]

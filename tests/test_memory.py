@@ -184,3 +184,21 @@ def test_65b_8x512_fits_one_48gb_gpu_with_the_fp32_state_offloaded():
     plan = _plan("65b-all", 1, "48GB", "train.micro_batch_size=8", "dist.ds_config=zero2_offload")
     assert plan.setup.micro_batch == 8 and plan.total <= 47e9 and plan.fits
     assert {"lora_grads_fp32", "master_weights_fp32", "optimizer_states (host)"} <= set(plan.outside)
+
+
+def test_plan_counts_dora_magnitudes_as_the_real_model_has_them(tiny_model_dir):
+    from qlora_dist.model.base import add_lora, count_parameters, load_base
+
+    counts = {}
+    for variant in ("lora", "dora"):
+        cfg = load_config(overrides=[*TINY, f"lora.variant={variant}", "train.micro_batch_size=4"])
+        setup = memory.setup_from_config(cfg, 2)
+        trainable, _ = count_parameters(add_lora(load_base(tiny_model_dir, bits=4), cfg, seed=0))
+        assert sum(memory.lora_numels(setup)) == trainable  # the planner's count is the model's
+        counts[variant] = (trainable, memory.make_plan(setup))
+    magnitudes = counts["dora"][0] - counts["lora"][0]
+    assert magnitudes == 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64)  # an output row of each q k v o gate up down, 2 layers
+    dora_plan, lora_plan = counts["dora"][1], counts["lora"][1]
+    assert f"of which {magnitudes:,} DoRA magnitudes" in memory.format_plan(dora_plan)
+    assert dora_plan.items["activations_peak_phase"] > lora_plan.items["activations_peak_phase"]
+    assert dora_plan.items["lora_weights"] - lora_plan.items["lora_weights"] == 2 * magnitudes  # bf16

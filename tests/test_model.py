@@ -1,3 +1,5 @@
+import json
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -55,3 +57,46 @@ def test_missing_or_wrong_model_folder(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(ConfigError, match="'gpt2' model"):
         check_model_folder(tmp_path)
+
+
+def test_rslora_scales_by_alpha_over_sqrt_r_on_the_model_and_in_the_saved_adapter(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+
+    cfg = load_config(overrides=["model.path=tiny-llama", "lora.r=16", "lora.alpha=8", "lora.rslora=true"])
+    model = add_lora(load_base(tiny_model_dir, bits=4), cfg, seed=0)
+    scalings = _scalings(model)
+    assert scalings == {8 / 16 ** 0.5}  # 2.0; plain LoRA would be alpha / r = 0.5
+    model.save_pretrained(str(tmp_path))
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["use_rslora"] is True and saved["use_dora"] is False and saved["r"] == 16
+    loaded = PeftModel.from_pretrained(load_base(tiny_model_dir, bits=4), str(tmp_path))
+    assert _scalings(loaded) == {2.0}
+    plain = add_lora(load_base(tiny_model_dir, bits=4), load_config(overrides=["model.path=tiny-llama", "lora.r=16",
+                                                                               "lora.alpha=8"]), seed=0)
+    assert _scalings(plain) == {0.5}
+
+
+def _scalings(model) -> set[float]:
+    return {m.scaling["default"] for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)}
+
+
+def test_dora_magnitude_is_peft_s_row_norm_on_one_rank_and_the_loaders_norms_match(tiny_model_dir):
+    """On one rank peft computes DoRA's magnitude itself; the layer-wise loader's row norms (what a
+    ZeRO-3 run uses instead, model/loader.py) give the same values for the same NF4 weights."""
+    from qlora_dist.model.base import load_base_layerwise
+    from qlora_dist.model.loader import ROW_NORMS
+
+    cfg = load_config(overrides=["model.path=tiny-llama", "lora.r=4", "lora.alpha=8", "lora.variant=dora",
+                                 "model.compute_dtype=bfloat16"])
+    peft_model = add_lora(load_base(tiny_model_dir, bits=4), cfg, seed=0)
+    layerwise = load_base_layerwise(tiny_model_dir, cfg)
+    norms = {name: getattr(m, ROW_NORMS) for name, m in layerwise.named_modules() if hasattr(m, ROW_NORMS)}
+    assert len(norms) == 2 * 7
+    magnitudes = {n.removeprefix("base_model.model.").split(".lora_magnitude_vector")[0]: p
+                  for n, p in peft_model.named_parameters() if "lora_magnitude_vector" in n}
+    assert magnitudes.keys() == norms.keys()
+    for name, m in magnitudes.items():
+        assert torch.equal(m.float(), norms[name]), name  # peft's own value, bit for bit
+    prepare_for_training(peft_model, cfg)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert sum("lora_magnitude_vector" in n for n in trainable) == 2 * 7  # the magnitude trains

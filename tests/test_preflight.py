@@ -233,6 +233,31 @@ def test_init_adapter_must_agree_with_the_lora_keys_the_user_set(tmp_path, capsy
     assert (cfg.lora.r, cfg.lora.target_modules, cfg.lora.alpha) == (8, ["q_proj", "v_proj"], 16)
 
 
+def test_a_dora_adapter_sets_the_variant_and_a_conflicting_key_is_refused(tmp_path, capsys, trapped):
+    """The variant and the scaling are read from the adapter's own config (peft's use_dora, use_rslora);
+    an adapter saved before those fields existed is plain LoRA, as peft builds it."""
+    from qlora_dist.config import load_config
+    from qlora_dist.model import init_adapter
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["q_proj"],
+              "use_dora": True, "use_rslora": True}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    write_safetensors_header(adapter / "adapter_model.safetensors", {"x": ([8, 64], "F32")})
+    args = [*TINY, f"train.output_dir={tmp_path / 'out'}", f"train.init_adapter={adapter}"]
+    code, lines = run_main(capsys, "check", *args, "lora.variant=lora", "lora.rslora=false")
+    assert code == 2 and len(lines) == 2, lines
+    assert "lora.variant: you set 'lora'" in lines[0] and "use_dora=True (lora.variant='dora')" in lines[0]
+    assert "lora.rslora: you set False" in lines[1]
+    cfg = init_adapter.adopt(load_config(overrides=args))
+    assert (cfg.lora.variant, cfg.lora.rslora) == ("dora", True)
+    del config["use_dora"], config["use_rslora"]
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    code, lines = run_main(capsys, "check", *args, "lora.variant=dora")
+    assert code == 2 and "lora.variant: you set 'dora'" in lines[0] and "use_dora=False" in lines[0], lines
+
+
 def test_check_prints_the_plan_of_a_65b_run_in_seconds(tmp_path, capsys):
     """A real-looking 65B folder: LLaMA-65B's config.json, a tokenizer, two safetensors shards whose
     headers describe 130 GB (sparse files: no disk used)."""

@@ -15,6 +15,7 @@ from qlora_dist.config import Config
 from qlora_dist.errors import ConfigError
 from qlora_dist.model import folder
 from qlora_dist.model.builtin import random_llama_config, random_size, resolve_model_path, tokenizer_folder
+from qlora_dist.model.loader import ROW_NORMS
 from qlora_dist.precision import DTYPES, dtype_name, quantization_config
 
 
@@ -74,18 +75,34 @@ def add_lora(model: torch.nn.Module, cfg: Config, seed: int):
     targets = cfg.lora.target_modules
     if targets == ["all-linear"]:
         targets = lora_target_names(model)
+    # The variant and the scaling are peft's own (use_dora, use_rslora), so they are recorded in the saved
+    # adapter_config.json and any peft reader rebuilds the same adapter.
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM",
+                      use_dora=cfg.lora.variant == "dora", use_rslora=cfg.lora.rslora)
     torch.manual_seed(seed)
-    return get_peft_model(model, lora)
+    with compat.dora_magnitude_from_row_norms(ROW_NORMS):
+        return _dora_ready(get_peft_model(model, lora))
 
 
 def load_adapter(model: torch.nn.Module, adapter_dir: Path, trainable: bool):
-    """A base with a saved PEFT adapter on top (its own adapter_config decides r, alpha, targets)."""
+    """A base with a saved PEFT adapter on top (its own adapter_config decides r, alpha, targets, variant)."""
     from peft import PeftModel
 
     check_adapter(Path(adapter_dir))
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    with compat.dora_magnitude_from_row_norms(ROW_NORMS):
+        return _dora_ready(PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable))
+
+
+def _dora_ready(model):
+    """A DoRA model's layers read their base weight in their own forward too: keep it gathered there
+    under ZeRO-3, and read it without replacing it (compat). Nothing changes for plain LoRA. The loader's
+    row norms are spent once the magnitudes exist: freed (65B: ~30 MB of fp32 per rank)."""
+    if compat.gather_base_weight_in_dora_forward(model):
+        compat.dora_dequantize_in_place()
+    for module in model.modules():
+        module.__dict__.pop(ROW_NORMS, None)
+    return model
 
 
 def check_adapter(adapter_dir: Path) -> None:
@@ -118,8 +135,14 @@ def prepare_for_training(model: torch.nn.Module, cfg: Config) -> None:
     """What peft's prepare_model_for_kbit_training does, minus its fp32 upcast of the base's 16-bit
     weights (that upcast doubles their memory and breaks ZeRO-3's already partitioned parameters)."""
     for name, param in model.named_parameters():
-        param.requires_grad_("lora_" in name)
+        param.requires_grad_("lora_" in name)  # DoRA's magnitude too: lora_magnitude_vector
     # LoRA weights in one dtype, the model's: ZeRO-3 needs it, and the engine keeps fp32 masters.
+    # DoRA's magnitude included, although TRL #7268 found a bf16 magnitude frozen: there the optimizer
+    # updated the bf16 values themselves, and steps below bf16's resolution (0.4%) vanished. Here the
+    # optimizer steps DeepSpeed's fp32 master of it and the bf16 copy follows, so updates accumulate
+    # (tests/test_dora.py checks it changes). An fp32 magnitude in the module is not possible under
+    # deepspeed 0.19.8 anyway: ZeRO-3 refuses mixed dtypes (defragment: one dtype), ZeRO-1/2 cast every
+    # parameter to bf16 at initialize.
     for name, param in model.named_parameters():
         if param.requires_grad:
             param.data = param.data.to(DTYPES[dtype_name(cfg.model.compute_dtype)])
@@ -159,7 +182,7 @@ def load_base_layerwise(path: Path, cfg: Config, device=None, ds_config: dict | 
     q = cfg.quantization
     return load_layerwise(AutoConfig.from_pretrained(path), SafetensorsSource(path), q.bits, q.quant_type,
                           q.double_quant, dtype_name(cfg.model.compute_dtype), device, ds_config, cfg.model.attn_implementation,
-                          on_piece)
+                          on_piece, keep_row_norms=cfg.lora.variant == "dora")
 
 
 def load_base_random(size: str, cfg: Config, device=None, ds_config: dict | None = None, on_piece=None):
@@ -169,7 +192,8 @@ def load_base_random(size: str, cfg: Config, device=None, ds_config: dict | None
 
     q = cfg.quantization
     return load_layerwise(random_llama_config(size), RandomSource(), q.bits, q.quant_type, q.double_quant,
-                          dtype_name(cfg.model.compute_dtype), device, ds_config, cfg.model.attn_implementation, on_piece)
+                          dtype_name(cfg.model.compute_dtype), device, ds_config, cfg.model.attn_implementation, on_piece,
+                          keep_row_norms=cfg.lora.variant == "dora")
 
 
 def build_model(cfg: Config, device=None, ds_config: dict | None = None, on_piece=None):

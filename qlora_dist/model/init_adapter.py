@@ -18,7 +18,9 @@ from qlora_dist.model import adapter_settings, folder
 
 # adapter_config.json key -> our key
 LORA_KEYS = {"r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
-             "target_modules": "lora.target_modules"}
+             "target_modules": "lora.target_modules", "use_dora": "lora.variant", "use_rslora": "lora.rslora"}
+# What peft 0.21.2 builds when an adapter_config.json lacks the key (adapters saved before the field existed).
+PEFT_DEFAULTS = {"use_dora": False, "use_rslora": False}
 
 
 def read(adapter_dir: str | Path, key: str = "train.init_adapter") -> dict:
@@ -41,6 +43,10 @@ def read(adapter_dir: str | Path, key: str = "train.init_adapter") -> dict:
 def _ours(adapter_key: str, value):
     if adapter_key == "target_modules":
         return sorted(value) if isinstance(value, (list, tuple, set)) else [value]
+    if adapter_key == "use_dora":  # peft records DoRA as a flag; our key names the variant
+        return "dora" if value else "lora"
+    if adapter_key == "use_rslora":
+        return bool(value)
     return value
 
 
@@ -66,6 +72,8 @@ def _same(our_key: str, mine, theirs, model_path: str) -> bool:
             expand = _all_linear(model_path)
             mine, theirs = (expand if s == {"all-linear"} else s for s in (mine, theirs))
         return mine == theirs
+    if our_key in ("lora.variant", "lora.rslora"):
+        return mine == theirs
     return float(mine) == float(theirs)
 
 
@@ -78,6 +86,7 @@ def problems(cfg: Config) -> list[str]:
         data = read(cfg.train.init_adapter)
     except ConfigError as exc:
         return exc.problems
+    data = {**PEFT_DEFAULTS, **data}
     weights = Path(cfg.train.init_adapter) / "adapter_model.safetensors"
     errs = folder.safetensors_problems(weights, "train.init_adapter") if weights.is_file() else [
         f"train.init_adapter: {weights} not found (adapters are read in safetensors format)"]
@@ -91,7 +100,8 @@ def problems(cfg: Config) -> list[str]:
             mine = getattr(cfg.lora, ours.split(".")[1])
             if not _same(ours, mine, _ours(theirs, data[theirs]), cfg.model.path):
                 errs.append(f"{ours}: you set {mine!r} but the adapter {cfg.train.init_adapter} was trained with "
-                            f"{theirs}={data[theirs]!r}; drop {ours} to take the adapter's value")
+                            f"{theirs}={data[theirs]!r} ({ours}={_ours(theirs, data[theirs])!r}); drop {ours} "
+                            "to take the adapter's value")
     return errs
 
 
@@ -100,7 +110,7 @@ def adopt(cfg: Config) -> Config:
     when there is no starting adapter). Every rank calls it; the preflight has checked the folder."""
     if not cfg.train.init_adapter:
         return cfg
-    data, adopted = read(cfg.train.init_adapter), copy.deepcopy(cfg)
+    data, adopted = {**PEFT_DEFAULTS, **read(cfg.train.init_adapter)}, copy.deepcopy(cfg)
     for theirs, ours in LORA_KEYS.items():
         if ours not in cfg.user_keys and theirs in data:
             setattr(adopted.lora, ours.split(".")[1], _ours(theirs, data[theirs]))

@@ -124,6 +124,33 @@ def _real_buffers(root: torch.nn.Module, config, device) -> None:
                                "cannot rebuild; use model.loader=hf"])
 
 
+ROW_NORMS = "_qlora_row_norms"  # attribute of a linear layer: its weight's row norms, fp32 (DoRA's start)
+
+
+def row_norms(layer: torch.nn.Module) -> torch.Tensor:
+    """The L2 norm of each output row of the layer's weight as the forward uses it (NF4 dequantized, else
+    as stored), as peft 0.21.2's DoRA computes its starting magnitude (B is zero then): in the weight's
+    dtype (a bf16 weight gives bf16-rounded norms), returned as fp32."""
+    weight = layer.weight
+    if getattr(weight, "quant_state", None) is not None:
+        import bitsandbytes.functional as bnbf
+
+        weight = bnbf.dequantize_4bit(weight.data, weight.quant_state)
+    return torch.linalg.norm(weight.detach(), dim=1).float()
+
+
+def _keep_row_norms(piece: torch.nn.Module, prefix: str) -> None:
+    """Record the row norms of every linear layer of a piece while its weights are whole: under ZeRO-3 the
+    piece is partitioned next, and DoRA's magnitude (peft) would then be computed from an empty slice."""
+    import bitsandbytes as bnb
+
+    if prefix == "lm_head":  # never a LoRA target
+        return
+    for child in piece.modules():
+        if isinstance(child, (torch.nn.Linear, bnb.nn.Linear4bit)):
+            setattr(child, ROW_NORMS, row_norms(child))
+
+
 def _materialize(piece: torch.nn.Module, prefix: str, source: TensorSource, quant: dict | None,
                  dtype: torch.dtype, device) -> None:
     """Give one meta piece real (and, for linear layers, quantized) weights."""
@@ -160,10 +187,11 @@ def attention_for(config, wanted: str) -> str:
 
 def load_layerwise(config, source: TensorSource, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
                    compute_dtype: str = "bfloat16", device=None, ds_config: dict | None = None,
-                   attn_implementation: str = "sdpa", on_piece=None):
+                   attn_implementation: str = "sdpa", on_piece=None, keep_row_norms: bool = False):
     """The config's causal LM (its family's own class, built on `meta` by AutoModelForCausalLM) loaded piece
     by piece; partitioned as it goes when ds_config is ZeRO-3. on_piece(name): called after each piece, on
-    every rank alike (progress, or a stop point that raises)."""
+    every rank alike (progress, or a stop point that raises). keep_row_norms: each linear layer keeps its
+    weight's row norms (ROW_NORMS), taken before partitioning, for DoRA's magnitude."""
     import deepspeed
     from transformers import AutoModelForCausalLM
 
@@ -181,6 +209,8 @@ def load_layerwise(config, source: TensorSource, bits: int = 4, quant_type: str 
             continue
         _materialize(piece, prefix, source, quant, dtype, device)
         _real_buffers(piece, config, device)  # before zero.Init, which moves buffers
+        if keep_row_norms:
+            _keep_row_norms(piece, prefix)
         if ds_config is not None:
             deepspeed.zero.Init(module=piece, config_dict_or_path=ds_config)
         gc.collect()
