@@ -9,7 +9,6 @@ model's logits on a fixed batch, computed by all ranks under the run's ZeRO stag
 """
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -57,23 +56,9 @@ def run_case(out: Path, overrides: list[str]) -> None:
 def main(argv: list[str]) -> None:
     set_library_env()
     quiet_known_warnings()
-    from qlora_dist import dist
+    from train_cases import for_each_case  # this folder is the script's: on sys.path
 
-    # One process group for all the cases: DeepSpeed 0.19.8 keeps the first group in its globals and
-    # cannot train in a second one after destroy_process_group (as tests/workers/train_cases.py).
-    shutdown, dist.shutdown = dist.shutdown, lambda: None
-    out, rest = Path(argv[0]), argv[1:]
-    split = rest.index("--") if "--" in rest else len(rest)
-    dist.init()  # the copies are made by rank 0 while the others wait: the group must exist first
-    for case in rest[:split]:
-        name, _, keys = case.partition(":")
-        for source in (Path(k[len("copy="):]) for k in keys.split(",") if k.startswith("copy=")):
-            if dist.is_main():
-                shutil.copytree(source, out / name / source.name)
-            dist.barrier()
-        run_case(out / name, [*rest[split + 1:], *(k for k in keys.split(",") if k and not k.startswith("copy="))])
-    dist.barrier()
-    shutdown()
+    for_each_case(argv, run_case)
 
 
 if __name__ == "__main__":

@@ -84,16 +84,10 @@ def measure(cfg) -> None:
 
 
 def main(argv: list[str]) -> None:
-    # One process group for all the cases: DeepSpeed 0.19.8 keeps the first group in its globals and
-    # cannot train in a second one after destroy_process_group.
-    shutdown, dist.shutdown = dist.shutdown, lambda: None
-    out, rest = argv[0], argv[1:]
-    split = rest.index("--") if "--" in rest else len(rest)
-    for case in rest[:split]:
-        name, _, keys = case.partition(":")
-        measure(load_config(overrides=[*rest[split + 1:], *filter(None, keys.split(",")),
-                                       f"train.output_dir={out}/{name}"]))
-    shutdown()
+    from train_cases import for_each_case  # this folder is the script's: on sys.path
+
+    for_each_case(argv, lambda folder, overrides: measure(load_config(
+        overrides=[*overrides, f"train.output_dir={folder}"])))
 
 
 if __name__ == "__main__":

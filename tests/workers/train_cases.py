@@ -17,13 +17,11 @@ from qlora_dist.compat import quiet_known_warnings, set_library_env
 CASE_MARK = "=== case "
 
 
-def main(argv: list[str]) -> None:
-    set_library_env()
-    quiet_known_warnings()
-    from qlora_dist.config import load_config
+def for_each_case(argv: list[str], run_one) -> None:
+    """Parses `OUT NAME:key=value,... -- key=value ...` and calls run_one(OUT/NAME, overrides) for each case,
+    in one process group (the common keys first, then the case's), after copying its copy= folders. Shared
+    by the case workers of tests/workers/."""
     from qlora_dist import dist
-    from qlora_dist.launch.job import prepare
-    from qlora_dist.train.trainer import run
 
     # One process group for all the runs: DeepSpeed 0.19.8 keeps the first group in its globals and
     # cannot train in a second one after destroy_process_group.
@@ -43,10 +41,23 @@ def main(argv: list[str]) -> None:
             dist.barrier()
         if dist.is_main():
             print(f"{CASE_MARK}{name}", file=sys.stderr, flush=True)
-        cfg = load_config(overrides=[*common, *overrides, f"train.output_dir={out / name}"])
-        run(cfg, prepare(cfg))
+        run_one(out / name, [*common, *overrides])
     dist.barrier()
     shutdown()
+
+
+def main(argv: list[str]) -> None:
+    set_library_env()
+    quiet_known_warnings()
+    from qlora_dist.config import load_config
+    from qlora_dist.launch.job import prepare
+    from qlora_dist.train.trainer import run
+
+    def train(folder: Path, overrides: list[str]) -> None:
+        cfg = load_config(overrides=[*overrides, f"train.output_dir={folder}"])
+        run(cfg, prepare(cfg))
+
+    for_each_case(argv, train)
 
 
 if __name__ == "__main__":
