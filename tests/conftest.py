@@ -27,6 +27,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # A rank that aborts (SIGABRT, e.g. a C++ std::terminate at exit) prints where Python was: inside a call, or
 # "<no Python frame>" during interpreter finalization.
 os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+# Under `pytest -n N` (make test) N workers share the cores, each starting runs of its own: a process that
+# also took every core for its OpenMP threads would fight the other worker's (as ranks do without torchrun's
+# OMP_NUM_THREADS=1, see dist._share_cpu_cores). So each worker's processes get their share.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 # Small, fast settings for the tiny random LLaMA; tests add their own on top.
 TINY = ["model.path=tiny-llama", "lora.r=8", "lora.alpha=16", "lora.dropout=0.1", "optim.lr=3e-3",

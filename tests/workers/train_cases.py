@@ -4,10 +4,14 @@ are paid once per launch), each into OUT/NAME: the final adapter is in OUT/NAME/
 usage: train_cases.py OUT NAME:key=value,key=value ... -- key=value ...   (the keys after -- apply to all)
   copy=FOLDER among a case's keys: FOLDER (a checkpoint of another run, maybe of another launch) is copied
   into OUT/NAME before it trains, as a user who continues a run in a new folder would do.
+  worker=MODULE among a case's keys: the case is run by MODULE.run_case(folder, overrides) (a worker of this
+  folder, such as zero3_export) instead of a plain training run, so that the cases of several workers
+  share one launch.
 Rank 0 writes "=== case NAME" to stderr before each case, so a test can tell the cases' messages apart.
 """
 from __future__ import annotations
 
+import importlib
 import shutil
 import sys
 from pathlib import Path
@@ -34,14 +38,17 @@ def for_each_case(argv: list[str], run_one) -> None:
         dist.init()  # the copies are made by rank 0 while the others wait: the group must exist first
     for case in cases:
         name, _, keys = case.partition(":")
-        overrides = [k for k in keys.split(",") if k and not k.startswith("copy=")]
+        special = ("copy=", "worker=")
+        overrides = [k for k in keys.split(",") if k and not k.startswith(special)]
+        workers = [k[len("worker="):] for k in keys.split(",") if k.startswith("worker=")]
         for source in (Path(k[len("copy="):]) for k in keys.split(",") if k.startswith("copy=")):
             if dist.is_main():
                 shutil.copytree(source, out / name / source.name)
             dist.barrier()
         if dist.is_main():
             print(f"{CASE_MARK}{name}", file=sys.stderr, flush=True)
-        run_one(out / name, [*common, *overrides])
+        runner = importlib.import_module(workers[0]).run_case if workers else run_one
+        runner(out / name, [*common, *overrides])
     dist.barrier()
     shutdown()
 

@@ -1,21 +1,17 @@
-"""Run under torchrun: train a few steps, then save a checkpoint while counting every byte that
-collectives gather, and dump the trained model's logits on a fixed batch (rank 0)."""
+"""A case of tests/workers/train_cases.py (`worker=zero3_export` among its keys): train a few steps, then
+save a checkpoint while counting every byte that collectives gather, and dump the trained model's logits on
+a fixed batch (rank 0 writes FOLDER/gathered.json and FOLDER/trained_logits.pt)."""
 from __future__ import annotations
 
 import json
-import sys
+from pathlib import Path
 
 import torch
 
-from qlora_dist import compat
-
-compat.set_library_env()
-compat.quiet_known_warnings()
-
-from qlora_dist.config import load_config  # noqa: E402
-from qlora_dist.data.batches import collate  # noqa: E402
-from qlora_dist.launch.job import prepare  # noqa: E402
-from qlora_dist.train.trainer import Trainer  # noqa: E402
+from qlora_dist.config import load_config
+from qlora_dist.data.batches import collate
+from qlora_dist.launch.job import prepare
+from qlora_dist.train.trainer import Trainer
 
 GATHERS = ("all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_object", "broadcast")
 
@@ -54,8 +50,7 @@ def count_gathered_bytes(fn):
     return counted["bytes"]
 
 
-def main() -> None:
-    out, overrides = sys.argv[1], sys.argv[2:]
+def run_case(out: Path, overrides: list[str]) -> None:
     cfg = load_config(overrides=[*overrides, f"train.output_dir={out}"])
     trainer = Trainer(cfg, prepare(cfg))
     trainer.setup()
@@ -78,9 +73,3 @@ def main() -> None:
     torch.distributed.barrier()
     trainer.cleanup()
 
-
-if __name__ == "__main__":
-    main()
-    from qlora_dist import dist
-
-    dist.leave(0)  # see compat.exit_without_finalization
