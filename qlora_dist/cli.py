@@ -56,6 +56,28 @@ def _cmd_check(ns) -> None:
     print(report.format())
 
 
+def _cmd_compare(ns) -> None:
+    """Train the grid's cells not yet completed, then write and print the table (--table: only that)."""
+    from qlora_dist.launch import compare
+
+    grid = compare.read_grid(ns.grid)
+    unknown = sorted(set(ns.only or ()) - set(grid.methods))
+    if unknown:
+        raise ConfigError([f"--only: {', '.join(unknown)} not among {grid.path}'s methods ({', '.join(grid.methods)})"])
+    codes = {} if ns.table else compare.run_grid(grid, ns.only)
+    table, _ = compare.write_results(grid)
+    print(table)
+    print(f"[qlora-dist] compare: table in {grid.output_dir / 'compare.md'}, curves in {grid.output_dir / 'compare.png'}",
+          file=sys.stderr)
+    failed = {cell: code for cell, code in codes.items() if code != 0}
+    if failed:
+        stopped = [c for c in failed.values() if c >= 128 or c < 0]
+        if stopped:
+            raise SystemExit(stopped[0] if stopped[0] >= 128 else 128 - stopped[0])
+        raise RunFault("compare: cells failed: " + ", ".join(f"{c} (exit {code})" for c, code in failed.items())
+                       + "; their folders keep what they wrote, a rerun continues them")
+
+
 def _cmd_presets(ns) -> None:
     from qlora_dist.recipe import format_table
 
@@ -467,6 +489,13 @@ def _add_training_commands(sub) -> None:
                                    "the final adapter. Exit status: 0 all intact, 1 something damaged, 2 not a folder.")
     p.add_argument("output_dir", metavar="OUTPUT_DIR")
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("compare", help="train a grid of methods x seeds on one model and dataset (one run after "
+                       "another, resumable), then a table of mean and min-max over seeds and a PNG of the curves")
+    p.add_argument("grid", metavar="GRID.yaml", help="the grid file (see compare/paper.yaml)")
+    p.add_argument("--only", nargs="+", metavar="METHOD", help="train only these methods' cells (the table has all)")
+    p.add_argument("--table", action="store_true", help="train nothing: the table of the cells completed so far")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("presets", help="print the QLoRA recipe presets")
     p.set_defaults(func=_cmd_presets)
