@@ -33,6 +33,26 @@ def set_library_env() -> None:
 SHM_COMM_OP = "deepspeed_shm_comm"
 
 
+def import_deepspeed():
+    """`import deepspeed`, without the mlflow import that comes with it. deepspeed 0.19.8 imports mlflow when
+    it is installed (autotuning/autotuner.py: `try: import mlflow`, reached from deepspeed.runtime.config) for
+    the autotuner, which we never run; mlflow is installed here as train.report_to's tracker, and its import
+    was most of deepspeed's: ~80% of it, ~1 s of every rank's start (python -X importtime). So deepspeed is
+    imported once with mlflow hidden (a None entry in sys.modules makes `import mlflow` fail at once), and
+    mlflow imports normally afterwards, for a tracker that wants it."""
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    hide = "mlflow" not in sys.modules
+    if hide:
+        sys.modules["mlflow"] = None
+    try:
+        import deepspeed
+    finally:
+        if hide and "mlflow" in sys.modules and sys.modules["mlflow"] is None:
+            del sys.modules["mlflow"]
+    return deepspeed
+
+
 def deepspeed_cpu_op_dir() -> Path | None:
     """The folder torch builds and caches deepspeed's CPU shared-memory op in ($TORCH_EXTENSIONS_DIR, else
     ~/.cache/torch_extensions/py311_cpu, per torch 2.13 cpp_extension._get_build_directory, which we call

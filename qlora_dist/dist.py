@@ -184,7 +184,7 @@ def device_for(info: DistInfo) -> torch.device:
 
 def init(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     """Join (or create) the process group; returns this process's place in it."""
-    import deepspeed
+    deepspeed = compat.import_deepspeed()  # the first import of deepspeed in a run: see there why
 
     _single_process_env()
     info = read_env()

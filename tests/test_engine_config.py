@@ -64,3 +64,16 @@ def test_a_broken_json_names_file_and_line(tmp_path):
     cfg = load_config(overrides=[f"dist.ds_config={path}"])
     with pytest.raises(ConfigError, match=r"broken.json:3: not valid JSON"):
         build_ds_config(cfg, 1)
+
+
+def test_deepspeed_is_imported_without_mlflow_which_still_imports_afterwards():
+    """compat.import_deepspeed: deepspeed 0.19.8's autotuner imports mlflow (most of deepspeed's import
+    time); a rank's start skips it, and a tracker that wants mlflow still gets it."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom qlora_dist import compat\ncompat.import_deepspeed()\n"
+            "print('mlflow' in sys.modules)\nimport mlflow\nprint(sys.modules['mlflow'] is mlflow)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "True"]
