@@ -80,3 +80,37 @@ def test_a_grid_trains_each_cell_once_across_invocations_and_tabulates_the_seeds
 
     third = run_cli("compare", str(path), "--table", timeout=120)
     assert "to train" not in third.stderr and third.stdout == second.stdout  # nothing trained, same table
+
+
+@pytest.mark.slow
+def test_a_stop_signal_reaches_the_training_cell_and_the_next_invocation_finishes_it(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = _grid(tmp_path, {"r4": {"lora.r": 4}}, seeds=[1])
+    text = path.read_text().replace("train.max_steps: 3", "train.max_steps: 400").replace("train.save_steps: 3",
+                                                                                          "train.save_steps: 400")
+    path.write_text(text)
+    cell = tmp_path / "out" / "r4" / "seed-1"
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_dist", "compare", str(path)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (
+            (cell / "metrics.jsonl").is_file() and '"loss"' in (cell / "metrics.jsonl").read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # to compare alone, as a scheduler's kill of the job step would
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err
+    saved = sorted(cell.glob("checkpoint-*"))
+    assert saved and not (cell / "completed").exists()  # the cell saved where it stopped, and is not done
+    stopped_at = int(saved[-1].name.split("-")[1])
+    assert 0 < stopped_at < 400
+    text = path.read_text().replace("train.max_steps: 400", f"train.max_steps: {stopped_at + 2}")
+    path.write_text(text)
+    # the same grid with 2 more steps (a user who cut it short): the cell resumes, it does not start over
+    again = run_cli("compare", str(path), timeout=600)
+    assert "0 already completed, 1 to train" in again.stderr and f"resuming from {saved[-1]}" in again.stderr
+    assert (cell / "completed").is_file()
