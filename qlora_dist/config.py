@@ -581,7 +581,11 @@ def _apply(cfg: Config, assignments: list[Assignment]) -> list[str]:
         if isinstance(value, bool) and "on" in choices and "off" in choices:
             value = "on" if value else "off"  # YAML 1.1 reads on/off as booleans (model.tiled_mlp=off)
         try:
-            setattr(group_obj, name, _coerce(value, _field_type(group, name)))
+            coerced = _coerce(value, _field_type(group, name))
+            if bool in typing.get_args(_field_type(group, name)) and coerced not in choices:
+                # a key that is a bool or a word (model.gradient_checkpointing: true, false, offload)
+                raise TypeError(", ".join(str(c).lower() for c in choices[:-1]) + f" or {choices[-1]}")
+            setattr(group_obj, name, coerced)
         except TypeError as exc:
             errs.append(f"{origin}: {key}: expected {exc}, got {value!r}")
     return errs
