@@ -232,7 +232,10 @@ def _long_samples(cfg: Config, world_size: int, report: Report) -> list[str]:
     if report.plan is None:
         return []
     resolved = report.plan.apply(cfg)
-    setup = memory.setup_from_config(resolved, world_size, shape=memory.shape_for(resolved), on_gpu=True)
+    try:
+        setup = memory.setup_from_config(resolved, world_size, shape=memory.shape_for(resolved), on_gpu=True)
+    except ConfigError:  # the DeepSpeed JSON or the model's config: their own checks report it, once
+        return []
     length = max(setup.seq_len, resolved.data.pack_length if resolved.data.packing else 0)
     mask = memory.attention_mask_bytes(memory.replace(setup, seq_len=length))
     if mask and length > MASK_WARN_TOKENS:
