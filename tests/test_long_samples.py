@@ -224,24 +224,10 @@ def test_tiled_mlp_planned_as_autograd_keeps_it():
     from test_memory import _llama_config, saved_bytes_per_token_per_layer
 
     shape = memory.Shape(384, 1024, 1, 6, 2, 1000)
-    for dropout in (0.1,):  # the recipe's (both fitted: tests/test_memory.py measures dropout off)
-        setup = memory.Setup(shape=shape, lora_dropout=dropout > 0)
-        planned = memory.layer_activation_bytes_per_token(setup) - memory.mlp_saved_bytes_per_token(setup)
-        measured = _saved_with_tiles(shape, dropout)
-        assert abs(planned - measured) <= 0.02 * measured, (dropout, planned, measured)
-
-
-def _saved_with_tiles(shape, dropout: float) -> float:
-    from test_memory import _llama_config
-
-    import test_memory
-
-    original = test_memory.load_config
-    test_memory.load_config = lambda overrides: original(overrides=[*overrides, "model.tiled_mlp=on"])
-    try:
-        return test_memory.saved_bytes_per_token_per_layer(_llama_config(shape), shape.vocab, dropout)
-    finally:
-        test_memory.load_config = original
+    setup = memory.Setup(shape=shape, lora_dropout=True)  # the recipe's dropout (off: fitted the same way)
+    planned = memory.layer_activation_bytes_per_token(setup) - memory.mlp_saved_bytes_per_token(setup)
+    measured = saved_bytes_per_token_per_layer(_llama_config(shape), shape.vocab, 0.1, overrides=("model.tiled_mlp=on",))
+    assert abs(planned - measured) <= 0.02 * measured, (planned, measured)
 
 
 def test_planner_options_move_and_shrink_the_right_items():
