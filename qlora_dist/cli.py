@@ -6,6 +6,7 @@ import sys
 
 from qlora_dist.compat import quiet_known_warnings, set_library_env
 from qlora_dist.errors import ConfigError, RunFault
+from qlora_dist.recipe import LLAMA_SHAPES
 
 
 def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -107,6 +108,7 @@ def _cmd_plan(ns) -> None:
     from qlora_dist.run_plan import load_run_config
 
     world, cap = _world_and_cap(ns)
+    host_cap = _host_cap(ns, cap)
     path, overrides = _split_config_args(ns.args)
     size = (ns.shape or (ns.preset or "").split("-")[0]) or None
     from qlora_dist.recipe import DATASET_PRESETS
@@ -126,6 +128,8 @@ def _cmd_plan(ns) -> None:
         setup = memory.setup_from_config(cfg, world, shape, on_gpu=True)
     if problems := memory.sequence_parallel_problems(cfg, world, setup.shape):
         raise ConfigError(problems)
+    if ns.max_seq:
+        return _print_longest(ns, memory, setup, cap, host_cap, world)
     plan = memory.make_plan(setup, cap)
     fix = memory.suggest(plan.setup, cap) if cap and not plan.fits else None
     if ns.json:
@@ -134,6 +138,35 @@ def _cmd_plan(ns) -> None:
     print(memory.format_plan(plan))
     if fix:
         print("  to fit: " + "; then ".join(fix))
+
+
+def _host_cap(ns, cap: int | None) -> int | None:
+    """--host-memory, checked; --max-seq needs --gpu-memory (the cap it fills)."""
+    from qlora_dist.config import parse_size
+
+    errs, host = [], None
+    if ns.host_memory is not None:
+        try:
+            host = parse_size(ns.host_memory)
+        except ValueError as exc:
+            errs.append(f"--host-memory: {exc}")
+    if ns.max_seq and cap is None:
+        errs.append("--max-seq: needs --gpu-memory (the GPU cap the longest sample must fit)")
+    if errs:
+        raise ConfigError(errs)
+    return host
+
+
+def _print_longest(ns, memory, setup, cap: int, host_cap: int | None, world: int) -> None:
+    """plan --max-seq: the longest sample under both caps (the ranks of one machine share its host memory)."""
+    import json
+
+    found = memory.longest_sample(setup, cap, host_cap, ranks_per_host=min(world, 8))
+    if ns.json:
+        at = memory.make_plan(memory.replace(setup, micro_batch=1, seq_len=max(found["max_seq_len"], 1)), cap)
+        print(json.dumps({**found, "plan_at_max_seq_len": at.to_json()}, indent=2))
+        return
+    print(memory.format_longest(found, setup))
 
 
 def _cmd_launch_plan(ns) -> None:
@@ -509,9 +542,12 @@ def _add_training_commands(sub) -> None:
     p = sub.add_parser("plan", help="per-rank GPU memory plan of a run, and whether it fits a cap")
     p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value]")
     p.add_argument("--preset", help="a recipe preset; a paper preset alone gives the LLaMA shape")
-    p.add_argument("--shape", choices=["7b", "13b", "33b", "65b"], help="plan this LLaMA shape")
+    p.add_argument("--shape", choices=list(LLAMA_SHAPES), help="plan this LLaMA shape (recipe.LLAMA_SHAPES)")
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--gpu-memory", help="cap per GPU, e.g. 24GB or 40GiB")
+    p.add_argument("--host-memory", help="host RAM of a machine, shared by its ranks (with --max-seq), e.g. 512GB")
+    p.add_argument("--max-seq", action="store_true", help="the longest sample (micro batch 1) that fits the GPU "
+                                                          "cap and the host cap, and which binds")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_plan)
 

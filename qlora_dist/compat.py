@@ -423,3 +423,29 @@ def gather_base_weight_in_dora_forward(model: torch.nn.Module) -> int:
             deepspeed.zero.register_external_parameter(module, module.get_base_layer().weight)
             count += 1
     return count
+
+
+def checkpoint_offload(**options):
+    """DeepSpeed 0.19.8's offload of checkpointed layer inputs (runtime/activation_checkpointing/
+    offload_activations.py: CheckpointHiddenStatesOffload), chosen over torch.autograd.graph.save_on_cpu
+    because it moves only the inputs of the checkpointed decoder layers (save_on_cpu would move every tensor
+    saved outside them: the loss's hidden gradient, the final norm's input), copies them on a side stream
+    into a reused pool of pinned buffers (save_on_cpu pins a new buffer per tensor and copies on the
+    compute stream), and keeps the last layer's input on the GPU, which the backward needs first.
+
+    One change: its unpack hook restores with cache=True, which keeps every restored input on the GPU in
+    `_restored` until the context exits, that is, until the backward has ended; by the first layer's
+    backward all layers' inputs would be back on the GPU, the peak of plain checkpointing. torch's
+    non-reentrant checkpoint (2.13) unpacks a layer's inputs once per backward (one recomputation), so
+    here each restore is consumed once and freed after its layer's backward. On a CPU (DeepSpeed's cpu
+    accelerator is a synchronized device) it skips every tensor: the hook runs, nothing moves."""
+    from deepspeed.runtime.activation_checkpointing.offload_activations import (
+        CheckpointHiddenStatesOffload, _OffloadedTensorRef)
+
+    class SingleRestoreOffload(CheckpointHiddenStatesOffload):
+        def _unpack_tensor(self, maybe_ref):
+            if isinstance(maybe_ref, _OffloadedTensorRef):
+                return self._restore_tensor(maybe_ref.tensor_id, cache=False)
+            return maybe_ref
+
+    return SingleRestoreOffload(**options)

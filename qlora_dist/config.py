@@ -106,7 +106,15 @@ class ModelConfig:
                                       "'tiny-llama' / 'tiny:<family>' (built in)")
     compute_dtype: str = choice("auto", COMPUTE_DTYPES, "auto: bf16 on CUDA and on CPUs with native bf16, fp32 on "
                                                     "other CPUs (qlora_dist/precision.py); NF4 storage is unchanged")
-    gradient_checkpointing: bool = opt(True, "recompute activations in backward (saves memory)")
+    gradient_checkpointing: bool | str = choice(True, (True, False, "offload"),
+                                                "recompute activations in backward (saves memory); offload: "
+                                                "also keep each layer's checkpointed input in pinned host memory "
+                                                "between forward and backward (DeepSpeed's "
+                                                "CheckpointHiddenStatesOffload; model/longseq.py)")
+    tiled_mlp: str = choice("auto", ("auto", "on", "off"),
+                            "run each layer's MLP by tiles of ~hidden-size tokens, recomputed tile by tile in "
+                            "backward (model/longseq.py): auto tiles rows of >= 8,192 tokens (per rank), where "
+                            "the MLP's intermediate activations dominate a layer's")
     attn_implementation: str = choice("sdpa", ("sdpa", "eager"))
     loader: str = choice("auto", ("auto", "hf", "layerwise"),
                          "hf: transformers from_pretrained; layerwise: quantize and partition layer by layer "
@@ -569,8 +577,15 @@ def _apply(cfg: Config, assignments: list[Assignment]) -> list[str]:
             errs.append(f"{origin}: unknown key {key!r}" + (f" (did you mean '{group}.{hint[0]}'?)" if hint else "")
                         + f"; keys of {group}: {', '.join(names)}")
             continue
+        choices = next(f.metadata.get("choices") for f in dataclasses.fields(group_obj) if f.name == name) or ()
+        if isinstance(value, bool) and "on" in choices and "off" in choices:
+            value = "on" if value else "off"  # YAML 1.1 reads on/off as booleans (model.tiled_mlp=off)
         try:
-            setattr(group_obj, name, _coerce(value, _field_type(group, name)))
+            coerced = _coerce(value, _field_type(group, name))
+            if bool in typing.get_args(_field_type(group, name)) and coerced not in choices:
+                # a key that is a bool or a word (model.gradient_checkpointing: true, false, offload)
+                raise TypeError(", ".join(str(c).lower() for c in choices[:-1]) + f" or {choices[-1]}")
+            setattr(group_obj, name, coerced)
         except TypeError as exc:
             errs.append(f"{origin}: {key}: expected {exc}, got {value!r}")
     return errs
@@ -646,7 +661,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 ADDED_AT_DEFAULT = {"data.eval_size": 0, "data.chat_template": "guanaco", "lora.variant": "lora", "lora.rslora": False}
 RESUMABLE_CHANGES = (
     "train.output_dir", "train.max_steps", "train.save_steps", "train.logging_steps", "train.micro_batch_size",
-    "train.max_memory_per_gpu", "model.gradient_checkpointing", "eval.", "checkpoint.", "dist.", "preset",
+    "train.max_memory_per_gpu", "model.gradient_checkpointing", "model.tiled_mlp", "eval.", "checkpoint.", "dist.", "preset",
     "data.cache_dir", "train.max_nonfinite_steps", "data.allow_changed", "train.report_to", "data.eval_dataset",
     "model.allow_base_mismatch",  # a permission, not a value the next step computes with
     "optim.master_weights",  # where the masters live, not their values (tests/test_paged_masters.py: bitwise)

@@ -118,7 +118,7 @@ class Shape:
         from qlora_dist.recipe import LLAMA_SHAPES
 
         s = LLAMA_SHAPES[size]
-        return cls(s.hidden, s.intermediate, s.layers, s.heads, s.heads, s.vocab)
+        return cls(s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads or s.heads, s.vocab)
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,9 @@ class Setup:
     fused_loss: bool = True  # model.fused_loss: the loss by chunks of tokens (qlora_dist/fastpath.py)
     paged_masters: bool = False  # optim.master_weights=paged: fp32 masters in CUDA unified memory
     sequence_parallel: int = 1  # dist.sequence_parallel: each rank holds 1/N of every row's positions
+    offload: bool = False  # model.gradient_checkpointing=offload: checkpointed layer inputs in pinned host memory
+    tiled_mlp: str = "auto"  # model.tiled_mlp: auto, on, off (model/longseq.py)
+    packing: bool = False  # data.packing: packed rows are kept apart by a mask built from their position ids
 
     @property
     def tokens(self) -> int:
@@ -295,20 +298,69 @@ def logits_bytes(s: Setup) -> int:
     return 8 * sh.vocab * min(tokens, chunk_tokens(sh.vocab)) + 4 * sh.hidden * tokens
 
 
-def activation_items(s: Setup) -> dict[str, int]:
+def mlp_saved_bytes_per_token(s: Setup) -> int:
+    """What the MLP's own modules keep of those per token, its input aside (which the tiled MLP keeps):
+    fitted like layer_activation_bytes_per_token with the tiled MLP off and on (tests/test_long_samples.py):
+    8 bytes per MLP unit and 48, plus LoRA dropout's copies and masks of the MLP's inputs (2 per MLP unit,
+    6 per hidden unit)."""
+    i, h = s.shape.intermediate, s.shape.hidden
+    return 8 * i + 48 + ((2 * i + 6 * h) if s.lora_dropout else 0)
+
+
+def mlp_tiles(s: Setup) -> int:
+    """Tiles of the MLP (0: it runs whole) for this setup's rows (model/longseq.py tiles_for)."""
+    from qlora_dist.model.longseq import tiles_for
+
+    if s.shape.fused:  # Phi-3's gate_up_proj: the planner keeps its fitted whole-MLP figure
+        return 0
+    return tiles_for(s.tiled_mlp, -(-s.seq_len // s.sequence_parallel), s.shape.hidden)
+
+
+def attention_mask_bytes(s: Setup) -> int:
+    """The sequence x sequence mask transformers 5.24 builds for sdpa where rows are padded (a micro batch of
+    several rows) or packed (documents told apart by position ids): a bool [rows, 1, L, L] kept through the
+    whole step, and per attention call torch 2.13's CPU sdpa turns it into an additive mask of the query's
+    dtype (2 bytes an entry). None for one unpadded row (the causal mask is skipped: is_causal) nor under
+    dist.sequence_parallel (Ulysses drops the mask); eager attention's is in its per-token figure."""
+    if s.sequence_parallel > 1 or s.shape.attention == "eager" or not (s.micro_batch > 1 or s.packing):
+        return 0
+    return 3 * s.micro_batch * s.seq_len ** 2
+
+
+def offloaded_inputs(s: Setup) -> int:
+    """Checkpointed layer inputs model.gradient_checkpointing=offload moves to host memory: all but the
+    last layer's (DeepSpeed 0.19.8 keeps the newest on the GPU, keep_last_count=1)."""
+    return max(s.shape.layers - 1, 0) if s.offload and s.checkpointing else 0
+
+
+def _layer_and_backward(s: Setup) -> tuple[int, int]:
+    """(what one layer keeps for its backward, the backward's transients), bytes for this rank's tokens."""
     sh, tokens = s.shape, s.tokens
-    layer = (layer_activation_bytes_per_token(s) + dora_activation_bytes_per_token(s)) * tokens
-    logits = logits_bytes(s)
+    per = layer_activation_bytes_per_token(s) + dora_activation_bytes_per_token(s)
+    widest = max(fan_in * fan_out for fan_in, fan_out in sh.linears())
+    wide = 4 * sh.intermediate * tokens  # gradients of the MLP's widest activations
+    if tiles := mlp_tiles(s):  # the MLP keeps its input alone; one tile's activations live at a time
+        tile = -(-tokens // tiles)
+        mlp = mlp_saved_bytes_per_token(s)
+        return (per - mlp) * tokens + mlp * tile, 4 * sh.intermediate * tile + 8 * sh.hidden * tokens + 2 * widest
     # Backward of one layer: gradients of its widest activations, and its weight dequantized to bf16.
     # DoRA's forward (recomputed in the backward) also holds, for its widest layer, the weight dequantized
     # again, B·A (peft builds it as a full matrix) and their sum for the row norms: 3 more bf16 matrices.
-    widest = max(fan_in * fan_out for fan_in, fan_out in sh.linears())
-    backward = (4 * sh.intermediate + 8 * sh.hidden) * tokens + 2 * widest * (4 if s.dora else 1)
+    return per * tokens, wide + 8 * sh.hidden * tokens + 2 * widest * (4 if s.dora else 1)
+
+
+def activation_items(s: Setup) -> dict[str, int]:
+    sh, tokens = s.shape, s.tokens
+    layer, backward = _layer_and_backward(s)
+    logits = logits_bytes(s)
+    mask = {"attention_mask (sequence x sequence)": m} if (m := attention_mask_bytes(s)) else {}
     if s.checkpointing:
-        kept = sh.layers * 2 * sh.hidden * tokens  # each layer's input, bf16
+        # each layer's input, bf16; offloaded: the last one's, and in flight the two before it until their
+        # copies end (DeepSpeed 0.19.8's max_fwd_stash_count=2)
+        kept = (min(sh.layers, 3) if s.offload else sh.layers) * 2 * sh.hidden * tokens
         peak_phase = max(logits, layer + backward)
-        return {"activations_checkpointed": kept, "activations_peak_phase": peak_phase}
-    return {"activations": sh.layers * layer, "activations_peak_phase": max(logits, backward)}
+        return {"activations_checkpointed": kept, "activations_peak_phase": peak_phase, **mask}
+    return {"activations": sh.layers * layer, "activations_peak_phase": max(logits, backward), **mask}
 
 
 def framework_items(s: Setup) -> dict[str, int]:
@@ -337,8 +389,68 @@ def make_plan(s: Setup, cap: int | None = None) -> Plan:
     plan.outside.update(outside)
     plan.items.update(activation_items(s))
     plan.items.update(framework_items(s))
+    if n := offloaded_inputs(s):
+        plan.outside["activations_offloaded (host, pinned)"] = n * 2 * s.shape.hidden * s.tokens
     plan.host_peak_load = host_peak_load(s, "layerwise" if s.zero_stage == 3 else "hf")
     return plan
+
+
+# Host memory a training rank holds besides what the plan lists (an assumption, not a measurement): the
+# Python process with torch and the CUDA context, the memory-mapped tokenized rows, the engine's buffers.
+HOST_OVERHEAD = 4 * GB
+MAX_SEARCHED_LENGTH = 2 ** 24  # 16.8 M tokens: the longest sample `plan --max-seq` looks for
+
+
+def host_training_bytes(plan: Plan) -> int:
+    """Host memory one rank fills while training: offloaded layer inputs and, with an offload ds_config,
+    the fp32 gradients, masters and optimizer states, plus HOST_OVERHEAD; or its loading peak if larger."""
+    s = plan.setup
+    keys = [k for k in plan.outside if "(host" in k]
+    keys += ["lora_grads_fp32", "master_weights_fp32"] if s.offload_optimizer else []
+    return max(plan.host_peak_load, sum(plan.outside.get(k, 0) for k in keys) + int(HOST_OVERHEAD))
+
+
+def _longest(fits) -> int:
+    """The largest length in [1, MAX_SEARCHED_LENGTH] for which fits(length) holds (0: none), by bisection:
+    every item grows with the length (model.tiled_mlp=auto's switch at 8k tokens aside)."""
+    if not fits(1):
+        return 0
+    low, high = 1, MAX_SEARCHED_LENGTH
+    if fits(high):
+        return high
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def longest_sample(s: Setup, gpu_cap: int, host_cap: int | None = None, ranks_per_host: int = 1) -> dict:
+    """The longest sample (tokens, a micro batch of one) whose plan fits `gpu_cap` per GPU and whose host
+    memory, for the `ranks_per_host` ranks of a machine, fits `host_cap`; and which of the two binds."""
+    s = replace(s, micro_batch=1)
+
+    def gpu_fits(length: int) -> bool:
+        return make_plan(replace(s, seq_len=length)).total <= gpu_cap
+
+    def host_fits(length: int) -> bool:
+        return host_cap is None or ranks_per_host * host_training_bytes(make_plan(replace(s, seq_len=length))) <= host_cap
+
+    gpu, host = _longest(gpu_fits), _longest(host_fits)
+    binding = "gpu" if gpu <= host else "host"
+    return {"max_seq_len": min(gpu, host), "gpu_limit": gpu, "host_limit": None if host_cap is None else host,
+            "binding": binding, "gpu_cap_bytes": gpu_cap, "host_cap_bytes": host_cap}
+
+
+def format_longest(found: dict, s: Setup) -> str:
+    host = found["host_limit"]
+    options = (f"checkpointing {'offloaded' if s.offload else 'on' if s.checkpointing else 'off'}, "
+               f"tiled MLP {s.tiled_mlp}")
+    lines = [f"longest sample ({options}, micro batch 1): {found['max_seq_len']:,} tokens",
+             f"  GPU cap {found['gpu_cap_bytes'] / GB:.1f} GB holds {found['gpu_limit']:,} tokens"]
+    if host is not None:
+        lines.append(f"  host cap {found['host_cap_bytes'] / GB:.1f} GB holds {host:,} tokens")
+    lines.append(f"  binding: the {'GPU' if found['binding'] == 'gpu' else 'host'} memory")
+    return "\n".join(lines)
 
 
 def cheaper_changes(s: Setup, cap: int) -> list[tuple[str, Setup]]:
@@ -397,7 +509,8 @@ def format_plan(plan: Plan) -> str:
             f"ZeRO-{s.zero_stage}{' + optimizer offload' if s.offload_optimizer else ''}, {s.world_size} rank(s), "
             f"micro batch {s.micro_batch} x {s.seq_len} tokens"
             f"{f' split over {s.sequence_parallel} ranks (dist.sequence_parallel)' if s.sequence_parallel > 1 else ''}, "
-            f"checkpointing {'on' if s.checkpointing else 'off'}")
+            f"checkpointing {'on, inputs offloaded' if s.offload and s.checkpointing else 'on' if s.checkpointing else 'off'}"
+            f"{f', MLP in {t} tiles' if (t := mlp_tiles(s)) else ''}")
     width = max([44] + [len(k) + 2 for k in plan.outside])  # the figures in one column
     lines = [head, f"  adapter: {adapter_description(s)}"]
     lines += [f"  {k:<{width}}{v / GB:>9.2f} GB" for k, v in plan.items.items()]
@@ -462,7 +575,9 @@ def shape_for(cfg) -> Shape:
         if problems := model_folder.config_problems(folder):
             raise ConfigError(problems)  # a family we cannot train, or a config we cannot read: no plan either
         return Shape.from_folder(folder)
-    if cfg.preset and cfg.preset.split("-")[0] in ("7b", "13b", "33b", "65b"):
+    from qlora_dist.recipe import PAPER_SIZES
+
+    if cfg.preset and cfg.preset.split("-")[0] in PAPER_SIZES:
         return Shape.llama(cfg.preset.split("-")[0])
 
     raise ConfigError([f"model.path: cannot read the model's shape from {path!r} (no config.json); "
@@ -474,9 +589,9 @@ def size_class(parameters: int) -> str:
     """The paper's size class nearest to a parameter count, by ratio (an 8B model is 7b, a 72B one 65b)."""
     import math
 
-    from qlora_dist.recipe import LLAMA_SHAPES
+    from qlora_dist.recipe import PAPER_SIZES
 
-    return min(LLAMA_SHAPES, key=lambda s: abs(math.log(parameters / Shape.llama(s).parameters())))
+    return min(PAPER_SIZES, key=lambda s: abs(math.log(parameters / Shape.llama(s).parameters())))
 
 
 def sized_preset(dataset: str, cfg) -> str:
@@ -507,7 +622,8 @@ def setup_from_config(cfg, world_size: int, shape: Shape | None = None, micro_ba
         offload_optimizer="offload_optimizer" in ds.get("zero_optimization", {}),
         micro_batch=micro_batch or int(cfg.train.micro_batch_size),
         seq_len=cfg.data.source_max_len + cfg.data.target_max_len,
-        checkpointing=cfg.model.gradient_checkpointing if checkpointing is None else checkpointing,
+        checkpointing=bool(cfg.model.gradient_checkpointing if checkpointing is None else checkpointing),
+        offload=cfg.model.gradient_checkpointing == "offload", tiled_mlp=cfg.model.tiled_mlp, packing=cfg.data.packing,
         bits=cfg.quantization.bits, double_quant=cfg.quantization.double_quant, lora_r=cfg.lora.r,
         lora_dropout=cfg.lora.dropout > 0, dora=cfg.lora.variant == "dora", optimizer=cfg.optim.name,
         on_gpu=torch.cuda.is_available() if on_gpu is None else on_gpu, fused_loss=cfg.model.fused_loss,

@@ -87,6 +87,7 @@ def run(cfg: Config, world_size: int, problems: list[str] = (), cuda: bool | Non
     report.config = cfg
     if model_ok:
         _collect(report, lambda: _plan(cfg, world_size, cuda, report))
+        _collect(report, lambda: _long_samples(cfg, world_size, report))
     _collect(report, lambda: _ds_config(cfg, world_size, report))
     _collect(report, lambda: _master_weights(cfg, cuda))
     _collect(report, lambda: _output(cfg, report, for_train))
@@ -216,6 +217,33 @@ def _plan(cfg: Config, world_size: int, cuda: bool | None, report: Report) -> li
         raise
     report.notes.append(f"run plan on {world_size} rank(s): {report.plan.describe()}")
     _memory_plan(report.plan.apply(cfg), world_size, cuda, report)
+    return []
+
+
+# Above this many tokens a row, `check` warns where transformers would build a sequence x sequence attention
+# mask (padded micro-batches, packed rows): 8,192 tokens make 67 MB a row in bool, 201 MB with the additive
+# copy CPU sdpa makes per call (memory.attention_mask_bytes), and it grows with the square of the length.
+MASK_WARN_TOKENS = 8192
+
+
+def _long_samples(cfg: Config, world_size: int, report: Report) -> list[str]:
+    """Where long rows would get an L x L attention mask (memory.attention_mask_bytes): a warning naming the
+    way around it (one unpadded row per micro-batch, no packing: sdpa's causal path builds none)."""
+    if report.plan is None:
+        return []
+    resolved = report.plan.apply(cfg)
+    try:
+        setup = memory.setup_from_config(resolved, world_size, shape=memory.shape_for(resolved), on_gpu=True)
+    except ConfigError:  # the DeepSpeed JSON or the model's config: their own checks report it, once
+        return []
+    length = max(setup.seq_len, resolved.data.pack_length if resolved.data.packing else 0)
+    mask = memory.attention_mask_bytes(memory.replace(setup, seq_len=length))
+    if mask and length > MASK_WARN_TOKENS:
+        why = "packed rows (data.packing)" if resolved.data.packing else f"micro-batches of {setup.micro_batch} padded rows"
+        report.warnings.append(
+            f"rows of up to {length:,} tokens in {why}: transformers builds a {length:,} x {length:,} attention "
+            f"mask ({mask / memory.GB:.2f} GB in the memory plan, growing with the square of the length); above "
+            f"{MASK_WARN_TOKENS:,} tokens use train.micro_batch_size=1 and data.packing=false (no mask at all)")
     return []
 
 

@@ -32,14 +32,23 @@ class LlamaShape:
     layers: int
     heads: int
     vocab: int = 32000
+    kv_heads: int | None = None  # None: as many as heads (LLaMA-1); Llama-3: 8 (grouped-query attention)
+    rope_theta: float = 10000.0
+    max_positions: int = 2048
 
 
+# The one home of LLaMA shapes: the paper's LLaMA-1 sizes (PAPER_SIZES: the recipe's size classes) and the
+# Llama-3 shapes used for long samples (Llama-3.1-8B / -70B's config.json: vocab 128,256, 8 KV heads,
+# rope theta 500,000, 131,072 positions; untied lm_head).
 LLAMA_SHAPES: dict[str, LlamaShape] = {
     "7b": LlamaShape(4096, 11008, 32, 32),
     "13b": LlamaShape(5120, 13824, 40, 40),
     "33b": LlamaShape(6656, 17920, 60, 52),
     "65b": LlamaShape(8192, 22016, 80, 64),
+    "llama3-8b": LlamaShape(4096, 14336, 32, 32, 128256, 8, 500000.0, 131072),
+    "llama3-70b": LlamaShape(8192, 28672, 80, 64, 128256, 8, 500000.0, 131072),
 }
+PAPER_SIZES = ("7b", "13b", "33b", "65b")
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ class RunPlan:
     compute_dtype: str
     compute_dtype_why: str
     micro_batch_size: int
-    gradient_checkpointing: bool
+    gradient_checkpointing: bool | str  # True, False or "offload"
     grad_accum: int
     planned_gb_per_rank: float | None = None  # with train.max_memory_per_gpu: the memory plan's total
     cap_gb: float | None = None
@@ -68,7 +68,7 @@ class RunPlan:
                        f"{self.cap_gb:.2f} GB" if self.cap_gb else "")
         return (f"compute dtype {self.compute_dtype} ({self.compute_dtype_why}); micro batch {self.micro_batch_size} "
                 f"x accumulation {self.grad_accum} x {self._ranks()}; activation checkpointing "
-                f"{'on' if self.gradient_checkpointing else 'off'}{memory_part}")
+                f"{_on_off(self.gradient_checkpointing)}{memory_part}")
 
 
     def _ranks(self) -> str:
@@ -76,6 +76,10 @@ class RunPlan:
         if n == 1:
             return f"{self.world_size} rank(s)"
         return f"{self.world_size // n} group(s) of {n} ranks sharing each row (dist.sequence_parallel={n})"
+
+
+def _on_off(checkpointing: bool | str) -> str:
+    return "on, inputs offloaded to host memory" if checkpointing == "offload" else "on" if checkpointing else "off"
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,9 @@ def _micro_batch(cfg: Config, world_size: int, cap: int, on_gpu: bool | None) ->
     """train.micro_batch_size=auto: the fastest (micro batch, checkpointing) that fits the cap; the
     smallest plan when none does (the cap check then names what does not fit)."""
     chosen = memory.choose_micro_batch(cfg, world_size, cap, on_gpu=on_gpu)
-    return (chosen.micro_batch, chosen.checkpointing) if chosen else (1, True)
+    offload = cfg.model.gradient_checkpointing == "offload"  # kept where checkpointing is chosen
+    ckpt = ("offload" if offload else True) if (chosen is None or chosen.checkpointing) else False
+    return (chosen.micro_batch if chosen else 1), ckpt
 
 
 def resolve(cfg: Config, world_size: int, cuda: bool | None = None) -> RunPlan:

@@ -73,7 +73,7 @@ def test_type_errors_name_the_expected_type():
         load_config(overrides=["train.max_steps=many", "model.gradient_checkpointing=maybe"])
     text = str(exc.value)
     assert "train.max_steps: expected an integer" in text
-    assert "model.gradient_checkpointing: expected true or false" in text
+    assert "model.gradient_checkpointing: expected true, false or offload, got 'maybe'" in text
 
 
 def test_yaml_errors_name_file_and_line(tmp_path: Path):

@@ -58,16 +58,18 @@ def test_auto_micro_batch_is_the_fastest_that_fits():
     assert memory.choose_micro_batch(cfg, 1, parse_size("2GB")) is None
 
 
-def saved_bytes_per_token_per_layer(make_config, vocab: int, dropout: float, seq: int = 64) -> float:
+def saved_bytes_per_token_per_layer(make_config, vocab: int, dropout: float, seq: int = 64,
+                                    overrides: tuple[str, ...] = ()) -> float:
     """What autograd really saves for one decoder layer, per token: two layers minus one. `make_config`:
-    number of layers -> the HF config (tests/test_families.py measures its families with it too)."""
+    number of layers -> the HF config (tests/test_families.py measures its families with it too);
+    `overrides`: more config keys (tests/test_long_samples.py: model.tiled_mlp=on)."""
     from qlora_dist.model.base import add_lora, prepare_for_training
     from qlora_dist.model.loader import RandomSource, load_layerwise
 
     def saved(layers: int) -> int:
         # bf16 as on a GPU, which is what the planner models (`auto` is fp32 on a CPU without native bf16)
         cfg = load_config(overrides=["lora.r=8", f"lora.dropout={dropout}", "model.gradient_checkpointing=false",
-                                     "model.compute_dtype=bfloat16"])
+                                     "model.compute_dtype=bfloat16", *overrides])
         model = add_lora(load_layerwise(make_config(layers), RandomSource()), cfg, 0)
         prepare_for_training(model, cfg)
         model.train()

@@ -161,6 +161,9 @@ def prepare_for_training(model: torch.nn.Module, cfg: Config) -> None:
         fastpath.install_fused_lora(model)
     if cfg.model.compile_kernels and not fastpath.install_compiled_kernels(model):
         dist.log("model.compile_kernels: LLaMA's modules only; this model keeps transformers' eager kernels")
+    from qlora_dist.model.longseq import install_tiled_mlp
+
+    install_tiled_mlp(model, cfg.model.tiled_mlp)  # after the kernels: it wraps the MLP forward in place
 
 
 def use_layerwise(cfg: Config, zero_stage: int) -> bool:

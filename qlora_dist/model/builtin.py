@@ -6,8 +6,9 @@ cache (`$QLORA_DIST_CACHE`, default ~/.cache/qlora-dist), made once on first use
 at the same time (ranks, parallel tests): a file lock lets one build it, and the folder appears by an
 atomic rename, so nobody ever reads a half-written model.
 
-`model.path=random:7b` (13b, 33b, 65b) names no folder: random weights of that LLaMA-1 shape (vocab 32,000,
-as many KV heads as heads, untied lm_head), made on the target device by the layer-wise loader
+`model.path=random:7b` (13b, 33b, 65b; llama3-8b, llama3-70b) names no folder: random weights of that LLaMA
+shape (recipe.LLAMA_SHAPES: LLaMA-1's with vocab 32,000 and as many KV heads as heads, or Llama-3's with 8 KV
+heads and vocab 128,256; untied lm_head), made on the target device by the layer-wise loader
 (`model.base.load_base_random`), for benchmarks of real shapes without their files. Its tokenizer is
 tiny-llama's 512-id byte-level BPE: every id is < 32,000, so each indexes a row of the embedding, and with
 random weights which text a token stands for does not matter. This module is the one place that reads
@@ -199,17 +200,24 @@ def random_size(path: str | os.PathLike | None) -> str | None:
 
 
 def random_llama_config(size: str):
-    """The Hugging Face config of a `random:<size>` model: LLaMA-1's shape, vocab 32,000, untied."""
+    """The Hugging Face config of a `random:<size>` model: recipe.LLAMA_SHAPES' shape (LLaMA-1's, vocab
+    32,000, or Llama-3's: grouped-query attention, vocab 128,256, rope theta 500,000), untied."""
     from transformers import LlamaConfig
 
     from qlora_dist.recipe import LLAMA_SHAPES
 
     s = LLAMA_SHAPES.get(size)
-    hidden, intermediate, layers, heads = (s.hidden, s.intermediate, s.layers, s.heads) if s else _SMOKE_SHAPE[size]
-    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=heads, vocab_size=s.vocab if s else 32000,
-                       max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
-                       tie_word_embeddings=False)
+    if s is None:
+        hidden, intermediate, layers, heads = _SMOKE_SHAPE[size]
+        return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                           num_attention_heads=heads, num_key_value_heads=heads, vocab_size=32000,
+                           max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+                           tie_word_embeddings=False)
+    return LlamaConfig(hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
+                       num_attention_heads=s.heads, num_key_value_heads=s.kv_heads or s.heads, vocab_size=s.vocab,
+                       max_position_embeddings=s.max_positions, rms_norm_eps=1e-6 if s.kv_heads is None else 1e-5,
+                       rope_parameters={"rope_type": "default", "rope_theta": s.rope_theta},
+                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 
 
 def tokenizer_folder(path: str | os.PathLike) -> Path:

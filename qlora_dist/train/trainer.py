@@ -23,6 +23,7 @@ from qlora_dist.evaluate import mmlu, validation
 from qlora_dist.evaluate.exact_match import builtin_accuracy, format_report
 from qlora_dist import dist
 from qlora_dist.model.base import build_model, count_parameters, load_tokenizer, loads_layerwise
+from qlora_dist.model.longseq import checkpoint_offload
 from qlora_dist.paths import RunPaths
 from qlora_dist.run_plan import PreparedRun, RunPlan
 from qlora_dist.train.checkpoint import Checkpointer, Progress
@@ -71,6 +72,8 @@ class Trainer:
         self.mmlu_questions = self._setup_mmlu()
         self.model = self._setup_model()
         self.engine = self._setup_engine()
+        # model.gradient_checkpointing=offload: one context for the run (its pinned buffers are reused)
+        self.offload = checkpoint_offload(self.cfg.model.gradient_checkpointing)
         self.gradient_divisor = compat.gradient_divisor(self.engine, self.info.world_size, self.groups.size)
         restored = self.checkpointer.restore(self.engine)
         self.step = self.saved_step = restored.step if restored else 0
@@ -225,8 +228,9 @@ class Trainer:
         for micro in self.schedule.micro_batches(self.step):
             rows = [self.rows[i] for i in micro]
             batch, weights = self._micro_batch(rows, step_objective)
-            share = objective.micro_loss(self.engine, batch, weights)
-            losses.append(objective.backward(self.engine, share, self.gradient_divisor))
+            with self.offload:  # layer inputs offloaded in forward come back in backward: both inside
+                share = objective.micro_loss(self.engine, batch, weights)
+                losses.append(objective.backward(self.engine, share, self.gradient_divisor))
             self.engine.step()
             # real tokens, padding excluded; a group's ranks share their rows: each counts its 1/N
             tokens += sum(len(r.input_ids) for r in rows) / self.groups.size
