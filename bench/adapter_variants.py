@@ -122,27 +122,33 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--timeout-s", type=float, default=3000)
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
+    parser.add_argument("--table", help="print the table of a runs.jsonl file written by an earlier run")
     ns = parser.parse_args()
     if ns.job:
         return _child(json.loads(ns.job))
+    if ns.table:
+        return print(markdown(summarize([json.loads(line) for line in open(ns.table) if line.strip()])))
     names = ns.variants.split(",")
     jobs = [{"variant": n, "seed": s, "steps": ns.steps, "batch": ns.batch, "eval": ns.eval, "task": ns.task,
              "threads": 1} for s in range(ns.seeds) for n in names]
     deadline, load, started = time.time() + ns.timeout_s, os.getloadavg(), time.time()
+    os.makedirs(ns.out, exist_ok=True)
+    partial = Path(ns.out) / f"adapter_variants_{datetime.date.today()}.runs.jsonl"  # each run as it ends
     with ThreadPoolExecutor(ns.parallel) as pool:
-        runs = list(pool.map(lambda j: _report(launch(j, deadline - time.time(), script=__file__)), jobs))
+        runs = list(pool.map(lambda j: _report(launch(j, deadline - time.time(), script=__file__), partial), jobs))
     table = summarize(runs)
     print(markdown(table))
     record = {"when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(sys.argv), "cpu": _cpu(), "load_before": load, "load_after": os.getloadavg(),
               "wall_s": round(time.time() - started), "table": table, "runs": runs}
-    os.makedirs(ns.out, exist_ok=True)
     path = os.path.join(ns.out, f"adapter_variants_{datetime.date.today()}.json")
     Path(path).write_text(json.dumps(record, indent=2))
     print(f"load average {load[0]:.1f} before, {record['load_after'][0]:.1f} after; {record['wall_s']} s; {path}")
 
 
-def _report(r: dict) -> dict:
+def _report(r: dict, partial: Path) -> dict:
+    with open(partial, "a") as f:  # a bench stopped early still leaves its finished runs (--table FILE)
+        f.write(json.dumps(r) + "\n")
     print(f"{r['variant']:<13} seed {r['seed']}: " + (f"FAILED {r['error'][-400:]}" if "error" in r else
           f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}, exact match {r['exact_match']}, CPU "
           f"{r['cpu_step_s']:.2f} s a step, setup {r['setup_s']} s"), flush=True)

@@ -58,6 +58,20 @@ def test_pissa_takes_the_top_r_singular_part_and_leaves_the_residual():
     assert bool(((residual.double() - exact).abs() <= 2**-8 * exact.abs() + 1e-9).all())  # bf16 rounding only
 
 
+def test_gaussian_start_is_peft_s_and_leaves_the_base_alone(tmp_path):
+    """lora.init=gaussian: A normal with std 1/r, B zero (peft's own), recorded in adapter_config.json; the
+    base is the transformers-loaded one (no rebuild)."""
+    from qlora_dist.config import load_config
+    from qlora_dist.model.base import build_model
+
+    model = build_model(load_config(overrides=[*TINY, "lora.init=gaussian", "model.compute_dtype=float32"]))
+    a = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_A" in n])
+    b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert a.std().item() == pytest.approx(1 / 8, rel=0.05) and all(bool((p == 0).all()) for p in b)
+    model.save_pretrained(str(tmp_path))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == "gaussian"
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """run(init, bits): (output folder, batch, trained logits, base bytes) of a 3-step one-rank run,
@@ -131,6 +145,7 @@ def _logits(model, batch) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
 
+@pytest.mark.slow  # the real Trainer, 3 runs shared by these tests
 @pytest.mark.parametrize("init,bits", [("loftq", 4), ("pissa", 16)])
 def test_one_rank_adapter_reloads_on_the_rebuilt_base(trained, init, bits, tiny_model_dir):
     """Trained with the start on one rank; `generate`'s loading (load_for_inference, 2 threads where the
@@ -155,6 +170,7 @@ def test_one_rank_adapter_reloads_on_the_rebuilt_base(trained, init, bits, tiny_
     assert diff < 1e-4 and off > 100 * max(diff, 1e-6)
 
 
+@pytest.mark.slow  # the real Trainer, 3 runs shared by these tests
 def test_starting_adapter_brings_its_start_and_a_conflicting_key_is_an_error(trained):
     """train.init_adapter of a LoftQ adapter: lora.init / init_iters are taken from its qlora_dist.json (so
     the base is rebuilt the same way); a lora.init the user set that contradicts it is named."""
@@ -168,6 +184,7 @@ def test_starting_adapter_brings_its_start_and_a_conflicting_key_is_an_error(tra
     assert [p for p in problems if p.startswith("lora.init: you set 'pissa' but the adapter")], problems
 
 
+@pytest.mark.slow  # the real Trainer, 3 runs shared by these tests
 def test_pissa_as_plain_lora_is_exact_on_16_bits_and_measured_on_nf4(trained, tmp_path, tiny_model_dir):
     """convert-pissa (peft's path_initial_model_for_weight_conversion): r doubles; the original 16-bit base
     plus the converted LoRA gives the trained logits to fp32 rounding; on NF4 the difference of the two
