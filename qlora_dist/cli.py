@@ -473,6 +473,12 @@ def _cmd_merge(ns) -> None:
     print(merge(ns.base, ns.adapter, ns.out, ns.dtype, ns.compute_dtype, ns.allow_base_mismatch))
 
 
+def _cmd_convert_pissa(ns) -> None:
+    from qlora_dist.model.pissa_lora import convert
+
+    print(convert(ns.base, ns.adapter, ns.out, ns.compute_dtype))
+
+
 def _cmd_data_preview(ns) -> None:
     from qlora_dist.run_plan import load_run_config
     from qlora_dist.data.corpus import preview
@@ -631,6 +637,15 @@ def _add_data_and_model_commands(sub) -> None:
     p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="auto",
                    help=f"dtype the quantized base is loaded and dequantized in; {auto_help}")
     p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("convert-pissa", help="a PiSSA adapter (lora.init=pissa) as a plain LoRA of the original "
+                                             "base, r doubled: exact on a 16-bit base, approximate on NF4 (README)")
+    p.add_argument("--base", required=True, help="HF folder, or smollm2 / tiny-llama")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True, help="a new (or empty) folder")
+    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="float32",
+                   help="dtype the residual base is rebuilt in to recompute PiSSA's start")
+    p.set_defaults(func=_cmd_convert_pissa)
 
 
 def _add_model_args(p, mismatch_help: str, bits_help: str, dtype_help: str, chat_template: bool) -> None:

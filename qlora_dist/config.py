@@ -28,6 +28,8 @@ from qlora_dist.precision import COMPUTE_DTYPES, QUANT_TYPES
 FORMAT_NAMES = ("alpaca", "chip2", "hh-rlhf", "oasst1", "self-instruct", "self-instruct-instances",
                 "unnatural-instructions", "flan-v2", "flan-cot", "input-output", "messages", "sharegpt")
 TASK_NAMES = ("sort_digits", "add", "uppercase")
+# lora.init: how the adapter's weights start (model/adapter_init.py owns what each does).
+INIT_METHODS = ("default", "gaussian", "loftq", "pissa")
 
 
 def parse_size(text: str) -> int:
@@ -82,6 +84,7 @@ FRACTION = Range(0, 1, high_open=True)  # [0, 1): dropout, Adam's betas
 SEED = Range(0, SEED_MAX, integer=True, what="an integer")
 TEMPERATURE = Range(0)  # 0: greedy
 TOP_P = Range(0, 1, low_open=True)
+INIT_ITERS = Range(1, 100, integer=True, what="an integer")
 WEIGHT = Range(0, low_open=True, what="a number")
 
 
@@ -153,6 +156,11 @@ class LoraConfig:
     variant: str = choice("lora", ("lora", "dora"), "lora: W + s*BA; dora: weight-decomposed LoRA, a trained "
                                                     "magnitude per output row (peft's use_dora; model/base.py)")
     rslora: bool = opt(False, "rank-stabilised scaling alpha/sqrt(r) instead of alpha/r (peft's use_rslora)")
+    init: str = choice("default", INIT_METHODS,
+                       "how B and A start (model/adapter_init.py): default: A random, B zero (peft's); gaussian: "
+                       "A normal(1/r); loftq: the rank-r part of the NF4 error, base re-quantized (4-bit only); "
+                       "pissa: the top-r singular part of W, the residual is the (quantized) base")
+    init_iters: int = opt(1, "lora.init=loftq: alternating quantize / SVD steps (LoftQ's T)")
 
     def check(self) -> list[str]:
         errs = []
@@ -161,6 +169,7 @@ class LoraConfig:
         errs += range_problems([("lora.alpha", self.alpha, POSITIVE), ("lora.dropout", self.dropout, FRACTION)])
         if not self.target_modules:
             errs.append("lora.target_modules: must name at least one module, or 'all-linear'")
+        errs += range_problems([("lora.init_iters", self.init_iters, INIT_ITERS)])
         return errs
 
 
@@ -658,7 +667,8 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 # the next optimizer step computes. Everything else must match (see train/checkpoint.py, resume_point).
 # Keys added after checkpoints existed whose default does what the versions before them did: a checkpoint
 # saved without one resumes under its default (another value is a difference like any other).
-ADDED_AT_DEFAULT = {"data.eval_size": 0, "data.chat_template": "guanaco", "lora.variant": "lora", "lora.rslora": False}
+ADDED_AT_DEFAULT = {"data.eval_size": 0, "data.chat_template": "guanaco", "lora.variant": "lora", "lora.rslora": False,
+                    "lora.init": "default", "lora.init_iters": 1}
 RESUMABLE_CHANGES = (
     "train.output_dir", "train.max_steps", "train.save_steps", "train.logging_steps", "train.micro_batch_size",
     "train.max_memory_per_gpu", "model.gradient_checkpointing", "model.tiled_mlp", "eval.", "checkpoint.", "dist.", "preset",

@@ -143,6 +143,8 @@ class Setup:
     offload: bool = False  # model.gradient_checkpointing=offload: checkpointed layer inputs in pinned host memory
     tiled_mlp: str = "auto"  # model.tiled_mlp: auto, on, off (model/longseq.py)
     packing: bool = False  # data.packing: packed rows are kept apart by a mask built from their position ids
+    init: str = "default"  # lora.init: loftq / pissa change no trained parameter, only the loading (init_workspace)
+    init_iters: int = 1
 
     @property
     def tokens(self) -> int:
@@ -381,6 +383,16 @@ def host_peak_load(s: Setup, loader: str = "layerwise") -> int:
     return 5 * GB + max(layer16, embed16)  # one 5 GB safetensors shard, as HF checkpoints are cut
 
 
+def init_workspace(s: Setup) -> int:
+    """What lora.init=loftq / pissa add while loading, on the loading device, one layer at a time
+    (model/adapter_init.py on the largest linear layer): its weight in fp32, W - s*BA, the residual, B*A
+    and the SVD's U and V^T, six fp32 matrices of its size (LAPACK's workspace is small beside them). Freed
+    before training, so not part of the training peak; nothing is added to the trained parameters."""
+    if s.init not in ("loftq", "pissa"):
+        return 0
+    return 6 * 4 * max(a * b for a, b in s.shape.linears())
+
+
 def make_plan(s: Setup, cap: int | None = None) -> Plan:
     plan = Plan(setup=s, cap=cap)
     plan.items.update(weight_items(s))
@@ -391,7 +403,8 @@ def make_plan(s: Setup, cap: int | None = None) -> Plan:
     plan.items.update(framework_items(s))
     if n := offloaded_inputs(s):
         plan.outside["activations_offloaded (host, pinned)"] = n * 2 * s.shape.hidden * s.tokens
-    plan.host_peak_load = host_peak_load(s, "layerwise" if s.zero_stage == 3 else "hf")
+    layerwise = s.zero_stage == 3 or s.init in ("loftq", "pissa")  # model/base.py use_layerwise
+    plan.host_peak_load = host_peak_load(s, "layerwise" if layerwise else "hf") + init_workspace(s)
     return plan
 
 
@@ -500,7 +513,10 @@ def adapter_description(s: Setup) -> str:
     total = sum(lora_numels(s))
     magnitudes = sum(fan_out for _, fan_out in s.shape.linears()) * s.shape.layers if s.dora else 0
     extra = f", of which {magnitudes:,} DoRA magnitudes" if s.dora else ""
-    return f"{'DoRA' if s.dora else 'LoRA'} r={s.lora_r}: {total:,} trainable parameters{extra}"
+    start = {"loftq": f"; LoftQ start ({s.init_iters} step{'s' * (s.init_iters > 1)}: {s.init_iters} SVDs and "
+                      f"NF4 round trips per layer while loading)",
+             "pissa": "; PiSSA start (one SVD per layer while loading)"}.get(s.init, "")
+    return f"{'DoRA' if s.dora else 'LoRA'} r={s.lora_r}: {total:,} trainable parameters{extra}{start}"
 
 
 def format_plan(plan: Plan) -> str:
@@ -519,6 +535,8 @@ def format_plan(plan: Plan) -> str:
         lines.append("  outside the GPU allocator:")
         lines += [f"    {k:<{width - 2}}{v / GB:>9.2f} GB" for k, v in plan.outside.items()]
     lines.append(f"  {'host RAM per rank while loading':<{width}}{plan.host_peak_load / GB:>9.2f} GB")
+    if workspace := init_workspace(s):
+        lines.append(f"    {'of which lora.init=' + s.init + ' workspace':<{width - 2}}{workspace / GB:>9.2f} GB")
     if plan.cap is not None:
         lines.append(f"  cap {plan.cap / GB:.2f} GB per GPU: {'fits' if plan.fits else 'DOES NOT FIT'}")
     return "\n".join(lines)
@@ -627,7 +645,8 @@ def setup_from_config(cfg, world_size: int, shape: Shape | None = None, micro_ba
         bits=cfg.quantization.bits, double_quant=cfg.quantization.double_quant, lora_r=cfg.lora.r,
         lora_dropout=cfg.lora.dropout > 0, dora=cfg.lora.variant == "dora", optimizer=cfg.optim.name,
         on_gpu=torch.cuda.is_available() if on_gpu is None else on_gpu, fused_loss=cfg.model.fused_loss,
-        paged_masters=cfg.optim.master_weights == "paged", sequence_parallel=cfg.dist.sequence_parallel)
+        paged_masters=cfg.optim.master_weights == "paged", sequence_parallel=cfg.dist.sequence_parallel,
+        init=cfg.lora.init, init_iters=cfg.lora.init_iters)
 
 
 def relative_speed(s: Setup) -> float:

@@ -85,6 +85,7 @@ def run(cfg: Config, world_size: int, problems: list[str] = (), cuda: bool | Non
     if not _checked(report, lambda: init_adapter.problems(cfg)):
         cfg = init_adapter.adopt(cfg)  # the lora.* values the run will use (the plan and resume check need them)
     report.config = cfg
+    _collect(report, lambda: _adapter_init(cfg, model_ok))
     if model_ok:
         _collect(report, lambda: _plan(cfg, world_size, cuda, report))
         _collect(report, lambda: _long_samples(cfg, world_size, report))
@@ -177,6 +178,28 @@ def _sequence_parallel(cfg: Config, world_size: int, model_ok: bool) -> list[str
         errs.append(f"{keys}: {cfg.model.path} attends within a sliding window of {window} tokens, but rows reach "
                     f"{longest} (data.source_max_len + data.target_max_len) and Ulysses drops the window's mask; "
                     f"keep rows within {window} tokens or set dist.sequence_parallel=1")
+    return errs
+
+
+def _adapter_init(cfg: Config, model_ok: bool) -> list[str]:
+    """lora.init (model/adapter_init.py) where it cannot work: each problem names the keys involved."""
+    init, errs = cfg.lora.init, []
+    if "lora.init_iters" in cfg.user_keys and init != "loftq":
+        errs.append(f"lora.init_iters: only lora.init=loftq takes steps (lora.init={init}); drop lora.init_iters")
+    if init not in ("loftq", "pissa"):
+        return errs
+    if init == "loftq" and cfg.quantization.bits == 16:
+        errs.append("lora.init=loftq with quantization.bits=16: LoftQ fits the adapter to the 4-bit base's "
+                    "quantization error, which a 16-bit base does not have; use quantization.bits=4, or lora.init=pissa")
+    if cfg.model.loader == "hf":
+        errs.append(f"lora.init={init} with model.loader=hf: the start is computed on each layer's 16-bit weights "
+                    "before they are quantized, in our layer-wise loader; use model.loader=auto or layerwise")
+    if cfg.lora.variant == "dora":
+        errs.append(f"lora.init={init} with lora.variant=dora: DoRA's starting magnitude would be taken before the "
+                    "start is placed (not supported here); use lora.variant=lora or lora.init=default")
+    if model_ok and (narrow := min(min(a, b) for a, b in memory.shape_for(cfg).linears())) < cfg.lora.r:
+        errs.append(f"lora.r={cfg.lora.r} with lora.init={init}: the start takes r singular vectors, but the "
+                    f"narrowest linear layer of {cfg.model.path} has {narrow}; use lora.r <= {narrow}")
     return errs
 
 

@@ -47,17 +47,19 @@ def test_write_read_and_malformed_files(tmp_path):
                            compute_dtype="bfloat16")
     assert adapter_settings.read(tmp_path) == {"base_model": "m", "bits": 4, "quant_type": "fp4",
                                                "double_quant": False, "compute_dtype": "bfloat16",
-                                               "prompt_template": "guanaco"}
+                                               "prompt_template": "guanaco", "lora_init": "default",
+                                               "lora_init_iters": 1}
     assert adapter_settings.read(tmp_path / "other") is None  # e.g. an adapter made by another tool
     path = tmp_path / adapter_settings.FILE
     path.write_text("{not json")
     with pytest.raises(ConfigError, match=rf"{path}: not valid JSON"):
         adapter_settings.read(tmp_path)
     path.write_text(json.dumps({"base_model": "m", "bits": 3, "quant_type": "int4", "double_quant": False,
-                                "compute_dtype": "float32"}))
+                                "compute_dtype": "float32", "lora_init": "olora", "lora_init_iters": 0}))
     with pytest.raises(ConfigError) as err:
         adapter_settings.read(tmp_path)
-    assert [p.split(": ", 2)[1] for p in err.value.problems] == ["bits", "quant_type", "prompt_template"]
+    assert [p.split(": ", 2)[1] for p in err.value.problems] == ["bits", "quant_type", "prompt_template", "lora_init",
+                                                                 "lora_init_iters"]
     with pytest.raises(ValueError, match="compute_dtype='auto'"):  # the caller must pass the resolved dtype
         adapter_settings.write(tmp_path, base_model="m", bits=4, quant_type="nf4", double_quant=True,
                                compute_dtype="auto")

@@ -136,3 +136,32 @@ def test_resume_keeps_the_variant_and_old_checkpoints_are_plain_lora():
     assert config_differences(before_the_keys, load_config()) == []  # saved before the keys: lora, no rsLoRA
     assert config_differences(before_the_keys, load_config(overrides=["lora.rslora=true"])) == [
         "lora.rslora: checkpoint has False, this run has True"]
+
+
+def test_lora_init_is_typed_checked_and_kept_on_resume():
+    from qlora_dist.config import flat
+    from qlora_dist.train.checkpoint import config_differences
+
+    cfg = load_config()
+    assert (cfg.lora.init, cfg.lora.init_iters) == ("default", 1)  # presets and defaults: peft's own start
+    assert load_config(overrides=["lora.init=loftq", "lora.init_iters=5"]).lora.init_iters == 5
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["lora.init=olora", "lora.init_iters=0"])
+    assert [p.split(":")[0] for p in err.value.problems] == ["lora.init", "lora.init_iters"], err.value.problems
+    saved = {k: v for k, v in flat(load_config().to_dict()).items() if not k.startswith("lora.init")}
+    assert config_differences(saved, load_config(overrides=["lora.init=pissa"])) == [
+        "lora.init: checkpoint has 'default', this run has 'pissa'"]  # a checkpoint from before the key
+
+
+def test_check_refuses_a_start_that_cannot_work_naming_the_keys():
+    from qlora_dist import preflight
+
+    cfg = load_config(overrides=["model.path=tiny-llama", "lora.init=loftq", "quantization.bits=16",
+                                 "model.loader=hf", "lora.variant=dora", "lora.r=64"])
+    problems = preflight.run(cfg, 1, for_train=False).problems
+    for start in ("lora.init=loftq with quantization.bits=16", "lora.init=loftq with model.loader=hf",
+                  "lora.init=loftq with lora.variant=dora", "lora.r=64 with lora.init=loftq"):
+        assert [p for p in problems if p.startswith(start)], (start, problems)
+    problems = preflight.run(load_config(overrides=["model.path=tiny-llama", "lora.init_iters=3"]), 1,
+                             for_train=False).problems
+    assert [p for p in problems if p.startswith("lora.init_iters: only lora.init=loftq")], problems

@@ -1,6 +1,7 @@
-"""DoRA (lora.variant=dora) on 2 CPU ranks: ZeRO-3 with the layer-wise NF4 loader, and ZeRO-2, bf16 compute.
+"""DoRA (lora.variant=dora) on 2 CPU ranks: ZeRO-3 with the layer-wise NF4 loader, and ZeRO-2, bf16 compute;
+and in the same launch the LoftQ and PiSSA starts (lora.init, model/adapter_init.py) under ZeRO-3, one resumed.
 
-One launch (tests/workers/dora_cases.py) trains both cases; the checks read what it wrote.
+One launch (tests/workers/dora_cases.py) trains every case; the checks read what it wrote.
 """
 from __future__ import annotations
 
@@ -16,14 +17,18 @@ pytestmark = pytest.mark.slow
 DORA = [*TINY, "lora.variant=dora", "model.compute_dtype=bfloat16", "train.max_steps=4", "train.save_steps=2",
         "checkpoint.keep_last=0"]
 CASES = ("zero3", "zero2")
+INIT_CASES = {"loftq": ["lora.init=loftq", "lora.init_iters=2"], "pissa": ["lora.init=pissa"]}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dora")
     resumed = f"zero3-resumed:dist.ds_config=zero3,copy={out / 'zero3' / 'checkpoint-2'}"
-    run_torchrun(2, str(out), *(f"{c}:dist.ds_config={c}" for c in CASES), resumed, "--", *DORA,
-                 script=str(REPO / "tests" / "workers" / "dora_cases.py"), timeout=400)
+    starts = [f"{name}:dist.ds_config=zero3,lora.variant=lora,{','.join(keys)}" for name, keys in INIT_CASES.items()]
+    loftq_resumed = (f"loftq-resumed:dist.ds_config=zero3,lora.variant=lora,{','.join(INIT_CASES['loftq'])},"
+                     f"copy={out / 'loftq' / 'checkpoint-2'}")
+    run_torchrun(2, str(out), *(f"{c}:dist.ds_config={c}" for c in CASES), resumed, *starts, loftq_resumed, "--",
+                 *DORA, script=str(REPO / "tests" / "workers" / "dora_cases.py"), timeout=600)
     return out
 
 
@@ -106,3 +111,46 @@ def test_zero3_dora_resumes_exactly(runs):
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert [m["loss"] for m in read_metrics(runs / "zero3-resumed") if "loss" in m] == \
         [m["loss"] for m in read_metrics(runs / "zero3") if "loss" in m][2:]
+
+
+# ------------------------------------------------------------------ LoftQ and PiSSA starts, 2 ranks, ZeRO-3
+@pytest.mark.parametrize("case", INIT_CASES)
+def test_zero3_start_base_is_rebuilt_byte_for_byte_and_reproduces_the_logits(runs, case):
+    """The NF4 base every rank trained on (computed by each rank's loader, partitioned by ZeRO-3) has the
+    bytes `generate` rebuilds on one rank from the original weights and the adapter's qlora_dist.json;
+    PeftModel.from_pretrained on that base gives the 2-rank run's logits."""
+    from peft import PeftModel
+
+    from qlora_dist import compat
+    from qlora_dist.model import adapter_init, adapter_settings
+    from qlora_dist.model.base import load_base_for
+    from qlora_dist.model.builtin import resolve_model_path
+    from workers.dora_cases import _base_sha256
+
+    adapter = runs / case / "adapter_model"
+    saved = json.loads((adapter / "qlora_dist.json").read_text())
+    assert (saved["lora_init"], saved["lora_init_iters"]) == ((case, 2) if case == "loftq" else (case, 1))
+    loading = adapter_settings.base_loading(adapter, compute_dtype="bfloat16")
+    assert isinstance(loading.init, adapter_init.AdapterInit) and loading.init.method == case
+    base = load_base_for(resolve_model_path("tiny-llama"), loading)
+    trained = json.loads((runs / case / "base_sha256.json").read_text())
+    assert len(trained) == 14 and _base_sha256(base, zero3=False) == trained
+    saved_logits = torch.load(runs / case / "trained_logits.pt")
+    batch, want = saved_logits["batch"], saved_logits["logits"]
+    model = PeftModel.from_pretrained(base, str(adapter), autocast_adapter_dtype=False).eval()
+    compat.disable_cpu_weight_repacking(model)
+    with torch.no_grad():
+        got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    mask = batch["attention_mask"].bool()
+    diff, scale = (got - want)[mask].abs().max().item(), want[mask].abs().max().item()
+    print(f"{case}: 2-rank ZeRO-3 logits vs one-rank rebuilt base + saved adapter: {diff:.3g} (scale {scale:.3g})")
+    assert diff <= 1e-3 * scale
+
+
+def test_zero3_loftq_resumes_exactly_on_the_rebuilt_base(runs):
+    """A resumed LoftQ run rebuilds its base from the original weights (config.yaml's lora.init) and ends
+    with the uninterrupted run's adapter bit for bit."""
+    full, resumed = (load_adapter_tensors(runs / c / "adapter_model") for c in ("loftq", "loftq-resumed"))
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+    assert json.loads((runs / "loftq-resumed" / "base_sha256.json").read_text()) == \
+        json.loads((runs / "loftq" / "base_sha256.json").read_text())

@@ -16,7 +16,7 @@ from qlora_dist.errors import ConfigError, RunFault
 from qlora_dist.evaluate.bench_files import Question
 from qlora_dist import dist
 from qlora_dist.model import adapter_settings
-from qlora_dist.model.base import adapter_problems, load_adapter, load_base, load_tokenizer
+from qlora_dist.model.base import adapter_problems, load_adapter, load_base_for, load_tokenizer
 from qlora_dist.model.builtin import resolve_model_path
 
 
@@ -76,8 +76,7 @@ def load_for_inference(base: str, adapter: str | None = None, bits: int | None =
         raise ConfigError(problems)
     loading = adapter_settings.base_loading(adapter, bits, quant_type, double_quant, compute_dtype)
     device = dist.device_for(dist.read_env()) if torch.cuda.is_available() else None  # this rank's GPU
-    model = load_base(path, loading.bits, loading.quant_type, loading.double_quant, loading.compute_dtype,
-                      device=device)
+    model = load_base_for(path, loading, device=device)
     if adapter:
         model = load_adapter(model, Path(adapter), trainable=False)
     model.eval()

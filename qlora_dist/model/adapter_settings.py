@@ -4,7 +4,9 @@ An adapter learned to correct one particular quantized base: NF4 or FP4, with or
 quantization. `generate`, `eval mmlu` and `merge` must load that same base, so the checkpoint writes
 ADAPTER/qlora_dist.json beside the PEFT files:
     {"base_model", "bits", "quant_type", "double_quant", "compute_dtype", "prompt_template",
-     "base_model_type", "base_config_sha256"}   (the last two since December 2026: see base_problems)
+     "base_model_type", "base_config_sha256",   (these two since December 2026: see base_problems)
+     "lora_init", "lora_init_iters"}            (since issue 27: a LoftQ / PiSSA adapter's base is rebuilt
+                                                 from the original weights with them, model/adapter_init.py)
 An adapter made by another tool has no such file: its base is loaded with the recipe's defaults (NF4,
 double quantization). The compute dtype is not taken from the file: it is this machine's choice
 (precision.resolve_compute_dtype), since the quantized weights are the same in any compute dtype.
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_dist import atomic, recipe
+from qlora_dist.config import INIT_METHODS
 from qlora_dist.errors import ConfigError
 from qlora_dist import dist
 from qlora_dist.precision import DTYPES, QUANT_TYPES, resolve_compute_dtype
@@ -33,15 +36,19 @@ _CHECKS = {  # key -> (is the value valid, what is allowed)
 _OPTIONAL = {  # recorded since December 2026; older adapters load without them (what is recorded is compared)
     "base_model_type": (lambda v: isinstance(v, str), "a string"),
     "base_config_sha256": (lambda v: isinstance(v, str) and len(v) == 64, "a sha256 hex digest"),
+    "lora_init": (lambda v: v in INIT_METHODS, " or ".join(INIT_METHODS)),
+    "lora_init_iters": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
 }
 
 
 def write(adapter_dir: Path, *, base_model: str, bits: int, quant_type: str, double_quant: bool,
-          compute_dtype: str, prompt_template: str = "guanaco") -> None:
+          compute_dtype: str, prompt_template: str = "guanaco", lora_init: str = "default",
+          lora_init_iters: int = 1) -> None:
     """ADAPTER/qlora_dist.json (atomically), with the base's identity (base_identity of base_model);
-    compute_dtype is the resolved one the run trained in."""
+    compute_dtype is the resolved one the run trained in; lora_init(_iters): the run's lora.init(_iters)."""
     settings = dict(base_model=str(base_model), bits=bits, quant_type=quant_type, double_quant=double_quant,
-                    compute_dtype=compute_dtype, prompt_template=prompt_template, **base_identity(str(base_model)))
+                    compute_dtype=compute_dtype, prompt_template=prompt_template, **base_identity(str(base_model)),
+                    lora_init=lora_init, lora_init_iters=lora_init_iters)
     bad = [k for k, (ok, _) in _CHECKS.items() if not ok(settings[k])]
     if bad:  # a caller's bug (e.g. an unresolved "auto"), not a user's input
         raise ValueError(f"adapter settings: invalid {', '.join(f'{k}={settings[k]!r}' for k in bad)}")
@@ -75,11 +82,14 @@ class BaseLoading:
     quant_type: str
     double_quant: bool
     compute_dtype: str  # resolved: a key of precision.DTYPES
+    init: object = None  # model/adapter_init.AdapterInit: a LoftQ / PiSSA base, rebuilt from the original weights
 
     def describe(self) -> str:
+        rebuilt = f", rebuilt with the adapter's {self.init.method} start" if self.init else ""
         if self.bits == 16:
-            return "16-bit"
-        return f"4-bit {self.quant_type.upper()} {'with' if self.double_quant else 'without'} double quant"
+            return "16-bit" + rebuilt
+        return (f"4-bit {self.quant_type.upper()} {'with' if self.double_quant else 'without'} double quant"
+                + rebuilt)
 
 
 def base_loading(adapter_dir: Path | str | None, bits: int | None = None, quant_type: str | None = None,
@@ -90,8 +100,14 @@ def base_loading(adapter_dir: Path | str | None, bits: int | None = None, quant_
     source = str(Path(adapter_dir) / FILE) if saved else "the recipe's defaults"
     saved = saved or {"bits": 4, "quant_type": recipe.QUANT_TYPE, "double_quant": recipe.DOUBLE_QUANT}
     dtype, why = resolve_compute_dtype(compute_dtype)
+    from qlora_dist.model import adapter_init
+
     loading = BaseLoading(saved["bits"] if bits is None else bits, quant_type or saved["quant_type"],
-                          saved["double_quant"] if double_quant is None else double_quant, dtype)
+                          saved["double_quant"] if double_quant is None else double_quant, dtype,
+                          adapter_init.from_adapter(adapter_dir, saved) if adapter_dir else None)
+    if loading.init is not None and loading.init.method == "loftq" and loading.bits == 16:
+        raise ConfigError([f"--bits 16: {adapter_dir} is a LoftQ adapter (lora_init=loftq in {source}): its base "
+                           "is the 4-bit one LoftQ computed, which has no 16-bit form; load it in 4 bits"])
     overridden = ", with overrides" if (bits, quant_type, double_quant) != (None, None, None) else ""
     dist.log(f"base model: {loading.describe()} (from {source}{overridden}); compute dtype {dtype} ({why})")
     return loading

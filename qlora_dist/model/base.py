@@ -13,7 +13,7 @@ import torch
 from qlora_dist import compat
 from qlora_dist.config import Config
 from qlora_dist.errors import ConfigError
-from qlora_dist.model import folder
+from qlora_dist.model import adapter_init, folder
 from qlora_dist.model.builtin import random_llama_config, random_size, resolve_model_path, tokenizer_folder
 from qlora_dist.model.loader import ROW_NORMS
 from qlora_dist.precision import DTYPES, dtype_name, quantization_config
@@ -43,6 +43,23 @@ def load_base(path: Path, bits: int = 4, quant_type: str = "nf4", double_quant: 
     compat.disable_cpu_weight_repacking(model)
     model.requires_grad_(False)
     return model
+
+
+def load_base_for(path: Path, loading, device=None):
+    """The base an adapter was trained on, for inference (loading: adapter_settings.BaseLoading): as
+    transformers loads it, or, for a LoftQ / PiSSA adapter, rebuilt from the original weights by the
+    layer-wise loader with the recorded start (the same bytes as in training: tests/test_adapter_init.py)."""
+    if loading.init is None:
+        return load_base(path, loading.bits, loading.quant_type, loading.double_quant, loading.compute_dtype,
+                         device=device)
+    from transformers import AutoConfig
+
+    from qlora_dist.model.loader import SafetensorsSource, load_layerwise
+
+    check_model_folder(path)
+    return load_layerwise(AutoConfig.from_pretrained(path), SafetensorsSource(path), loading.bits,
+                          loading.quant_type, loading.double_quant, loading.compute_dtype, device,
+                          init=loading.init)
 
 
 def load_tokenizer(path: Path | str):
@@ -77,12 +94,21 @@ def add_lora(model: torch.nn.Module, cfg: Config, seed: int):
         targets = lora_target_names(model)
     # The variant and the scaling are peft's own (use_dora, use_rslora), so they are recorded in the saved
     # adapter_config.json and any peft reader rebuilds the same adapter.
+    # LoftQ and PiSSA start from weights the loader computed (model/adapter_init.py): peft builds the
+    # layers with its default start, which place_init_weights then replaces; the saved adapter_config
+    # says init_lora_weights=true so no peft reader re-runs an init on load (qlora_dist.json records ours).
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM",
-                      use_dora=cfg.lora.variant == "dora", use_rslora=cfg.lora.rslora)
+                      use_dora=cfg.lora.variant == "dora", use_rslora=cfg.lora.rslora,
+                      init_lora_weights=adapter_init.PEFT_INIT[cfg.lora.init])
     torch.manual_seed(seed)
     with compat.dora_magnitude_from_row_norms(ROW_NORMS):
-        return _dora_ready(get_peft_model(model, lora))
+        peft_model = get_peft_model(model, lora)
+    placed = adapter_init.place_init_weights(peft_model)
+    if cfg.lora.init in adapter_init.BASE_CHANGING and not placed:
+        raise RuntimeError(f"lora.init={cfg.lora.init}: the base was not loaded by the layer-wise loader "
+                           "with the start computed (model.build_model picks it)")
+    return _dora_ready(peft_model)
 
 
 def load_adapter(model: torch.nn.Module, adapter_dir: Path, trainable: bool):
@@ -90,6 +116,7 @@ def load_adapter(model: torch.nn.Module, adapter_dir: Path, trainable: bool):
     from peft import PeftModel
 
     check_adapter(Path(adapter_dir))
+    adapter_init.drop_init_weights(model)  # a rebuilt LoftQ / PiSSA base: the adapter's weights replace its start
     with compat.dora_magnitude_from_row_norms(ROW_NORMS):
         return _dora_ready(PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable))
 
@@ -167,7 +194,9 @@ def prepare_for_training(model: torch.nn.Module, cfg: Config) -> None:
 
 
 def use_layerwise(cfg: Config, zero_stage: int) -> bool:
-    return cfg.model.loader == "layerwise" or (cfg.model.loader == "auto" and zero_stage == 3)
+    """LoftQ and PiSSA need each layer's 16-bit weights before quantization: only our loader has them."""
+    return cfg.model.loader == "layerwise" or (cfg.model.loader == "auto" and (
+        zero_stage == 3 or cfg.lora.init in adapter_init.BASE_CHANGING))
 
 
 def loads_layerwise(cfg: Config, zero_stage: int) -> bool:
@@ -185,7 +214,7 @@ def load_base_layerwise(path: Path, cfg: Config, device=None, ds_config: dict | 
     q = cfg.quantization
     return load_layerwise(AutoConfig.from_pretrained(path), SafetensorsSource(path), q.bits, q.quant_type,
                           q.double_quant, dtype_name(cfg.model.compute_dtype), device, ds_config, cfg.model.attn_implementation,
-                          on_piece, keep_row_norms=cfg.lora.variant == "dora")
+                          on_piece, keep_row_norms=cfg.lora.variant == "dora", init=adapter_init.from_config(cfg))
 
 
 def load_base_random(size: str, cfg: Config, device=None, ds_config: dict | None = None, on_piece=None):
@@ -196,7 +225,7 @@ def load_base_random(size: str, cfg: Config, device=None, ds_config: dict | None
     q = cfg.quantization
     return load_layerwise(random_llama_config(size), RandomSource(), q.bits, q.quant_type, q.double_quant,
                           dtype_name(cfg.model.compute_dtype), device, ds_config, cfg.model.attn_implementation, on_piece,
-                          keep_row_norms=cfg.lora.variant == "dora")
+                          keep_row_norms=cfg.lora.variant == "dora", init=adapter_init.from_config(cfg))
 
 
 def build_model(cfg: Config, device=None, ds_config: dict | None = None, on_piece=None):

@@ -1,6 +1,7 @@
 """The starting adapter (`train.init_adapter`): checked, not trusted.
 
-Its adapter_config.json decides the LoRA the model gets (PeftModel.from_pretrained builds it). So the
+Its adapter_config.json decides the LoRA the model gets (PeftModel.from_pretrained builds it), and its
+qlora_dist.json how it started (lora.init: a LoftQ / PiSSA adapter's base is rebuilt with it). So the
 lora.* keys the user set (YAML or key=value; defaults and presets do not count) must agree with it — a
 difference is an error listing each key — and the keys the user did not set take the adapter's values,
 so the saved config says what was trained (an r=8 q/v adapter no longer trains under a config that says
@@ -21,6 +22,25 @@ LORA_KEYS = {"r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dr
              "target_modules": "lora.target_modules", "use_dora": "lora.variant", "use_rslora": "lora.rslora"}
 # What peft 0.21.2 builds when an adapter_config.json lacks the key (adapters saved before the field existed).
 PEFT_DEFAULTS = {"use_dora": False, "use_rslora": False}
+# qlora_dist.json key -> our key: how the adapter started, which decides its base (model/adapter_init.py)
+INIT_KEYS = {"lora_init": "lora.init", "lora_init_iters": "lora.init_iters"}
+# adapter_config.json init_lora_weights of an adapter without qlora_dist.json's lora_init -> lora.init
+PEFT_INITS = {True: "default", False: "default", "gaussian": "gaussian"}
+
+
+def recorded_init(adapter_dir: str | Path, data: dict, key: str = "train.init_adapter") -> dict:
+    """{lora_init, lora_init_iters} the adapter started with: its qlora_dist.json's, else what its
+    adapter_config.json's init_lora_weights means. An init that changed a base we cannot rebuild (peft's
+    own loftq / pissa / olora / ..., whose residual base is another model) is a ConfigError."""
+    saved = adapter_settings.read(adapter_dir) or {}
+    if "lora_init" in saved:
+        return {"lora_init": saved["lora_init"], "lora_init_iters": saved.get("lora_init_iters", 1)}
+    peft_init = data.get("init_lora_weights", True)
+    if peft_init not in PEFT_INITS:
+        raise ConfigError([f"{key}: {adapter_dir}/adapter_config.json has init_lora_weights={peft_init!r} and no "
+                           f"qlora_dist.json lora_init: its base was changed by that init outside qlora-dist and "
+                           "cannot be rebuilt here; start from an adapter with init_lora_weights=true"])
+    return {"lora_init": PEFT_INITS[peft_init], "lora_init_iters": 1}
 
 
 def read(adapter_dir: str | Path, key: str = "train.init_adapter") -> dict:
@@ -72,7 +92,7 @@ def _same(our_key: str, mine, theirs, model_path: str) -> bool:
             expand = _all_linear(model_path)
             mine, theirs = (expand if s == {"all-linear"} else s for s in (mine, theirs))
         return mine == theirs
-    if our_key in ("lora.variant", "lora.rslora"):
+    if our_key in ("lora.variant", "lora.rslora", "lora.init", "lora.init_iters"):
         return mine == theirs
     return float(mine) == float(theirs)
 
@@ -95,7 +115,11 @@ def problems(cfg: Config) -> list[str]:
         errs += adapter_settings.base_problems(
             cfg.train.init_adapter, cfg.model.path, "train.init_adapter", "model.allow_base_mismatch=true",
             dict(bits=q.bits, quant_type=q.quant_type, double_quant=q.double_quant), cfg.model.allow_base_mismatch)
-    for theirs, ours in LORA_KEYS.items():
+    try:
+        data.update(recorded_init(cfg.train.init_adapter, data))
+    except ConfigError as exc:
+        return errs + exc.problems
+    for theirs, ours in {**LORA_KEYS, **INIT_KEYS}.items():
         if ours in cfg.user_keys and theirs in data:
             mine = getattr(cfg.lora, ours.split(".")[1])
             if not _same(ours, mine, _ours(theirs, data[theirs]), cfg.model.path):
@@ -111,7 +135,8 @@ def adopt(cfg: Config) -> Config:
     if not cfg.train.init_adapter:
         return cfg
     data, adopted = {**PEFT_DEFAULTS, **read(cfg.train.init_adapter)}, copy.deepcopy(cfg)
-    for theirs, ours in LORA_KEYS.items():
+    data.update(recorded_init(cfg.train.init_adapter, data))
+    for theirs, ours in {**LORA_KEYS, **INIT_KEYS}.items():
         if ours not in cfg.user_keys and theirs in data:
             setattr(adopted.lora, ours.split(".")[1], _ours(theirs, data[theirs]))
     return adopted

@@ -151,17 +151,39 @@ def _keep_row_norms(piece: torch.nn.Module, prefix: str) -> None:
             setattr(child, ROW_NORMS, row_norms(child))
 
 
+def _linear(child: torch.nn.Linear, full: str, source: TensorSource, quant: dict | None, dtype: torch.dtype,
+            device, init) -> torch.nn.Module:
+    """One linear layer with real weights: NF4 when quant, else 16-bit in place. With init (a LoRA layer
+    of a base-changing start) its weight is split first and the adapter's start kept on it (INIT_WEIGHTS)."""
+    from qlora_dist.model.adapter_init import INIT_WEIGHTS
+
+    weight = source.get(f"{full}.weight", child.weight.shape, dtype, device)
+    bias = None if child.bias is None else source.get(f"{full}.bias", child.bias.shape, dtype, device)
+    if init is not None:
+        weight, a, b = init.split(weight, quant)
+    if quant:
+        new = _linear4bit(child, weight, bias, quant, device)
+    else:
+        new = child
+        new.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            new.bias = torch.nn.Parameter(bias, requires_grad=False)
+    if init is not None:
+        setattr(new, INIT_WEIGHTS, (a, b))
+    return new
+
+
 def _materialize(piece: torch.nn.Module, prefix: str, source: TensorSource, quant: dict | None,
-                 dtype: torch.dtype, device) -> None:
-    """Give one meta piece real (and, for linear layers, quantized) weights."""
+                 dtype: torch.dtype, device, init=None) -> None:
+    """Give one meta piece real (and, for linear layers, quantized) weights. init (model/adapter_init.py
+    AdapterInit): each LoRA layer's weight is first split into the base's part and the adapter's start."""
     for name, child in list(piece.named_modules()):
         full = f"{prefix}.{name}" if name else prefix
-        if quant and isinstance(child, torch.nn.Linear) and prefix != "lm_head":
-            weight = source.get(f"{full}.weight", child.weight.shape, dtype, device)
-            bias = None if child.bias is None else source.get(f"{full}.bias", child.bias.shape, dtype, device)
-            new = _linear4bit(child, weight, bias, quant, device)
-            del weight
-            if name:
+        linear = isinstance(child, torch.nn.Linear) and prefix != "lm_head"
+        starts = init if linear and init is not None and init.applies_to(full) else None
+        if linear and (quant or starts):
+            new = _linear(child, full, source, quant, dtype, device, starts)
+            if name and new is not child:
                 parent_name, _, attr = name.rpartition(".")
                 setattr(piece.get_submodule(parent_name) if parent_name else piece, attr, new)
             continue
@@ -187,11 +209,12 @@ def attention_for(config, wanted: str) -> str:
 
 def load_layerwise(config, source: TensorSource, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
                    compute_dtype: str = "bfloat16", device=None, ds_config: dict | None = None,
-                   attn_implementation: str = "sdpa", on_piece=None, keep_row_norms: bool = False):
+                   attn_implementation: str = "sdpa", on_piece=None, keep_row_norms: bool = False, init=None):
     """The config's causal LM (its family's own class, built on `meta` by AutoModelForCausalLM) loaded piece
     by piece; partitioned as it goes when ds_config is ZeRO-3. on_piece(name): called after each piece, on
     every rank alike (progress, or a stop point that raises). keep_row_norms: each linear layer keeps its
-    weight's row norms (ROW_NORMS), taken before partitioning, for DoRA's magnitude."""
+    weight's row norms (ROW_NORMS), taken before partitioning, for DoRA's magnitude. init: a base-changing
+    adapter start (model/adapter_init.py: LoftQ, PiSSA), computed on each layer's 16-bit weights."""
     import deepspeed
     from transformers import AutoModelForCausalLM
 
@@ -207,7 +230,7 @@ def load_layerwise(config, source: TensorSource, bits: int = 4, quant_type: str 
         if prefix == "lm_head" and tied:
             model.lm_head.weight = model.model.embed_tokens.weight  # already loaded (and partitioned)
             continue
-        _materialize(piece, prefix, source, quant, dtype, device)
+        _materialize(piece, prefix, source, quant, dtype, device, init)
         _real_buffers(piece, config, device)  # before zero.Init, which moves buffers
         if keep_row_norms:
             _keep_row_norms(piece, prefix)

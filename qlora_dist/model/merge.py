@@ -17,7 +17,7 @@ import torch
 from qlora_dist import atomic
 from qlora_dist.errors import ConfigError, RunFault
 from qlora_dist.model.adapter_settings import BaseLoading, base_loading
-from qlora_dist.model.base import adapter_problems, load_adapter, load_base, load_tokenizer
+from qlora_dist.model.base import adapter_problems, load_adapter, load_base_for, load_tokenizer
 from qlora_dist.model.builtin import resolve_model_path
 from qlora_dist.precision import DTYPES
 
@@ -49,7 +49,7 @@ def dequantized_base(path: Path, loading: BaseLoading, out_dtype: str):
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[out_dtype]
-    quantized = load_base(path, loading.bits, loading.quant_type, loading.double_quant, loading.compute_dtype)
+    quantized = load_base_for(path, loading)
     state = dequantized_state_dict(quantized, dtype)
     config = quantized.config
     del quantized

@@ -497,7 +497,8 @@ class Checkpointer:
         q = self.cfg.quantization
         adapter_settings.write(tmp / "adapter_model", base_model=str(self.cfg.model.path), bits=q.bits,
                                quant_type=q.quant_type, double_quant=q.double_quant,
-                               compute_dtype=self.plan["compute_dtype"], prompt_template=self.cfg.data.chat_template)
+                               compute_dtype=self.plan["compute_dtype"], prompt_template=self.cfg.data.chat_template,
+                               lora_init=self.cfg.lora.init, lora_init_iters=self.cfg.lora.init_iters)
         (tmp / "config.yaml").write_text(self.cfg.to_yaml())
         atomic.write_text(tmp / "run_plan.json", json.dumps(self.plan, indent=2))
         atomic.write_text(tmp / environment.FILE, json.dumps(environment.describe(), indent=2))
