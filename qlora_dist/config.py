@@ -130,7 +130,7 @@ class ModelConfig:
 
 @dataclass
 class QuantizationConfig:
-    bits: int = choice(4, (4, 16), "4 = NF4 QLoRA; 16 = LoRA on a 16-bit base")
+    bits: int = choice(4, (4, 16), "4 = NF4 QLoRA; 16 = LoRA on a 16-bit base (the older name of train.method=lora)")
     quant_type: str = choice(recipe.QUANT_TYPE, QUANT_TYPES)
     double_quant: bool = opt(recipe.DOUBLE_QUANT, "quantize the quantization constants too")
 
@@ -276,8 +276,14 @@ class OptimConfig:
         return errs
 
 
+METHODS = ("qlora", "lora", "full")
+
+
 @dataclass
 class TrainConfig:
+    method: str = choice("qlora", METHODS, "qlora: LoRA on a quantized base (quantization.*); lora: LoRA on a 16-bit "
+                                           "base; full: every weight trained in 16 bits, fp32 masters and Adam "
+                                           "states (no lora.*, quantization.* or train.init_adapter)")
     output_dir: str = opt("runs/default")
     max_steps: int = opt(100, "optimizer steps")
     save_steps: int = opt(50, "checkpoint every N optimizer steps (and at the end)")
@@ -623,9 +629,38 @@ def parse_config(path: str | Path | None = None, preset: str | None = None,
     assigns, perrs = _override_assignments(list(overrides))
     errs += perrs + _apply(cfg, assigns)
     cfg.user_keys = frozenset(key for key, _, _ in user + assigns)
+    errs += resolve_method(cfg, {key: origin for key, _, origin in user + assigns})
     # A value that failed to parse kept its default, so range checks on the rest stay meaningful.
     errs += _check_choices(cfg)
     return cfg, errs
+
+
+# Keys that mean nothing to full fine-tuning: set by the user with train.method=full, an error.
+NOT_FOR_FULL = ("lora.", "quantization.", "train.init_adapter")
+
+
+def resolve_method(cfg: Config, origins: dict[str, str]) -> list[str]:
+    """Make train.method and quantization.bits agree (in place): quantization.bits=16 is the older name of
+    train.method=lora and resolves to it; lora and full run a 16-bit base (bits 16). A contradiction the
+    user wrote, or a key full fine-tuning has no use for, is one line naming the keys and where they were set."""
+    method, bits, user = cfg.train.method, cfg.quantization.bits, cfg.user_keys
+    where = lambda key: f"{key} ({origins.get(key, 'default')})"  # noqa: E731
+    if method == "full":
+        stray = sorted(k for k in user if k.startswith(NOT_FOR_FULL))
+        cfg.quantization.bits = 16
+        return [f"train.method: full trains every weight in 16 bits, but {', '.join(map(where, stray))} "
+                "configure LoRA or quantization; remove them, or use train.method=lora or qlora"] if stray else []
+    if method == "qlora" and bits == 16:
+        if "train.method" in user:
+            return [f"{where('train.method')}: qlora quantizes the base, but {where('quantization.bits')} is 16; "
+                    "use train.method=lora for LoRA on a 16-bit base"]
+        cfg.train.method = "lora"
+    elif method == "lora" and bits != 16:
+        if "quantization.bits" in user:
+            return [f"{where('train.method')}: lora keeps the base in 16 bits, but {where('quantization.bits')} is "
+                    f"{bits}; use train.method=qlora for a quantized base"]
+        cfg.quantization.bits = 16
+    return []
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

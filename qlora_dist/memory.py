@@ -140,6 +140,7 @@ class Setup:
     fused_loss: bool = True  # model.fused_loss: the loss by chunks of tokens (qlora_dist/fastpath.py)
     paged_masters: bool = False  # optim.master_weights=paged: fp32 masters in CUDA unified memory
     sequence_parallel: int = 1  # dist.sequence_parallel: each rank holds 1/N of every row's positions
+    full: bool = False  # train.method=full: every weight trained (16-bit), no LoRA
 
     @property
     def tokens(self) -> int:
@@ -200,13 +201,21 @@ def weight_items(s: Setup) -> dict[str, int]:
     layer16 = sum(_part(n, n3) for n in sh.layer_16bit()) * 2  # ZeRO-3 pads each parameter on its own
     w16 = sum(_part(t, n3) * 2 for t in tables) + sh.layers * layer16 + _part(sh.hidden, n3) * 2
     items = {"base_nf4": nf4 * sh.layers, "quant_constants": consts * sh.layers,
-             "base_16bit": w16 + linear16 * sh.layers}
+             "weights_16bit" if s.full else "base_16bit": w16 + linear16 * sh.layers}
     return {k: v for k, v in items.items() if v}
+
+
+def full_numels(sh: Shape) -> list[int]:
+    """Element counts of every weight of the model (train.method=full trains them all)."""
+    layer = [a * b for a, b in sh.linears()] + sh.layer_16bit()
+    return [sh.vocab * sh.hidden] * (1 if sh.tied else 2) + layer * sh.layers + [sh.hidden]
 
 
 def lora_numels(s: Setup) -> list[int]:
     """Element counts of every LoRA matrix (A: r x in, B: out x r, and with DoRA its magnitude: out), in
-    model order."""
+    model order; under train.method=full, of every weight."""
+    if s.full:
+        return full_numels(s.shape)
     one_layer = [n for fan_in, fan_out in s.shape.linears()
                  for n in (s.lora_r * fan_in, fan_out * s.lora_r, *([fan_out] if s.dora else []))]
     return one_layer * s.shape.layers
@@ -237,10 +246,10 @@ def lora_items(s: Setup) -> tuple[dict[str, int], dict[str, int]]:
     master = shard * 4
     grads = shard * 4  # accumulated and reduced in fp32 (ds_configs: grad_accum_dtype fp32)
     states = shard * (2 if "8bit" in s.optimizer else 8)
-    items = {"lora_weights": weights}
+    items = {} if s.full else {"lora_weights": weights}  # full: the weights are weight_items' weights_16bit
     outside: dict[str, int] = {}
     on_host = outside if s.offload_optimizer else items  # offload keeps masters and fp32 grads in CPU memory
-    on_host["lora_grads_fp32"] = grads
+    on_host["grads_fp32" if s.full else "lora_grads_fp32"] = grads
     if s.paged_masters and s.on_gpu and not s.offload_optimizer:  # train/paged_masters.py
         outside["master_weights_fp32 (paged, unified memory)"] = master
     else:  # with offload the masters are on the host, paged or not
@@ -295,6 +304,16 @@ def logits_bytes(s: Setup) -> int:
     return 8 * sh.vocab * min(tokens, chunk_tokens(sh.vocab)) + 4 * sh.hidden * tokens
 
 
+def _full_transient(s: Setup, numel: int) -> int:
+    """Under train.method=full, what the backward of a piece of `numel` weights (lm_head at the loss, a decoder
+    layer) holds beyond LoRA's: its bf16 gradient (2 bytes) and the fp32 copy DeepSpeed reduces
+    (ds_configs' communication_data_type fp32: 4). Under ZeRO-3 also the piece's weights gathered whole (2) and
+    the flat buffer reduce_scatter_coalesced concatenates the fp32 gradients into (4; deepspeed 0.19.8
+    runtime/comm/coalesced_collectives.py): 12 bytes a weight, which the CPU allocator's peak shows
+    (tests/test_full_finetune.py). ZeRO-1/2 hold the weights whole already (weight_items): 6, not measured."""
+    return numel * (12 if s.zero_stage == 3 else 6)
+
+
 def activation_items(s: Setup) -> dict[str, int]:
     sh, tokens = s.shape, s.tokens
     layer = (layer_activation_bytes_per_token(s) + dora_activation_bytes_per_token(s)) * tokens
@@ -304,6 +323,9 @@ def activation_items(s: Setup) -> dict[str, int]:
     # again, B·A (peft builds it as a full matrix) and their sum for the row norms: 3 more bf16 matrices.
     widest = max(fan_in * fan_out for fan_in, fan_out in sh.linears())
     backward = (4 * sh.intermediate + 8 * sh.hidden) * tokens + 2 * widest * (4 if s.dora else 1)
+    if s.full:  # the weights' own bf16 gradients before ZeRO reduces them, and under ZeRO-3 the gathered weights
+        logits, backward = logits + _full_transient(s, sh.vocab * sh.hidden), backward + _full_transient(
+            s, sum(a * b for a, b in sh.linears()) + sum(sh.layer_16bit()))
     if s.checkpointing:
         kept = sh.layers * 2 * sh.hidden * tokens  # each layer's input, bf16
         peak_phase = max(logits, layer + backward)
@@ -315,6 +337,11 @@ def framework_items(s: Setup) -> dict[str, int]:
     items = {"cuda_workspace": int(CUDA_OVERHEAD) if s.on_gpu else 0}
     if s.zero_stage in (1, 2):
         items["zero_buckets"] = min(DS_BUCKET, sum(lora_numels(s))) * 4  # contiguous fp32 grad bucket
+    elif s.full:
+        # ZeRO-3 allocates its reduce bucket whole, reduce_bucket_size elements of the fp32 gradient
+        # accumulation dtype (deepspeed 0.19.8 stage3.py _setup_for_real_optimizer), whatever the model's size.
+        # LoRA runs under ZeRO-3 hold it too; their plan does not count it yet (see the README's planner notes).
+        items["zero_buckets"] = DS_BUCKET * 4
     return {k: v for k, v in items.items() if v}
 
 
@@ -386,6 +413,8 @@ def suggest(s: Setup, cap: int, depth: int = 3) -> list[str] | None:
 def adapter_description(s: Setup) -> str:
     """'LoRA r=64: 160,432,128 trainable parameters' (with DoRA, how many of them are magnitudes)."""
     total = sum(lora_numels(s))
+    if s.full:
+        return f"full fine-tuning: {total:,} trainable parameters (every weight)"
     magnitudes = sum(fan_out for _, fan_out in s.shape.linears()) * s.shape.layers if s.dora else 0
     extra = f", of which {magnitudes:,} DoRA magnitudes" if s.dora else ""
     return f"{'DoRA' if s.dora else 'LoRA'} r={s.lora_r}: {total:,} trainable parameters{extra}"
@@ -393,7 +422,7 @@ def adapter_description(s: Setup) -> str:
 
 def format_plan(plan: Plan) -> str:
     s = plan.setup
-    head = (f"per-rank memory plan: {s.shape.layers} layers x {s.shape.hidden} hidden, {s.bits}-bit base, "
+    head = (f"per-rank memory plan: {s.shape.layers} layers x {s.shape.hidden} hidden, {'16-bit weights, all trained' if s.full else f'{s.bits}-bit base'}, "
             f"ZeRO-{s.zero_stage}{' + optimizer offload' if s.offload_optimizer else ''}, {s.world_size} rank(s), "
             f"micro batch {s.micro_batch} x {s.seq_len} tokens"
             f"{f' split over {s.sequence_parallel} ranks (dist.sequence_parallel)' if s.sequence_parallel > 1 else ''}, "
@@ -502,6 +531,7 @@ def setup_from_config(cfg, world_size: int, shape: Shape | None = None, micro_ba
     from qlora_dist.ds_files import read_ds_config, zero_stage
 
     ds, _ = read_ds_config(cfg.dist.ds_config)
+    full = cfg.train.method == "full"
     return Setup(
         shape=shape or shape_for(cfg), world_size=world_size, zero_stage=zero_stage(ds),
         offload_optimizer="offload_optimizer" in ds.get("zero_optimization", {}),
@@ -509,9 +539,10 @@ def setup_from_config(cfg, world_size: int, shape: Shape | None = None, micro_ba
         seq_len=cfg.data.source_max_len + cfg.data.target_max_len,
         checkpointing=cfg.model.gradient_checkpointing if checkpointing is None else checkpointing,
         bits=cfg.quantization.bits, double_quant=cfg.quantization.double_quant, lora_r=cfg.lora.r,
-        lora_dropout=cfg.lora.dropout > 0, dora=cfg.lora.variant == "dora", optimizer=cfg.optim.name,
-        on_gpu=torch.cuda.is_available() if on_gpu is None else on_gpu, fused_loss=cfg.model.fused_loss,
-        paged_masters=cfg.optim.master_weights == "paged", sequence_parallel=cfg.dist.sequence_parallel)
+        lora_dropout=cfg.lora.dropout > 0 and not full, dora=cfg.lora.variant == "dora" and not full,
+        optimizer=cfg.optim.name, on_gpu=torch.cuda.is_available() if on_gpu is None else on_gpu,
+        fused_loss=cfg.model.fused_loss and not full,  # a trained lm_head declines it (fastpath.fused_loss_refusal)
+        paged_masters=cfg.optim.master_weights == "paged", sequence_parallel=cfg.dist.sequence_parallel, full=full)
 
 
 def relative_speed(s: Setup) -> float:

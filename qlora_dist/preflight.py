@@ -89,7 +89,7 @@ def run(cfg: Config, world_size: int, problems: list[str] = (), cuda: bool | Non
         _collect(report, lambda: _plan(cfg, world_size, cuda, report))
     _collect(report, lambda: _ds_config(cfg, world_size, report))
     _collect(report, lambda: _master_weights(cfg, cuda))
-    _collect(report, lambda: _output(cfg, report, for_train))
+    _collect(report, lambda: _output(cfg, report, for_train, world_size))
     return report
 
 
@@ -267,7 +267,21 @@ def _master_weights(cfg: Config, cuda: bool | None) -> list[str]:
     return errs
 
 
-def _output(cfg: Config, report: Report, for_train: bool) -> list[str]:
+def _full_layout(cfg: Config, resume: Path, world_size: int) -> str | None:
+    """train.method=full resumes on the world size and ZeRO stage it was saved with only (checkpoint.py
+    different_layout_for_full says why): refused here, before the model loads."""
+    from qlora_dist.ds_files import read_ds_config, zero_stage
+    from qlora_dist.train import checkpoint
+
+    if cfg.train.method != "full":
+        return None
+    progress, stage = checkpoint.read_progress(resume), zero_stage(read_ds_config(cfg.dist.ds_config)[0])
+    if (progress.world_size, progress.zero_stage) == (world_size, stage):
+        return None
+    return checkpoint.different_layout_for_full(resume, progress, world_size, stage)
+
+
+def _output(cfg: Config, report: Report, for_train: bool, world_size: int) -> list[str]:
     from qlora_dist import writer_lock
     from qlora_dist.train import checkpoint
 
@@ -284,5 +298,7 @@ def _output(cfg: Config, report: Report, for_train: bool) -> list[str]:
         report.warnings.append(writer_lock.busy_problem(paths, holder) + " (`train` would refuse now)")
     resume, damaged = checkpoint.resume_point(paths, cfg)  # sizes only: the run hashes them
     report.notes += [f"{ckpt.name} is damaged ({why}): the run will set it aside" for ckpt, why in damaged]
+    if resume and (problem := _full_layout(cfg, resume, world_size)):
+        return [problem]
     report.notes.append(f"output {cfg.train.output_dir}: " + (f"continues from {resume.name}" if resume else "new run"))
     return []

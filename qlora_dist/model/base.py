@@ -134,8 +134,9 @@ def adapter_problems(adapter_dir: Path, base: str | None = None, option: str = "
 def prepare_for_training(model: torch.nn.Module, cfg: Config) -> None:
     """What peft's prepare_model_for_kbit_training does, minus its fp32 upcast of the base's 16-bit
     weights (that upcast doubles their memory and breaks ZeRO-3's already partitioned parameters)."""
+    full = cfg.train.method == "full"
     for name, param in model.named_parameters():
-        param.requires_grad_("lora_" in name)  # DoRA's magnitude too: lora_magnitude_vector
+        param.requires_grad_(full or "lora_" in name)  # DoRA's magnitude too: lora_magnitude_vector
     # LoRA weights in one dtype, the model's: ZeRO-3 needs it, and the engine keeps fp32 masters.
     # DoRA's magnitude included, although TRL #7268 found a bf16 magnitude frozen: there the optimizer
     # updated the bf16 values themselves, and steps below bf16's resolution (0.4%) vanished. Here the
@@ -155,7 +156,8 @@ def prepare_for_training(model: torch.nn.Module, cfg: Config) -> None:
     from qlora_dist import dist
 
     if cfg.model.fused_loss and not fastpath.install_fused_loss(model):  # needs lm_head frozen, as just set
-        dist.log(f"model.fused_loss: not used ({fastpath.fused_loss_refusal(model.get_base_model())}): "
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # full: no PEFT wrapper
+        dist.log(f"model.fused_loss: not used ({fastpath.fused_loss_refusal(causal_lm)}): "
                  "transformers' loss instead")
     if cfg.model.fused_lora:
         fastpath.install_fused_lora(model)
@@ -197,7 +199,8 @@ def load_base_random(size: str, cfg: Config, device=None, ds_config: dict | None
 
 
 def build_model(cfg: Config, device=None, ds_config: dict | None = None, on_piece=None):
-    """Base + LoRA (fresh, or from train.init_adapter) ready for the engine. on_piece(name): called on
+    """Base + LoRA (fresh, or from train.init_adapter), or under train.method=full the 16-bit base with every
+    weight trainable, ready for the engine. on_piece(name): called on
     every rank after each piece the layer-wise loader loads (the trainer's stop point; it may raise)."""
     from qlora_dist.ds_files import zero_stage
 
@@ -210,7 +213,9 @@ def build_model(cfg: Config, device=None, ds_config: dict | None = None, on_piec
     else:
         base = load_base(path, cfg.quantization.bits, cfg.quantization.quant_type, cfg.quantization.double_quant,
                          dtype_name(cfg.model.compute_dtype), cfg.model.attn_implementation, device)
-    if cfg.train.init_adapter:
+    if cfg.train.method == "full":  # every weight trained: the 16-bit base is the model (config resolved bits=16)
+        model = base
+    elif cfg.train.init_adapter:
         model = load_adapter(base, Path(cfg.train.init_adapter), trainable=True)
     else:
         model = add_lora(base, cfg, cfg.train.seed)
