@@ -17,6 +17,7 @@ GB = 1e9
 NF4_BLOCK = 64  # bitsandbytes' default 4-bit blocksize
 NESTED_BLOCK = 256  # blocksize of the double quantization of the absmax constants
 DS_BUCKET = 50_000_000  # ds_configs/*.json reduce_bucket_size (elements)
+DS_MAX_LIVE = 1_000_000_000  # ds_configs/zero3*.json stage3_max_live_parameters (elements)
 CUDA_OVERHEAD = 0.25 * GB  # workspace (cuBLAS, NCCL) and allocator rounding, beside the items
 
 
@@ -307,11 +308,10 @@ def logits_bytes(s: Setup) -> int:
 def _full_transient(s: Setup, numel: int) -> int:
     """Under train.method=full, what the backward of a piece of `numel` weights (lm_head at the loss, a decoder
     layer) holds beyond LoRA's: its bf16 gradient (2 bytes) and the fp32 copy DeepSpeed reduces
-    (ds_configs' communication_data_type fp32: 4). Under ZeRO-3 also the piece's weights gathered whole (2) and
-    the flat buffer reduce_scatter_coalesced concatenates the fp32 gradients into (4; deepspeed 0.19.8
-    runtime/comm/coalesced_collectives.py): 12 bytes a weight, which the CPU allocator's peak shows
-    (tests/test_full_finetune.py). ZeRO-1/2 hold the weights whole already (weight_items): 6, not measured."""
-    return numel * (12 if s.zero_stage == 3 else 6)
+    (ds_configs' communication_data_type fp32: 4). Under ZeRO-3 also the flat buffer reduce_scatter_coalesced
+    concatenates the fp32 gradients into (4; deepspeed 0.19.8 runtime/comm/coalesced_collectives.py): 10 bytes
+    a weight (its gathered weights are zero3_live_gathered's). ZeRO-1/2: 6, not measured."""
+    return numel * (10 if s.zero_stage == 3 else 6)
 
 
 def activation_items(s: Setup) -> dict[str, int]:
@@ -326,11 +326,17 @@ def activation_items(s: Setup) -> dict[str, int]:
     if s.full:  # the weights' own bf16 gradients before ZeRO reduces them, and under ZeRO-3 the gathered weights
         logits, backward = logits + _full_transient(s, sh.vocab * sh.hidden), backward + _full_transient(
             s, sum(a * b for a, b in sh.linears()) + sum(sh.layer_16bit()))
+    gathered = {}
+    if s.full and s.zero_stage == 3:
+        # ds_configs/zero3.json keeps up to stage3_max_live_parameters gathered weights live, and releases none
+        # reused within stage3_max_reuse_distance (1e9 too): below that size every weight may be whole at
+        # once in the step (how many are depends on prefetch timing; the CPU peak varied by ~50 MB with it)
+        gathered = {"zero3_live_gathered": 2 * min(sum(full_numels(sh)), DS_MAX_LIVE)}
     if s.checkpointing:
         kept = sh.layers * 2 * sh.hidden * tokens  # each layer's input, bf16
         peak_phase = max(logits, layer + backward)
-        return {"activations_checkpointed": kept, "activations_peak_phase": peak_phase}
-    return {"activations": sh.layers * layer, "activations_peak_phase": max(logits, backward)}
+        return {"activations_checkpointed": kept, "activations_peak_phase": peak_phase, **gathered}
+    return {"activations": sh.layers * layer, "activations_peak_phase": max(logits, backward), **gathered}
 
 
 def framework_items(s: Setup) -> dict[str, int]:

@@ -1,11 +1,11 @@
 """Full fine-tuning (train.method=full, issue 26) on the DeepSpeed engine, 2 CPU ranks.
 
 One torchrun launch (tests/workers/full_cases.py) trains every case in turn; the checks read what it wrote:
+  memory         random:smoke (17.7M weights), ZeRO-3: a step's measured peak against the planner's figure
   zero3          bf16 weights, ZeRO-3, 4 steps, a checkpoint every 2 (the uninterrupted run)
   zero3-resumed  the same run continued from a copy of zero3's checkpoint-2 (as after a kill at step 2)
   split4/split1  fp32, ZeRO-3, 3 steps: micro batch 4 x accumulation 1 against 1 x 4 (2 ranks, global batch 8)
   zero2          bf16 weights, ZeRO-2, 4 steps
-  memory         random:smoke (17.7M weights), ZeRO-3: the CPU allocator's peak against the planner's figure
 """
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ SPLIT = "model.compute_dtype=float32,train.max_steps=3,train.save_steps=3,model.
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    cases = [f"zero3:{BF16_4_STEPS}", f"zero3-resumed:{BF16_4_STEPS},copy={out / 'zero3' / 'checkpoint-2'}",
+    # the memory case first: later in a process, the engines of earlier cases leave DeepSpeed's caches behind
+    cases = ["memory:model.path=random:smoke,model.compute_dtype=bfloat16,train.max_steps=2", f"zero3:{BF16_4_STEPS}", f"zero3-resumed:{BF16_4_STEPS},copy={out / 'zero3' / 'checkpoint-2'}",
              f"split4:{SPLIT}", f"split1:{SPLIT},train.micro_batch_size=1",
-             f"zero2:{BF16_4_STEPS},dist.ds_config=zero2",
-             "memory:model.path=random:smoke,model.compute_dtype=bfloat16,train.max_steps=2"]
+             f"zero2:{BF16_4_STEPS},dist.ds_config=zero2"]
     run_torchrun(2, str(out), *cases, "--", *FULL, script=str(REPO / "tests" / "workers" / "full_cases.py"),
                  timeout=400)
     return out
@@ -123,3 +123,23 @@ def test_verify_checks_the_model_folder(runs, capsys):
     code = cli.main(["verify", str(runs / "zero3")])
     out = capsys.readouterr().out
     assert "model: ok" in out and "checkpoint-4: ok" in out and not code
+
+
+@pytest.mark.slow
+def test_generate_merge_and_init_adapter_on_the_model_folder(runs, tmp_path, capsys):
+    """generate loads it in 16 bit (its own weights); merge and train.init_adapter say it is no adapter."""
+    from qlora_dist import cli
+    from qlora_dist.config import load_config
+    from qlora_dist.evaluate.generate import load_for_inference
+    from qlora_dist.model import init_adapter
+
+    folder = runs / "zero3" / "model"
+    model, _ = load_for_inference(str(folder), compute_dtype="bfloat16")
+    saved = _model_tensors(runs / "zero3")
+    assert all(torch.equal(p, saved[n]) for n, p in model.named_parameters())  # not quantized: as trained
+    why = (f"is a fully fine-tuned model (train.method=full), not a PEFT adapter: there is no adapter to apply or "
+           f"merge; use the folder itself as the model (model.path={folder} or --base {folder})")
+    assert cli.main(["merge", "--base", "tiny-llama", "--adapter", str(folder), "--out", str(tmp_path / "m")]) == 2
+    assert f"--adapter: {folder} {why}" in capsys.readouterr().err
+    cfg = load_config(overrides=["model.path=tiny-llama", f"train.init_adapter={folder}"])
+    assert init_adapter.problems(cfg) == [f"train.init_adapter: {folder} {why}"]

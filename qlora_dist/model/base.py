@@ -120,6 +120,8 @@ def adapter_problems(adapter_dir: Path, base: str | None = None, option: str = "
     from qlora_dist.model.folder import safetensors_problems
 
     adapter_dir = Path(adapter_dir)
+    if folder.fully_fine_tuned(adapter_dir):
+        return [folder.not_an_adapter(adapter_dir, option)]
     if not (adapter_dir / "adapter_config.json").is_file():
         what = "not found" if not adapter_dir.exists() else "has no adapter_config.json (not a PEFT adapter)"
         return [f"{option}: adapter folder {adapter_dir} {what}"]

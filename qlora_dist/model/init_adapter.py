@@ -82,6 +82,8 @@ def problems(cfg: Config) -> list[str]:
     weight file's header, and each lora.* key the user set that the adapter contradicts."""
     if not cfg.train.init_adapter:
         return []
+    if folder.fully_fine_tuned(cfg.train.init_adapter):
+        return [folder.not_an_adapter(cfg.train.init_adapter, "train.init_adapter")]
     try:
         data = read(cfg.train.init_adapter)
     except ConfigError as exc:

@@ -4,6 +4,8 @@
     model/model-0000i-of-0000n.safetensors        one file per piece: embeddings, each decoder layer, norm, lm_head
     model/model.safetensors.index.json            which file holds each tensor (transformers' sharded layout)
     model/tokenizer files                         so that the folder is a model.path of its own
+    model/qlora_dist.json                         {"method": "full", ...}: generate loads it in 16 bit, merge
+                                                  and train.init_adapter say it is no adapter (model/folder.py)
 
 `AutoModelForCausalLM.from_pretrained(model/)` loads it. Under ZeRO-3 the weights are gathered one piece at
 a time (deepspeed.zero.GatheredParameters on every rank) and rank 0 writes that piece before the next is
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 from qlora_dist import atomic, dist
+from qlora_dist.model.folder import FULL_MARK
 from qlora_dist.model.loader import pieces
 
 INDEX = "model.safetensors.index.json"
@@ -53,8 +56,9 @@ def _piece_state(piece: torch.nn.Module, prefix: str, zero_stage: int) -> dict[s
                 for name, p in params.items()}
 
 
-def export_model(model, tokenizer, out: Path, zero_stage: int) -> None:
-    """Write `out` (atomically: a partial folder never carries the final name). Every rank must call it."""
+def export_model(model, tokenizer, out: Path, zero_stage: int, settings: dict) -> None:
+    """Write `out` (atomically: a partial folder never carries the final name), `settings` (the run's base
+    model, compute dtype, prompt format) in its qlora_dist.json. Every rank must call it."""
     from safetensors.torch import save_file
 
     pieces = _pieces_to_write(model)
@@ -74,6 +78,7 @@ def export_model(model, tokenizer, out: Path, zero_stage: int) -> None:
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
             _write_config(model, tmp)
             tokenizer.save_pretrained(str(tmp))
+            (tmp / FULL_MARK).write_text(json.dumps({"method": "full", **settings}, indent=2))
     dist.barrier("write the trained model's folder")
 
 

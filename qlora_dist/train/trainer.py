@@ -325,7 +325,9 @@ class Trainer:
         if self.cfg.train.method == "full":  # collective: gathered piece by piece under ZeRO-3
             from qlora_dist.train.model_export import export_model
 
-            export_model(self.engine.module, self.tokenizer, self.paths.model, self.zero_stage)
+            export_model(self.engine.module, self.tokenizer, self.paths.model, self.zero_stage,
+                         {"base_model": str(self.cfg.model.path), "compute_dtype": self.plan.compute_dtype,
+                          "prompt_template": self.cfg.data.chat_template, "step": self.step})
         after = self.evaluate("after training") if self.cfg.eval.at_end else None
         mmlu_after = self.evaluate_mmlu("after training") if self.cfg.eval.mmlu_at_end else None
         if self.info.is_main:
