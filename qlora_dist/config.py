@@ -28,6 +28,8 @@ from qlora_dist.precision import COMPUTE_DTYPES, QUANT_TYPES
 FORMAT_NAMES = ("alpaca", "chip2", "hh-rlhf", "oasst1", "self-instruct", "self-instruct-instances",
                 "unnatural-instructions", "flan-v2", "flan-cot", "input-output", "messages", "sharegpt")
 TASK_NAMES = ("sort_digits", "add", "uppercase")
+# lora.target_modules presets, each standing alone: what each names on a model is model/base.py's TARGET_PRESETS
+TARGET_PRESET_NAMES = ("all-linear", "attention")
 
 
 def parse_size(text: str) -> int:
@@ -140,7 +142,9 @@ class LoraConfig:
     r: int = opt(recipe.LORA_R)
     alpha: float = opt(recipe.LORA_ALPHA)
     dropout: float = opt(0.1)
-    target_modules: list[str] = opt(["all-linear"], "'all-linear' (every nn.Linear but lm_head) or module names")
+    target_modules: list[str] = opt(["all-linear"], "'all-linear' (every nn.Linear but lm_head), 'attention' (the "
+                                                    "attention projections: q/k/v/o_proj, Phi-3 qkv_proj/o_proj) "
+                                                    "or module names")
     # The adapter's form and its scaling; how its weights start (a later lora.init) is a separate key.
     variant: str = choice("lora", ("lora", "dora"), "lora: W + s*BA; dora: weight-decomposed LoRA, a trained "
                                                     "magnitude per output row (peft's use_dora; model/base.py)")
@@ -152,7 +156,10 @@ class LoraConfig:
             errs.append(f"lora.r: must be a positive integer (got {self.r})")
         errs += range_problems([("lora.alpha", self.alpha, POSITIVE), ("lora.dropout", self.dropout, FRACTION)])
         if not self.target_modules:
-            errs.append("lora.target_modules: must name at least one module, or 'all-linear'")
+            errs.append("lora.target_modules: must name at least one module, or 'all-linear' or 'attention'")
+        elif len(self.target_modules) > 1 and set(self.target_modules) & set(TARGET_PRESET_NAMES):
+            errs.append(f"lora.target_modules: 'all-linear' and 'attention' stand alone, not in a list of names "
+                        f"(got {self.target_modules})")
         return errs
 
 

@@ -309,9 +309,15 @@ def _full_transient(s: Setup, numel: int) -> int:
     """Under train.method=full, what the backward of a piece of `numel` weights (lm_head at the loss, a decoder
     layer) holds beyond LoRA's: its bf16 gradient (2 bytes) and the fp32 copy DeepSpeed reduces
     (ds_configs' communication_data_type fp32: 4). Under ZeRO-3 also the flat buffer reduce_scatter_coalesced
-    concatenates the fp32 gradients into (4; deepspeed 0.19.8 runtime/comm/coalesced_collectives.py): 10 bytes
-    a weight (its gathered weights are zero3_live_gathered's). ZeRO-1/2: 6, not measured."""
-    return numel * (10 if s.zero_stage == 3 else 6)
+    concatenates the fp32 gradients into (4; deepspeed 0.19.8 runtime/comm/coalesced_collectives.py), and the
+    gradients wait for a reduce bucket to fill (reduce_bucket_size weights), so up to that many of them at once,
+    the whole model's below it: 10 bytes a weight of min(all, bucket), at least the piece's (their gathered
+    weights are zero3_live_gathered's). On one CPU rank the step's peak is then 2.7% above the plan, the same
+    every run; on two it lay 2% to 17% below it, with how the ranks' reductions interleaved
+    (tests/test_full_finetune.py). ZeRO-1/2: 6 bytes a weight of the piece, not measured."""
+    if s.zero_stage != 3:
+        return 6 * numel
+    return 10 * max(numel, min(sum(full_numels(s.shape)), DS_BUCKET))
 
 
 def activation_items(s: Setup) -> dict[str, int]:
@@ -323,7 +329,7 @@ def activation_items(s: Setup) -> dict[str, int]:
     # again, B·A (peft builds it as a full matrix) and their sum for the row norms: 3 more bf16 matrices.
     widest = max(fan_in * fan_out for fan_in, fan_out in sh.linears())
     backward = (4 * sh.intermediate + 8 * sh.hidden) * tokens + 2 * widest * (4 if s.dora else 1)
-    if s.full:  # the weights' own bf16 gradients before ZeRO reduces them, and under ZeRO-3 the gathered weights
+    if s.full:  # the weights' own gradients on their way to the fp32 partitions
         logits, backward = logits + _full_transient(s, sh.vocab * sh.hidden), backward + _full_transient(
             s, sum(a * b for a, b in sh.linears()) + sum(sh.layer_16bit()))
     gathered = {}

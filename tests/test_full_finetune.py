@@ -1,16 +1,20 @@
 """Full fine-tuning (train.method=full, issue 26) on the DeepSpeed engine, 2 CPU ranks.
 
 One torchrun launch (tests/workers/full_cases.py) trains every case in turn; the checks read what it wrote:
-  memory         random:smoke (17.7M weights), ZeRO-3: a step's measured peak against the planner's figure
   zero3          bf16 weights, ZeRO-3, 4 steps, a checkpoint every 2 (the uninterrupted run)
   zero3-resumed  the same run continued from a copy of zero3's checkpoint-2 (as after a kill at step 2)
   split4/split1  fp32, ZeRO-3, 3 steps: micro batch 4 x accumulation 1 against 1 x 4 (2 ranks, global batch 8)
   zero2          bf16 weights, ZeRO-2, 4 steps
+and one plain process (one rank) the memory case: random:smoke (17.7M weights), ZeRO-3, a training step's
+measured peak against the planner's figure. On one rank the peak is the same every run (to a few hundred
+bytes); on two it moved by up to 90 MB with how the ranks' gradient reductions interleaved under load.
 """
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -27,12 +31,21 @@ SPLIT = "model.compute_dtype=float32,train.max_steps=3,train.save_steps=3,model.
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    # the memory case first: later in a process, the engines of earlier cases leave DeepSpeed's caches behind
-    cases = ["memory:model.path=random:smoke,model.compute_dtype=bfloat16,train.max_steps=2", f"zero3:{BF16_4_STEPS}", f"zero3-resumed:{BF16_4_STEPS},copy={out / 'zero3' / 'checkpoint-2'}",
+    cases = [f"zero3:{BF16_4_STEPS}", f"zero3-resumed:{BF16_4_STEPS},copy={out / 'zero3' / 'checkpoint-2'}",
              f"split4:{SPLIT}", f"split1:{SPLIT},train.micro_batch_size=1",
              f"zero2:{BF16_4_STEPS},dist.ds_config=zero2"]
     run_torchrun(2, str(out), *cases, "--", *FULL, script=str(REPO / "tests" / "workers" / "full_cases.py"),
                  timeout=400)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_rank_memory(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full-memory")
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "full_cases.py"), str(out),
+                           "memory:model.path=random:smoke,model.compute_dtype=bfloat16,train.max_steps=2", "--",
+                           *FULL], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
 
@@ -97,9 +110,9 @@ def test_a_micro_batch_split_changes_nothing_beyond_fp32_rounding(runs):
 
 
 @pytest.mark.slow
-def test_the_planned_peak_is_within_10_percent_of_the_cpu_allocators(runs):
-    rows = json.loads((runs / "memory" / "memory.json").read_text())
-    assert len(rows) == 2
+def test_the_planned_peak_is_within_10_percent_of_the_cpu_allocators(one_rank_memory):
+    rows = json.loads((one_rank_memory / "memory" / "memory.json").read_text())
+    assert len(rows) == 1
     for row in rows:
         print(f"rank {row['rank']}: planned {row['planned'] / 1e6:.1f} MB, measured peak {row['measured_peak'] / 1e6:.1f} MB")
         assert abs(row["planned"] - row["measured_peak"]) <= 0.10 * row["measured_peak"], row
@@ -143,3 +156,32 @@ def test_generate_merge_and_init_adapter_on_the_model_folder(runs, tmp_path, cap
     assert f"--adapter: {folder} {why}" in capsys.readouterr().err
     cfg = load_config(overrides=["model.path=tiny-llama", f"train.init_adapter={folder}"])
     assert init_adapter.problems(cfg) == [f"train.init_adapter: {folder} {why}"]
+
+
+def test_planner_counts_full_fine_tunings_bytes_per_weight_per_zero_stage():
+    """bf16 weights (2 bytes), fp32 gradients (4), fp32 masters (4), fp32 Adam moments (8): 18 bytes a weight
+    on one rank; ZeRO-2 splits all but the weights, ZeRO-3 all of them, over the ranks."""
+    from qlora_dist import memory
+
+    shape = memory.Shape.llama("7b")
+    weights = memory.full_numels(shape)
+    for stage, ranks in ((2, 1), (2, 8), (3, 8)):
+        s = memory.Setup(shape, world_size=ranks, zero_stage=stage, bits=16, full=True, optimizer="adamw_torch",
+                         on_gpu=True, fused_loss=False, lora_dropout=False)
+        items = memory.make_plan(s).items
+        whole = 2 * sum(weights) if stage == 2 else 2 * sum(-(-n // ranks) for n in weights)
+        shard = -(-sum(weights) // (2 * ranks)) * 2 if stage == 2 else sum(-(-n // ranks) for n in weights)
+        assert items["weights_16bit"] == whole and "lora_weights" not in items and "base_nf4" not in items
+        assert (items["grads_fp32"], items["master_weights_fp32"], items["optimizer_states"]) == (4 * shard, 4 * shard, 8 * shard)
+    assert sum(weights) == shape.parameters() == 6_738_415_616
+
+
+def test_a_full_run_that_cannot_fit_is_refused_before_loading(capsys, tmp_path):
+    from qlora_dist import cli
+
+    keys = ["model.path=random:7b", "train.method=full", "optim.name=adamw_torch", "train.max_memory_per_gpu=80GB",
+            f"train.output_dir={tmp_path}"]
+    assert cli.main(["check", *keys, "--world-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "train.max_memory_per_gpu: 80GB cannot hold this run (planned 1" in err and "full fine-tuning" in err
+    assert cli.main(["check", *keys, "dist.ds_config=zero3", "train.micro_batch_size=2", "--world-size", "8"]) == 0

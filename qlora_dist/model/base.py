@@ -68,13 +68,29 @@ def lora_target_names(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
+def attention_target_names(model: torch.nn.Module) -> list[str]:
+    """Names (last component) of the linear layers inside each decoder layer's attention module (`self_attn`
+    in every tested family): LLaMA, Mistral, Qwen, Gemma q/k/v/o_proj; Phi-3 qkv_proj, o_proj. Found by
+    where they sit, not from a table of names, so a family's own names come with it."""
+    import bitsandbytes as bnb
+
+    linear_types = (torch.nn.Linear, bnb.nn.Linear4bit)
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, linear_types) and name.rsplit(".", 1)[0].endswith("self_attn")})
+
+
+# lora.target_modules presets (config.TARGET_PRESET_NAMES): what each names on a model (the paper's Figure 2
+# compares the two).
+TARGET_PRESETS = {"all-linear": lora_target_names, "attention": attention_target_names}
+
+
 def add_lora(model: torch.nn.Module, cfg: Config, seed: int):
     """Wrap the base in a PEFT LoRA model; LoRA init is seeded so every rank starts identical."""
     from peft import LoraConfig, get_peft_model
 
     targets = cfg.lora.target_modules
-    if targets == ["all-linear"]:
-        targets = lora_target_names(model)
+    if len(targets) == 1 and targets[0] in TARGET_PRESETS:
+        targets = TARGET_PRESETS[targets[0]](model)
     # The variant and the scaling are peft's own (use_dora, use_rslora), so they are recorded in the saved
     # adapter_config.json and any peft reader rebuilds the same adapter.
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
