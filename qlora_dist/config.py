@@ -132,7 +132,8 @@ class ModelConfig:
 
 @dataclass
 class QuantizationConfig:
-    bits: int = choice(4, (4, 16), "4 = NF4 QLoRA; 16 = LoRA on a 16-bit base (the older name of train.method=lora)")
+    bits: int = choice(4, (4, 8, 16), "4 = NF4/FP4 QLoRA; 8 = LLM.int8 base (bitsandbytes; not under the layer-wise "
+                                      "ZeRO-3 loader); 16 = LoRA on a 16-bit base (the older name of train.method=lora)")
     quant_type: str = choice(recipe.QUANT_TYPE, QUANT_TYPES)
     double_quant: bool = opt(recipe.DOUBLE_QUANT, "quantize the quantization constants too")
 

@@ -190,18 +190,21 @@ def quant_constant_bytes(numel: int, double_quant: bool) -> int:
 def weight_items(s: Setup) -> dict[str, int]:
     n3 = s.world_size if s.zero_stage == 3 else 1
     sh = s.shape
-    nf4 = consts = linear16 = 0
+    nf4 = consts = linear16 = int8 = 0
     for fan_in, fan_out in sh.linears():
         numel = fan_in * fan_out
         if s.bits == 4:
             nf4 += _part(numel // 4, n3) * 2  # 4 bits a weight, packed in bf16 storage
             consts += quant_constant_bytes(numel, s.double_quant)
+        elif s.bits == 8:  # LLM.int8: a byte a weight and an fp32 scale per output row (Int8Params.SCB)
+            int8 += numel
+            consts += fan_out * 4
         else:
             linear16 += _part(numel, n3) * 2
     tables = [sh.vocab * sh.hidden] * (1 if sh.tied else 2)
     layer16 = sum(_part(n, n3) for n in sh.layer_16bit()) * 2  # ZeRO-3 pads each parameter on its own
     w16 = sum(_part(t, n3) * 2 for t in tables) + sh.layers * layer16 + _part(sh.hidden, n3) * 2
-    items = {"base_nf4": nf4 * sh.layers, "quant_constants": consts * sh.layers,
+    items = {"base_nf4": nf4 * sh.layers, "base_int8": int8 * sh.layers, "quant_constants": consts * sh.layers,
              "weights_16bit" if s.full else "base_16bit": w16 + linear16 * sh.layers}
     return {k: v for k, v in items.items() if v}
 

@@ -80,6 +80,7 @@ def run(cfg: Config, world_size: int, problems: list[str] = (), cuda: bool | Non
     if model_ok:
         _collect(report, lambda: _chat_template(cfg))
     _collect(report, lambda: _sequence_parallel(cfg, world_size, model_ok))
+    _collect(report, lambda: _int8_loader(cfg))
     _collect(report, lambda: _mmlu(cfg, report))
     _collect(report, lambda: _tracking_and_validation(cfg))
     if not _checked(report, lambda: init_adapter.problems(cfg)):
@@ -177,6 +178,28 @@ def _sequence_parallel(cfg: Config, world_size: int, model_ok: bool) -> list[str
                     f"{longest} (data.source_max_len + data.target_max_len) and Ulysses drops the window's mask; "
                     f"keep rows within {window} tokens or set dist.sequence_parallel=1")
     return errs
+
+
+def _int8_loader(cfg: Config) -> list[str]:
+    """quantization.bits=8 (LLM.int8) loads through transformers' from_pretrained only: the layer-wise loader
+    (ZeRO-3 under model.loader=auto, model.loader=layerwise, random: models) makes NF4/FP4 Linear4bit layers."""
+    from qlora_dist.ds_files import read_ds_config, zero_stage
+    from qlora_dist.model.base import loads_layerwise
+
+    if cfg.quantization.bits != 8:
+        return []
+    try:
+        stage = zero_stage(read_ds_config(cfg.dist.ds_config)[0])
+    except ConfigError:  # reported by the ds_config check
+        return []
+    if not loads_layerwise(cfg, stage):
+        return []
+    why = f"dist.ds_config={cfg.dist.ds_config} (ZeRO-3)" if stage == 3 else f"model.loader={cfg.model.loader}"
+    if cfg.model.path and str(cfg.model.path).startswith("random:"):
+        why = f"model.path={cfg.model.path} (random weights)"
+    return [f"quantization.bits: 8 (LLM.int8) loads through transformers' from_pretrained, but {why} uses the "
+            "layer-wise loader, which quantizes to 4 bit only; use quantization.bits=4, or dist.ds_config=zero2 "
+            "with model.loader=hf"]
 
 
 def _hf_config(folder: Path):

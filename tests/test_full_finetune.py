@@ -6,7 +6,7 @@ One torchrun launch (tests/workers/full_cases.py) trains every case in turn; the
   split4/split1  fp32, ZeRO-3, 3 steps: micro batch 4 x accumulation 1 against 1 x 4 (2 ranks, global batch 8)
   zero2          bf16 weights, ZeRO-2, 4 steps
 and one plain process (one rank) the memory case: random:smoke (17.7M weights), ZeRO-3, a training step's
-measured peak against the planner's figure. On one rank the peak is the same every run (to a few hundred
+measured peak against the planner's figure; and `int8`: LoRA on an LLM.int8 base (quantization.bits=8), ZeRO-2. On one rank the peak is the same every run (to a few hundred
 bytes); on two it moved by up to 90 MB with how the ranks' gradient reductions interleaved under load.
 """
 from __future__ import annotations
@@ -42,9 +42,11 @@ def runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_rank_memory(tmp_path_factory):
     out = tmp_path_factory.mktemp("full-memory")
+    int8 = ("train.method=qlora,quantization.bits=8,lora.r=8,lora.alpha=16,optim.lr=3e-3,dist.ds_config=zero2,"
+            "train.max_steps=3,train.save_steps=3,model.compute_dtype=bfloat16")
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "full_cases.py"), str(out),
-                           "memory:model.path=random:smoke,model.compute_dtype=bfloat16,train.max_steps=2", "--",
-                           *FULL], cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "memory:model.path=random:smoke,model.compute_dtype=bfloat16,train.max_steps=2",
+                           f"int8:{int8}", "--", *FULL], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
@@ -185,3 +187,31 @@ def test_a_full_run_that_cannot_fit_is_refused_before_loading(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "train.max_memory_per_gpu: 80GB cannot hold this run (planned 1" in err and "full fine-tuning" in err
     assert cli.main(["check", *keys, "dist.ds_config=zero3", "train.micro_batch_size=2", "--world-size", "8"]) == 0
+
+
+@pytest.mark.slow
+def test_lora_on_an_int8_base_trains_under_zero2_and_generate_loads_it_so(one_rank_memory, tiny_model_dir, capsys):
+    import bitsandbytes as bnb
+
+    from qlora_dist import cli
+    from qlora_dist.evaluate.generate import load_for_inference
+
+    run = one_rank_memory / "int8"
+    losses = _losses(run)
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    assert json.loads((run / "adapter_model" / "qlora_dist.json").read_text())["bits"] == 8
+    model, _ = load_for_inference("tiny-llama", str(run / "adapter_model"))
+    assert sum(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()) == 14  # 7 a layer, 2 layers
+    assert cli.main(["merge", "--base", "tiny-llama", "--adapter", str(run / "adapter_model"),
+                     "--out", str(one_rank_memory / "merged")]) == 2
+    assert "was trained on an 8-bit (LLM.int8) base, which merge does not dequantize yet" in capsys.readouterr().err
+
+
+def test_int8_is_refused_before_loading_under_the_layerwise_zero3_loader(capsys, tmp_path):
+    from qlora_dist import cli
+
+    assert cli.main(["check", "model.path=tiny-llama", "quantization.bits=8", "dist.ds_config=zero3",
+                     f"train.output_dir={tmp_path}"]) == 2
+    assert ("quantization.bits: 8 (LLM.int8) loads through transformers' from_pretrained, but "
+            "dist.ds_config=zero3 (ZeRO-3) uses the layer-wise loader, which quantizes to 4 bit only") in capsys.readouterr().err
+    assert cli.main(["check", "model.path=tiny-llama", "quantization.bits=8", f"train.output_dir={tmp_path}"]) == 0

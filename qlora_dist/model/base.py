@@ -62,7 +62,7 @@ def lora_target_names(model: torch.nn.Module) -> list[str]:
     """Names (last component) of every linear layer but lm_head, found by type, not by name."""
     import bitsandbytes as bnb
 
-    linear_types = (torch.nn.Linear, bnb.nn.Linear4bit)
+    linear_types = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
              if isinstance(module, linear_types) and not name.endswith("lm_head")}
     return sorted(names)
@@ -74,7 +74,7 @@ def attention_target_names(model: torch.nn.Module) -> list[str]:
     where they sit, not from a table of names, so a family's own names come with it."""
     import bitsandbytes as bnb
 
-    linear_types = (torch.nn.Linear, bnb.nn.Linear4bit)
+    linear_types = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                    if isinstance(module, linear_types) and name.rsplit(".", 1)[0].endswith("self_attn")})
 
