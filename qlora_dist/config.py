@@ -289,10 +289,10 @@ METHODS = ("qlora", "lora", "full")
 
 @dataclass
 class TrainConfig:
+    output_dir: str = opt("runs/default")
     method: str = choice("qlora", METHODS, "qlora: LoRA on a quantized base (quantization.*); lora: LoRA on a 16-bit "
                                            "base; full: every weight trained in 16 bits, fp32 masters and Adam "
                                            "states (no lora.*, quantization.* or train.init_adapter)")
-    output_dir: str = opt("runs/default")
     max_steps: int = opt(100, "optimizer steps")
     save_steps: int = opt(50, "checkpoint every N optimizer steps (and at the end)")
     seed: int = opt(42)
