@@ -191,9 +191,10 @@ def _check_resumable(paths: RunPaths, ckpt: Path, cfg: Config) -> None:
                            f"({'; '.join(diffs)}); use another train.output_dir, or the checkpoint's values"])
     # The same model.path (checked above), but is it still the model the checkpoint's adapter was trained on?
     # (train.method=full saves no adapter: its engine state holds every weight.)
-    if (ckpt / "adapter_model").is_dir() and (problems := adapter_settings.base_problems(ckpt / "adapter_model", cfg.model.path, "train.output_dir",
-                                                  "model.allow_base_mismatch=true",
-                                                  allowed=cfg.model.allow_base_mismatch)):
+    adapter = ckpt / "adapter_model"
+    if adapter.is_dir() and (problems := adapter_settings.base_problems(
+            adapter, cfg.model.path, "train.output_dir", "model.allow_base_mismatch=true",
+            allowed=cfg.model.allow_base_mismatch)):
         raise ConfigError(problems)
     done, where = max((read_progress(ckpt).step, ckpt.name), (_completed_step(paths), paths.completed.name))
     if done > cfg.train.max_steps:
@@ -369,7 +370,7 @@ def _load(engine, ckpt: Path, rank: int, world_size: int, full: bool = False) ->
 
 def different_layout_for_full(ckpt: Path, progress: Progress, world_size: int, stage: int) -> str:
     """The refusal to resume full fine-tuning on another layout. reshard.py re-slices LoRA weights and their
-    bitsandbytes moments; every weight of a model it was not checked on. DeepSpeed 0.19.8's universal
+    bitsandbytes moments and was never checked on every weight of a model. DeepSpeed 0.19.8's universal
     checkpoint (ds_to_universal) knows torch Adam's moment names only (exp_avg, exp_avg_sq), not the
     bitsandbytes optimizers' (state1, state2), and no test here shows it bitwise: refused, not guessed."""
     return (f"train.output_dir: {ckpt.name} was saved by {progress.world_size} rank(s) under ZeRO-{progress.zero_stage}; "
