@@ -658,7 +658,7 @@ def _add_model_args(p, mismatch_help: str, bits_help: str, dtype_help: str, chat
     if chat_template:
         p.add_argument("--chat-template", choices=("guanaco", "tokenizer"),
                        help="prompt format (default: the adapter's data.chat_template, else guanaco)")
-    p.add_argument("--bits", type=int, choices=[4, 16], help=bits_help)
+    p.add_argument("--bits", type=int, choices=[4, 8, 16], help=bits_help)
     p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="auto", help=dtype_help)
 
 

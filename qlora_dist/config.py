@@ -30,6 +30,8 @@ FORMAT_NAMES = ("alpaca", "chip2", "hh-rlhf", "oasst1", "self-instruct", "self-i
 TASK_NAMES = ("sort_digits", "add", "uppercase")
 # lora.init: how the adapter's weights start (model/adapter_init.py owns what each does).
 INIT_METHODS = ("default", "gaussian", "loftq", "pissa")
+# lora.target_modules presets, each standing alone: what each names on a model is model/base.py's TARGET_PRESETS
+TARGET_PRESET_NAMES = ("all-linear", "attention")
 
 
 def parse_size(text: str) -> int:
@@ -141,7 +143,8 @@ class ModelConfig:
 
 @dataclass
 class QuantizationConfig:
-    bits: int = choice(4, (4, 16), "4 = NF4 QLoRA; 16 = LoRA on a 16-bit base")
+    bits: int = choice(4, (4, 8, 16), "4 = NF4/FP4 QLoRA; 8 = LLM.int8 base (bitsandbytes; not under the layer-wise "
+                                      "ZeRO-3 loader); 16 = LoRA on a 16-bit base (the older name of train.method=lora)")
     quant_type: str = choice(recipe.QUANT_TYPE, QUANT_TYPES)
     double_quant: bool = opt(recipe.DOUBLE_QUANT, "quantize the quantization constants too")
 
@@ -151,7 +154,9 @@ class LoraConfig:
     r: int = opt(recipe.LORA_R)
     alpha: float = opt(recipe.LORA_ALPHA)
     dropout: float = opt(0.1)
-    target_modules: list[str] = opt(["all-linear"], "'all-linear' (every nn.Linear but lm_head) or module names")
+    target_modules: list[str] = opt(["all-linear"], "'all-linear' (every nn.Linear but lm_head), 'attention' (the "
+                                                    "attention projections: q/k/v/o_proj, Phi-3 qkv_proj/o_proj) "
+                                                    "or module names")
     # The adapter's form and its scaling; how its weights start (a later lora.init) is a separate key.
     variant: str = choice("lora", ("lora", "dora"), "lora: W + s*BA; dora: weight-decomposed LoRA, a trained "
                                                     "magnitude per output row (peft's use_dora; model/base.py)")
@@ -168,7 +173,10 @@ class LoraConfig:
             errs.append(f"lora.r: must be a positive integer (got {self.r})")
         errs += range_problems([("lora.alpha", self.alpha, POSITIVE), ("lora.dropout", self.dropout, FRACTION)])
         if not self.target_modules:
-            errs.append("lora.target_modules: must name at least one module, or 'all-linear'")
+            errs.append("lora.target_modules: must name at least one module, or 'all-linear' or 'attention'")
+        elif len(self.target_modules) > 1 and set(self.target_modules) & set(TARGET_PRESET_NAMES):
+            errs.append(f"lora.target_modules: 'all-linear' and 'attention' stand alone, not in a list of names "
+                        f"(got {self.target_modules})")
         errs += range_problems([("lora.init_iters", self.init_iters, INIT_ITERS)])
         return errs
 
@@ -293,9 +301,15 @@ class OptimConfig:
         return errs
 
 
+METHODS = ("qlora", "lora", "full")
+
+
 @dataclass
 class TrainConfig:
     output_dir: str = opt("runs/default")
+    method: str = choice("qlora", METHODS, "qlora: LoRA on a quantized base (quantization.*); lora: LoRA on a 16-bit "
+                                           "base; full: every weight trained in 16 bits, fp32 masters and Adam "
+                                           "states (no lora.*, quantization.* or train.init_adapter)")
     max_steps: int = opt(100, "optimizer steps")
     save_steps: int = opt(50, "checkpoint every N optimizer steps (and at the end)")
     seed: int = opt(42)
@@ -647,9 +661,38 @@ def parse_config(path: str | Path | None = None, preset: str | None = None,
     assigns, perrs = _override_assignments(list(overrides))
     errs += perrs + _apply(cfg, assigns)
     cfg.user_keys = frozenset(key for key, _, _ in user + assigns)
+    errs += resolve_method(cfg, {key: origin for key, _, origin in user + assigns})
     # A value that failed to parse kept its default, so range checks on the rest stay meaningful.
     errs += _check_choices(cfg)
     return cfg, errs
+
+
+# Keys that mean nothing to full fine-tuning: set by the user with train.method=full, an error.
+NOT_FOR_FULL = ("lora.", "quantization.", "train.init_adapter")
+
+
+def resolve_method(cfg: Config, origins: dict[str, str]) -> list[str]:
+    """Make train.method and quantization.bits agree (in place): quantization.bits=16 is the older name of
+    train.method=lora and resolves to it; lora and full run a 16-bit base (bits 16). A contradiction the
+    user wrote, or a key full fine-tuning has no use for, is one line naming the keys and where they were set."""
+    method, bits, user = cfg.train.method, cfg.quantization.bits, cfg.user_keys
+    where = lambda key: f"{key} ({origins.get(key, 'default')})"  # noqa: E731
+    if method == "full":
+        stray = sorted(k for k in user if k.startswith(NOT_FOR_FULL))
+        cfg.quantization.bits = 16
+        return [f"train.method: full trains every weight in 16 bits, but {', '.join(map(where, stray))} "
+                "configure LoRA or quantization; remove them, or use train.method=lora or qlora"] if stray else []
+    if method == "qlora" and bits == 16:
+        if "train.method" in user:
+            return [f"{where('train.method')}: qlora quantizes the base, but {where('quantization.bits')} is 16; "
+                    "use train.method=lora for LoRA on a 16-bit base"]
+        cfg.train.method = "lora"
+    elif method == "lora" and bits != 16:
+        if "quantization.bits" in user:
+            return [f"{where('train.method')}: lora keeps the base in 16 bits, but {where('quantization.bits')} is "
+                    f"{bits}; use train.method=qlora for a quantized base"]
+        cfg.quantization.bits = 16
+    return []
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -17,6 +17,7 @@ GB = 1e9
 NF4_BLOCK = 64  # bitsandbytes' default 4-bit blocksize
 NESTED_BLOCK = 256  # blocksize of the double quantization of the absmax constants
 DS_BUCKET = 50_000_000  # ds_configs/*.json reduce_bucket_size (elements)
+DS_MAX_LIVE = 1_000_000_000  # ds_configs/zero3*.json stage3_max_live_parameters (elements)
 CUDA_OVERHEAD = 0.25 * GB  # workspace (cuBLAS, NCCL) and allocator rounding, beside the items
 
 
@@ -145,6 +146,7 @@ class Setup:
     packing: bool = False  # data.packing: packed rows are kept apart by a mask built from their position ids
     init: str = "default"  # lora.init: loftq / pissa change no trained parameter, only the loading (init_workspace)
     init_iters: int = 1
+    full: bool = False  # train.method=full: every weight trained (16-bit), no LoRA
 
     @property
     def tokens(self) -> int:
@@ -193,25 +195,36 @@ def quant_constant_bytes(numel: int, double_quant: bool) -> int:
 def weight_items(s: Setup) -> dict[str, int]:
     n3 = s.world_size if s.zero_stage == 3 else 1
     sh = s.shape
-    nf4 = consts = linear16 = 0
+    nf4 = consts = linear16 = int8 = 0
     for fan_in, fan_out in sh.linears():
         numel = fan_in * fan_out
         if s.bits == 4:
             nf4 += _part(numel // 4, n3) * 2  # 4 bits a weight, packed in bf16 storage
             consts += quant_constant_bytes(numel, s.double_quant)
+        elif s.bits == 8:  # LLM.int8: a byte a weight and an fp32 scale per output row (Int8Params.SCB)
+            int8 += numel
+            consts += fan_out * 4
         else:
             linear16 += _part(numel, n3) * 2
     tables = [sh.vocab * sh.hidden] * (1 if sh.tied else 2)
     layer16 = sum(_part(n, n3) for n in sh.layer_16bit()) * 2  # ZeRO-3 pads each parameter on its own
     w16 = sum(_part(t, n3) * 2 for t in tables) + sh.layers * layer16 + _part(sh.hidden, n3) * 2
-    items = {"base_nf4": nf4 * sh.layers, "quant_constants": consts * sh.layers,
-             "base_16bit": w16 + linear16 * sh.layers}
+    items = {"base_nf4": nf4 * sh.layers, "base_int8": int8 * sh.layers, "quant_constants": consts * sh.layers,
+             "weights_16bit" if s.full else "base_16bit": w16 + linear16 * sh.layers}
     return {k: v for k, v in items.items() if v}
+
+
+def full_numels(sh: Shape) -> list[int]:
+    """Element counts of every weight of the model (train.method=full trains them all)."""
+    layer = [a * b for a, b in sh.linears()] + sh.layer_16bit()
+    return [sh.vocab * sh.hidden] * (1 if sh.tied else 2) + layer * sh.layers + [sh.hidden]
 
 
 def lora_numels(s: Setup) -> list[int]:
     """Element counts of every LoRA matrix (A: r x in, B: out x r, and with DoRA its magnitude: out), in
-    model order."""
+    model order; under train.method=full, of every weight."""
+    if s.full:
+        return full_numels(s.shape)
     one_layer = [n for fan_in, fan_out in s.shape.linears()
                  for n in (s.lora_r * fan_in, fan_out * s.lora_r, *([fan_out] if s.dora else []))]
     return one_layer * s.shape.layers
@@ -242,10 +255,10 @@ def lora_items(s: Setup) -> tuple[dict[str, int], dict[str, int]]:
     master = shard * 4
     grads = shard * 4  # accumulated and reduced in fp32 (ds_configs: grad_accum_dtype fp32)
     states = shard * (2 if "8bit" in s.optimizer else 8)
-    items = {"lora_weights": weights}
+    items = {} if s.full else {"lora_weights": weights}  # full: the weights are weight_items' weights_16bit
     outside: dict[str, int] = {}
     on_host = outside if s.offload_optimizer else items  # offload keeps masters and fp32 grads in CPU memory
-    on_host["lora_grads_fp32"] = grads
+    on_host["grads_fp32" if s.full else "lora_grads_fp32"] = grads
     if s.paged_masters and s.on_gpu and not s.offload_optimizer:  # train/paged_masters.py
         outside["master_weights_fp32 (paged, unified memory)"] = master
     else:  # with offload the masters are on the host, paged or not
@@ -351,24 +364,52 @@ def _layer_and_backward(s: Setup) -> tuple[int, int]:
     return per * tokens, wide + 8 * sh.hidden * tokens + 2 * widest * (4 if s.dora else 1)
 
 
+def _full_transient(s: Setup, numel: int) -> int:
+    """Under train.method=full, what the backward of a piece of `numel` weights (lm_head at the loss, a decoder
+    layer) holds beyond LoRA's: its bf16 gradient (2 bytes) and the fp32 copy DeepSpeed reduces
+    (ds_configs' communication_data_type fp32: 4). Under ZeRO-3 also the flat buffer reduce_scatter_coalesced
+    concatenates the fp32 gradients into (4; deepspeed 0.19.8 runtime/comm/coalesced_collectives.py), and the
+    gradients wait for a reduce bucket to fill (reduce_bucket_size weights), so up to that many of them at once,
+    the whole model's below it: 10 bytes a weight of min(all, bucket), at least the piece's (their gathered
+    weights are zero3_live_gathered's). On one CPU rank the step's peak is then 2.7% above the plan, the same
+    every run; on two it lay 2% to 17% below it, with how the ranks' reductions interleaved
+    (tests/test_full_finetune.py). ZeRO-1/2: 6 bytes a weight of the piece, not measured."""
+    if s.zero_stage != 3:
+        return 6 * numel
+    return 10 * max(numel, min(sum(full_numels(s.shape)), DS_BUCKET))
+
+
 def activation_items(s: Setup) -> dict[str, int]:
     sh, tokens = s.shape, s.tokens
     layer, backward = _layer_and_backward(s)
     logits = logits_bytes(s)
-    mask = {"attention_mask (sequence x sequence)": m} if (m := attention_mask_bytes(s)) else {}
+    if s.full:  # the weights' own gradients on their way to the fp32 partitions
+        logits, backward = logits + _full_transient(s, sh.vocab * sh.hidden), backward + _full_transient(
+            s, sum(a * b for a, b in sh.linears()) + sum(sh.layer_16bit()))
+    extra = {"attention_mask (sequence x sequence)": m} if (m := attention_mask_bytes(s)) else {}
+    if s.full and s.zero_stage == 3:
+        # ds_configs/zero3.json keeps up to stage3_max_live_parameters gathered weights live, and releases none
+        # reused within stage3_max_reuse_distance (1e9 too): below that size every weight may be whole at
+        # once in the step (how many are depends on prefetch timing; the CPU peak varied by ~50 MB with it)
+        extra["zero3_live_gathered"] = 2 * min(sum(full_numels(sh)), DS_MAX_LIVE)
     if s.checkpointing:
         # each layer's input, bf16; offloaded: the last one's, and in flight the two before it until their
         # copies end (DeepSpeed 0.19.8's max_fwd_stash_count=2)
         kept = (min(sh.layers, 3) if s.offload else sh.layers) * 2 * sh.hidden * tokens
         peak_phase = max(logits, layer + backward)
-        return {"activations_checkpointed": kept, "activations_peak_phase": peak_phase, **mask}
-    return {"activations": sh.layers * layer, "activations_peak_phase": max(logits, backward), **mask}
+        return {"activations_checkpointed": kept, "activations_peak_phase": peak_phase, **extra}
+    return {"activations": sh.layers * layer, "activations_peak_phase": max(logits, backward), **extra}
 
 
 def framework_items(s: Setup) -> dict[str, int]:
     items = {"cuda_workspace": int(CUDA_OVERHEAD) if s.on_gpu else 0}
     if s.zero_stage in (1, 2):
         items["zero_buckets"] = min(DS_BUCKET, sum(lora_numels(s))) * 4  # contiguous fp32 grad bucket
+    elif s.full:
+        # ZeRO-3 allocates its reduce bucket whole, reduce_bucket_size elements of the fp32 gradient
+        # accumulation dtype (deepspeed 0.19.8 stage3.py _setup_for_real_optimizer), whatever the model's size.
+        # LoRA runs under ZeRO-3 hold it too; their plan does not count it yet (see the README's planner notes).
+        items["zero_buckets"] = DS_BUCKET * 4
     return {k: v for k, v in items.items() if v}
 
 
@@ -511,6 +552,8 @@ def suggest(s: Setup, cap: int, depth: int = 3) -> list[str] | None:
 def adapter_description(s: Setup) -> str:
     """'LoRA r=64: 160,432,128 trainable parameters' (with DoRA, how many of them are magnitudes)."""
     total = sum(lora_numels(s))
+    if s.full:
+        return f"full fine-tuning: {total:,} trainable parameters (every weight)"
     magnitudes = sum(fan_out for _, fan_out in s.shape.linears()) * s.shape.layers if s.dora else 0
     extra = f", of which {magnitudes:,} DoRA magnitudes" if s.dora else ""
     start = {"loftq": f"; LoftQ start ({s.init_iters} step{'s' * (s.init_iters > 1)}: {s.init_iters} SVDs and "
@@ -521,7 +564,7 @@ def adapter_description(s: Setup) -> str:
 
 def format_plan(plan: Plan) -> str:
     s = plan.setup
-    head = (f"per-rank memory plan: {s.shape.layers} layers x {s.shape.hidden} hidden, {s.bits}-bit base, "
+    head = (f"per-rank memory plan: {s.shape.layers} layers x {s.shape.hidden} hidden, {'16-bit weights, all trained' if s.full else f'{s.bits}-bit base'}, "
             f"ZeRO-{s.zero_stage}{' + optimizer offload' if s.offload_optimizer else ''}, {s.world_size} rank(s), "
             f"micro batch {s.micro_batch} x {s.seq_len} tokens"
             f"{f' split over {s.sequence_parallel} ranks (dist.sequence_parallel)' if s.sequence_parallel > 1 else ''}, "
@@ -635,6 +678,7 @@ def setup_from_config(cfg, world_size: int, shape: Shape | None = None, micro_ba
     from qlora_dist.ds_files import read_ds_config, zero_stage
 
     ds, _ = read_ds_config(cfg.dist.ds_config)
+    full = cfg.train.method == "full"
     return Setup(
         shape=shape or shape_for(cfg), world_size=world_size, zero_stage=zero_stage(ds),
         offload_optimizer="offload_optimizer" in ds.get("zero_optimization", {}),
@@ -643,9 +687,10 @@ def setup_from_config(cfg, world_size: int, shape: Shape | None = None, micro_ba
         checkpointing=bool(cfg.model.gradient_checkpointing if checkpointing is None else checkpointing),
         offload=cfg.model.gradient_checkpointing == "offload", tiled_mlp=cfg.model.tiled_mlp, packing=cfg.data.packing,
         bits=cfg.quantization.bits, double_quant=cfg.quantization.double_quant, lora_r=cfg.lora.r,
-        lora_dropout=cfg.lora.dropout > 0, dora=cfg.lora.variant == "dora", optimizer=cfg.optim.name,
-        on_gpu=torch.cuda.is_available() if on_gpu is None else on_gpu, fused_loss=cfg.model.fused_loss,
-        paged_masters=cfg.optim.master_weights == "paged", sequence_parallel=cfg.dist.sequence_parallel,
+        lora_dropout=cfg.lora.dropout > 0 and not full, dora=cfg.lora.variant == "dora" and not full,
+        optimizer=cfg.optim.name, on_gpu=torch.cuda.is_available() if on_gpu is None else on_gpu,
+        fused_loss=cfg.model.fused_loss and not full,  # a trained lm_head declines it (fastpath.fused_loss_refusal)
+        paged_masters=cfg.optim.master_weights == "paged", sequence_parallel=cfg.dist.sequence_parallel, full=full,
         init=cfg.lora.init, init_iters=cfg.lora.init_iters)
 
 

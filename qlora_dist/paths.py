@@ -4,6 +4,7 @@ a file name of another's.
     OUTPUT/checkpoint-<step>/   complete checkpoints (train/checkpoint.py holds their inside layout)
     OUTPUT/.tmp-checkpoint-<step>/   a save in progress; renamed into place when complete
     OUTPUT/adapter_model/       the final adapter (a copy of the last checkpoint's)
+    OUTPUT/model/               train.method=full: the trained model, sharded safetensors (train/model_export.py)
     OUTPUT/completed            written last, when the run finished
     OUTPUT/metrics.jsonl, loss.png   rank 0's records and loss curve
     OUTPUT/tensorboard/, wandb/, mlruns/, trackers.json   train.report_to's trackers (train/trackers.py)
@@ -50,6 +51,10 @@ class RunPaths:
     @property
     def adapter(self) -> Path:
         return self.root / "adapter_model"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
 
     @property
     def completed(self) -> Path:

@@ -72,10 +72,14 @@ def dtype_name(requested: str) -> str:
 
 def quantization_config(bits: int, quant_type: str = "nf4", double_quant: bool = True,
                         compute_dtype: str = "bfloat16"):
-    """The BitsAndBytesConfig of the recipe (None for a 16-bit base); compute_dtype is a resolved name."""
+    """The BitsAndBytesConfig of the recipe (None for a 16-bit base; LLM.int8 for 8); compute_dtype is a
+    resolved name."""
     if bits == 16:
         return None
     from transformers import BitsAndBytesConfig
+
+    if bits == 8:  # bitsandbytes' LLM.int8 (the paper's Int8 rows): int8 weights, fp16 outliers
+        return BitsAndBytesConfig(load_in_8bit=True)
 
     return BitsAndBytesConfig(
         load_in_4bit=True,

@@ -80,6 +80,7 @@ def run(cfg: Config, world_size: int, problems: list[str] = (), cuda: bool | Non
     if model_ok:
         _collect(report, lambda: _chat_template(cfg))
     _collect(report, lambda: _sequence_parallel(cfg, world_size, model_ok))
+    _collect(report, lambda: _int8_loader(cfg))
     _collect(report, lambda: _mmlu(cfg, report))
     _collect(report, lambda: _tracking_and_validation(cfg))
     if not _checked(report, lambda: init_adapter.problems(cfg)):
@@ -91,7 +92,7 @@ def run(cfg: Config, world_size: int, problems: list[str] = (), cuda: bool | Non
         _collect(report, lambda: _long_samples(cfg, world_size, report))
     _collect(report, lambda: _ds_config(cfg, world_size, report))
     _collect(report, lambda: _master_weights(cfg, cuda))
-    _collect(report, lambda: _output(cfg, report, for_train))
+    _collect(report, lambda: _output(cfg, report, for_train, world_size))
     return report
 
 
@@ -201,6 +202,28 @@ def _adapter_init(cfg: Config, model_ok: bool) -> list[str]:
         errs.append(f"lora.r={cfg.lora.r} with lora.init={init}: the start takes r singular vectors, but the "
                     f"narrowest linear layer of {cfg.model.path} has {narrow}; use lora.r <= {narrow}")
     return errs
+
+
+def _int8_loader(cfg: Config) -> list[str]:
+    """quantization.bits=8 (LLM.int8) loads through transformers' from_pretrained only: the layer-wise loader
+    (ZeRO-3 under model.loader=auto, model.loader=layerwise, random: models) makes NF4/FP4 Linear4bit layers."""
+    from qlora_dist.ds_files import read_ds_config, zero_stage
+    from qlora_dist.model.base import loads_layerwise
+
+    if cfg.quantization.bits != 8:
+        return []
+    try:
+        stage = zero_stage(read_ds_config(cfg.dist.ds_config)[0])
+    except ConfigError:  # reported by the ds_config check
+        return []
+    if not loads_layerwise(cfg, stage):
+        return []
+    why = f"dist.ds_config={cfg.dist.ds_config} (ZeRO-3)" if stage == 3 else f"model.loader={cfg.model.loader}"
+    if cfg.model.path and str(cfg.model.path).startswith("random:"):
+        why = f"model.path={cfg.model.path} (random weights)"
+    return [f"quantization.bits: 8 (LLM.int8) loads through transformers' from_pretrained, but {why} uses the "
+            "layer-wise loader, which quantizes to 4 bit only; use quantization.bits=4, or dist.ds_config=zero2 "
+            "with model.loader=hf"]
 
 
 def _hf_config(folder: Path):
@@ -318,7 +341,21 @@ def _master_weights(cfg: Config, cuda: bool | None) -> list[str]:
     return errs
 
 
-def _output(cfg: Config, report: Report, for_train: bool) -> list[str]:
+def _full_layout(cfg: Config, resume: Path, world_size: int) -> str | None:
+    """train.method=full resumes on the world size and ZeRO stage it was saved with only (checkpoint.py
+    different_layout_for_full says why): refused here, before the model loads."""
+    from qlora_dist.ds_files import read_ds_config, zero_stage
+    from qlora_dist.train import checkpoint
+
+    if cfg.train.method != "full":
+        return None
+    progress, stage = checkpoint.read_progress(resume), zero_stage(read_ds_config(cfg.dist.ds_config)[0])
+    if (progress.world_size, progress.zero_stage) == (world_size, stage):
+        return None
+    return checkpoint.different_layout_for_full(resume, progress, world_size, stage)
+
+
+def _output(cfg: Config, report: Report, for_train: bool, world_size: int) -> list[str]:
     from qlora_dist import writer_lock
     from qlora_dist.train import checkpoint
 
@@ -335,5 +372,7 @@ def _output(cfg: Config, report: Report, for_train: bool) -> list[str]:
         report.warnings.append(writer_lock.busy_problem(paths, holder) + " (`train` would refuse now)")
     resume, damaged = checkpoint.resume_point(paths, cfg)  # sizes only: the run hashes them
     report.notes += [f"{ckpt.name} is damaged ({why}): the run will set it aside" for ckpt, why in damaged]
+    if resume and (problem := _full_layout(cfg, resume, world_size)):
+        return [problem]
     report.notes.append(f"output {cfg.train.output_dir}: " + (f"continues from {resume.name}" if resume else "new run"))
     return []

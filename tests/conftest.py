@@ -87,7 +87,8 @@ def _shared_tmp(tmp_path_factory) -> Path:
 # The files whose module-scoped runs take longest (multi-rank launches, a Slurm cluster), run first: under
 # `pytest -n 2 --dist loadfile` (make test) a long file started last would leave one core idle at the end.
 LONGEST_FIRST = ["test_slurm.py", "test_ranks.py", "test_memory.py", "test_families.py", "test_preempt.py",
-                 "test_tracking.py", "test_split_invariance.py", "test_paged_masters.py", "test_zero3_memory.py", "test_dora.py"]
+                 "test_tracking.py", "test_split_invariance.py", "test_paged_masters.py", "test_zero3_memory.py", "test_dora.py",
+                 "test_full_finetune.py"]
 
 
 def pytest_collection_modifyitems(items):

@@ -165,3 +165,41 @@ def test_check_refuses_a_start_that_cannot_work_naming_the_keys():
     problems = preflight.run(load_config(overrides=["model.path=tiny-llama", "lora.init_iters=3"]), 1,
                              for_train=False).problems
     assert [p for p in problems if p.startswith("lora.init_iters: only lora.init=loftq")], problems
+
+
+def test_train_method_and_the_bits_16_alias():
+    from qlora_dist.config import parse_config
+
+    assert load_config().train.method == "qlora"
+    for overrides in (["quantization.bits=16"], ["train.method=lora"]):  # the old name resolves to the new
+        cfg = load_config(overrides=overrides)
+        assert (cfg.train.method, cfg.quantization.bits) == ("lora", 16)
+    assert load_config(overrides=["train.method=full"]).quantization.bits == 16  # no quantized base
+    _, errs = parse_config(overrides=["train.method=qlora", "quantization.bits=16"])
+    assert errs == ["train.method (override 'train.method=qlora'): qlora quantizes the base, but quantization.bits "
+                    "(override 'quantization.bits=16') is 16; use train.method=lora for LoRA on a 16-bit base"]
+
+
+def test_full_with_lora_quantization_or_init_adapter_keys_is_one_line_naming_them(tmp_path: Path):
+    from qlora_dist.config import parse_config
+
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("train:\n  method: full\nlora:\n  r: 8\n")
+    _, errs = parse_config(yaml_file, None, ["quantization.double_quant=false", "train.init_adapter=runs/a"])
+    assert errs == [f"train.method: full trains every weight in 16 bits, but lora.r ({yaml_file}:4), "
+                    "quantization.double_quant (override 'quantization.double_quant=false'), train.init_adapter "
+                    "(override 'train.init_adapter=runs/a') configure LoRA or quantization; remove them, or use "
+                    "train.method=lora or qlora"]
+    # a preset's lora.* and quantization.* values are not the user's: full runs with them set
+    cfg, errs = parse_config(None, "7b-all", ["train.method=full", "model.path=tiny-llama"])
+    assert not errs and cfg.train.method == "full"
+
+
+def test_checkpoints_saved_before_train_method_resume_as_their_method():
+    from qlora_dist.train.checkpoint import config_differences
+
+    for bits, overrides in ((4, []), (16, ["quantization.bits=16"])):
+        saved = load_config(overrides=overrides).to_dict()
+        del saved["train"]["method"]
+        assert saved["quantization"]["bits"] == bits
+        assert config_differences(saved, load_config(overrides=overrides)) == []

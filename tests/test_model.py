@@ -100,3 +100,20 @@ def test_dora_magnitude_is_peft_s_row_norm_on_one_rank_and_the_loaders_norms_mat
     prepare_for_training(peft_model, cfg)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert sum("lora_magnitude_vector" in n for n in trainable) == 2 * 7  # the magnitude trains
+
+
+def test_attention_preset_names_each_familys_attention_projections(tiny_model_dir):
+    """lora.target_modules=attention (the paper's Figure 2 baseline): found inside each layer's self_attn."""
+    from qlora_dist.config import load_config as _load_config, parse_config
+    from qlora_dist.model.base import add_lora, load_base
+    from qlora_dist.model.init_adapter import _preset_names
+
+    assert _preset_names("tiny-llama", "attention") == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert _preset_names("tiny:phi3", "attention") == {"qkv_proj", "o_proj"}
+    model = add_lora(load_base(tiny_model_dir, bits=16), _load_config(overrides=["lora.target_modules=attention"]), 0)
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert set(model.peft_config["default"].target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    _, errs = parse_config(overrides=["lora.target_modules=[attention, up_proj]"])
+    assert errs == ["lora.target_modules: 'all-linear' and 'attention' stand alone, not in a list of names "
+                    "(got ['attention', 'up_proj'])"]

@@ -15,7 +15,7 @@ from qlora_dist.data.prompts import CHAT_TEMPLATES, chat_prompt, cut_answer
 from qlora_dist.errors import ConfigError, RunFault
 from qlora_dist.evaluate.bench_files import Question
 from qlora_dist import dist
-from qlora_dist.model import adapter_settings
+from qlora_dist.model import adapter_settings, folder
 from qlora_dist.model.base import adapter_problems, load_adapter, load_base_for, load_tokenizer
 from qlora_dist.model.builtin import resolve_model_path
 
@@ -74,6 +74,9 @@ def load_for_inference(base: str, adapter: str | None = None, bits: int | None =
     path = resolve_model_path(base)
     if adapter and (problems := adapter_problems(Path(adapter), base, allow_mismatch=allow_base_mismatch)):
         raise ConfigError(problems)
+    if adapter is None and bits is None and folder.fully_fine_tuned(path):
+        bits = 16  # its weights are the trained ones: quantizing them (the recipe's default) would change them
+        dist.log(f"{base}: a fully fine-tuned model (train.method=full): loaded in 16 bit (--bits 4 quantizes it)")
     loading = adapter_settings.base_loading(adapter, bits, quant_type, double_quant, compute_dtype)
     device = dist.device_for(dist.read_env()) if torch.cuda.is_available() else None  # this rank's GPU
     model = load_base_for(path, loading, device=device)

@@ -27,7 +27,7 @@ from qlora_dist.precision import DTYPES, QUANT_TYPES, resolve_compute_dtype
 FILE = "qlora_dist.json"
 _CHECKS = {  # key -> (is the value valid, what is allowed)
     "base_model": (lambda v: isinstance(v, str), "a string"),
-    "bits": (lambda v: v in (4, 16), "4 or 16"),
+    "bits": (lambda v: v in (4, 8, 16), "4, 8 or 16"),
     "quant_type": (lambda v: v in QUANT_TYPES, " or ".join(QUANT_TYPES)),
     "double_quant": (lambda v: isinstance(v, bool), "true or false"),
     "compute_dtype": (lambda v: v in DTYPES, " or ".join(DTYPES)),
@@ -88,6 +88,8 @@ class BaseLoading:
         rebuilt = f", rebuilt with the adapter's {self.init.method} start" if self.init else ""
         if self.bits == 16:
             return "16-bit" + rebuilt
+        if self.bits == 8:
+            return "8-bit LLM.int8"
         return (f"4-bit {self.quant_type.upper()} {'with' if self.double_quant else 'without'} double quant"
                 + rebuilt)
 

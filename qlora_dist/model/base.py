@@ -79,10 +79,26 @@ def lora_target_names(model: torch.nn.Module) -> list[str]:
     """Names (last component) of every linear layer but lm_head, found by type, not by name."""
     import bitsandbytes as bnb
 
-    linear_types = (torch.nn.Linear, bnb.nn.Linear4bit)
+    linear_types = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
              if isinstance(module, linear_types) and not name.endswith("lm_head")}
     return sorted(names)
+
+
+def attention_target_names(model: torch.nn.Module) -> list[str]:
+    """Names (last component) of the linear layers inside each decoder layer's attention module (`self_attn`
+    in every tested family): LLaMA, Mistral, Qwen, Gemma q/k/v/o_proj; Phi-3 qkv_proj, o_proj. Found by
+    where they sit, not from a table of names, so a family's own names come with it."""
+    import bitsandbytes as bnb
+
+    linear_types = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, linear_types) and name.rsplit(".", 1)[0].endswith("self_attn")})
+
+
+# lora.target_modules presets (config.TARGET_PRESET_NAMES): what each names on a model (the paper's Figure 2
+# compares the two).
+TARGET_PRESETS = {"all-linear": lora_target_names, "attention": attention_target_names}
 
 
 def add_lora(model: torch.nn.Module, cfg: Config, seed: int):
@@ -90,8 +106,8 @@ def add_lora(model: torch.nn.Module, cfg: Config, seed: int):
     from peft import LoraConfig, get_peft_model
 
     targets = cfg.lora.target_modules
-    if targets == ["all-linear"]:
-        targets = lora_target_names(model)
+    if len(targets) == 1 and targets[0] in TARGET_PRESETS:
+        targets = TARGET_PRESETS[targets[0]](model)
     # The variant and the scaling are peft's own (use_dora, use_rslora), so they are recorded in the saved
     # adapter_config.json and any peft reader rebuilds the same adapter.
     # LoftQ and PiSSA start from weights the loader computed (model/adapter_init.py): peft builds the
@@ -147,6 +163,8 @@ def adapter_problems(adapter_dir: Path, base: str | None = None, option: str = "
     from qlora_dist.model.folder import safetensors_problems
 
     adapter_dir = Path(adapter_dir)
+    if folder.fully_fine_tuned(adapter_dir):
+        return [folder.not_an_adapter(adapter_dir, option)]
     if not (adapter_dir / "adapter_config.json").is_file():
         what = "not found" if not adapter_dir.exists() else "has no adapter_config.json (not a PEFT adapter)"
         return [f"{option}: adapter folder {adapter_dir} {what}"]
@@ -161,8 +179,9 @@ def adapter_problems(adapter_dir: Path, base: str | None = None, option: str = "
 def prepare_for_training(model: torch.nn.Module, cfg: Config) -> None:
     """What peft's prepare_model_for_kbit_training does, minus its fp32 upcast of the base's 16-bit
     weights (that upcast doubles their memory and breaks ZeRO-3's already partitioned parameters)."""
+    full = cfg.train.method == "full"
     for name, param in model.named_parameters():
-        param.requires_grad_("lora_" in name)  # DoRA's magnitude too: lora_magnitude_vector
+        param.requires_grad_(full or "lora_" in name)  # DoRA's magnitude too: lora_magnitude_vector
     # LoRA weights in one dtype, the model's: ZeRO-3 needs it, and the engine keeps fp32 masters.
     # DoRA's magnitude included, although TRL #7268 found a bf16 magnitude frozen: there the optimizer
     # updated the bf16 values themselves, and steps below bf16's resolution (0.4%) vanished. Here the
@@ -182,7 +201,8 @@ def prepare_for_training(model: torch.nn.Module, cfg: Config) -> None:
     from qlora_dist import dist
 
     if cfg.model.fused_loss and not fastpath.install_fused_loss(model):  # needs lm_head frozen, as just set
-        dist.log(f"model.fused_loss: not used ({fastpath.fused_loss_refusal(model.get_base_model())}): "
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # full: no PEFT wrapper
+        dist.log(f"model.fused_loss: not used ({fastpath.fused_loss_refusal(causal_lm)}): "
                  "transformers' loss instead")
     if cfg.model.fused_lora:
         fastpath.install_fused_lora(model)
@@ -229,7 +249,8 @@ def load_base_random(size: str, cfg: Config, device=None, ds_config: dict | None
 
 
 def build_model(cfg: Config, device=None, ds_config: dict | None = None, on_piece=None):
-    """Base + LoRA (fresh, or from train.init_adapter) ready for the engine. on_piece(name): called on
+    """Base + LoRA (fresh, or from train.init_adapter), or under train.method=full the 16-bit base with every
+    weight trainable, ready for the engine. on_piece(name): called on
     every rank after each piece the layer-wise loader loads (the trainer's stop point; it may raise)."""
     from qlora_dist.ds_files import zero_stage
 
@@ -242,7 +263,9 @@ def build_model(cfg: Config, device=None, ds_config: dict | None = None, on_piec
     else:
         base = load_base(path, cfg.quantization.bits, cfg.quantization.quant_type, cfg.quantization.double_quant,
                          dtype_name(cfg.model.compute_dtype), cfg.model.attn_implementation, device)
-    if cfg.train.init_adapter:
+    if cfg.train.method == "full":  # every weight trained: the 16-bit base is the model (config resolved bits=16)
+        model = base
+    elif cfg.train.init_adapter:
         model = load_adapter(base, Path(cfg.train.init_adapter), trainable=True)
     else:
         model = add_lora(base, cfg, cfg.train.seed)

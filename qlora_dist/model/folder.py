@@ -26,6 +26,23 @@ EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_
 TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
 CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 MAX_HEADER = 100 * 2**20  # safetensors refuses headers over 100 MB too
+# Written by a fully fine-tuned run into its model/ folder (train/model_export.py): {"method": "full", ...}.
+FULL_MARK = "qlora_dist.json"
+
+
+def fully_fine_tuned(path: Path | str | None) -> bool:
+    """Whether `path` is the model/ folder of a train.method=full run (16-bit weights, no adapter)."""
+    mark = Path(path) / FULL_MARK if path else None
+    try:
+        return bool(mark and mark.is_file() and json.loads(mark.read_text()).get("method") == "full")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def not_an_adapter(path: Path | str, option: str) -> str:
+    """The line for a fully fine-tuned model given where an adapter is expected (merge, generate, init_adapter)."""
+    return (f"{option}: {path} is a fully fine-tuned model (train.method=full), not a PEFT adapter: there is no "
+            f"adapter to apply or merge; use the folder itself as the model (model.path={path} or --base {path})")
 
 
 def safetensors_problems(path: Path, key: str = "model.path") -> list[str]:

@@ -13,7 +13,7 @@ import copy
 import json
 from pathlib import Path
 
-from qlora_dist.config import Config
+from qlora_dist.config import TARGET_PRESET_NAMES, Config
 from qlora_dist.errors import ConfigError
 from qlora_dist.model import adapter_settings, folder
 
@@ -70,27 +70,27 @@ def _ours(adapter_key: str, value):
     return value
 
 
-def _all_linear(model_path: str) -> set[str]:
-    """What lora.target_modules=all-linear means for this model's family (Phi-3 has qkv_proj, LLaMA q/k/v):
-    the linear layers of the model built from its config on the meta device (no weights read)."""
+def _preset_names(model_path: str, preset: str) -> set[str]:
+    """What a lora.target_modules preset (all-linear, attention) means for this model's family (Phi-3 has
+    qkv_proj, LLaMA q/k/v): read from the model built from its config on the meta device (no weights read)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qlora_dist.model.base import lora_target_names
+    from qlora_dist.model.base import TARGET_PRESETS
     from qlora_dist.model.builtin import random_llama_config, random_size, resolve_model_path
 
     size = random_size(model_path)
     config = random_llama_config(size) if size else AutoConfig.from_pretrained(resolve_model_path(model_path))
     with init_empty_weights():
-        return set(lora_target_names(AutoModelForCausalLM.from_config(config)))
+        return set(TARGET_PRESETS[preset](AutoModelForCausalLM.from_config(config)))
 
 
 def _same(our_key: str, mine, theirs, model_path: str) -> bool:
     if our_key == "lora.target_modules":
         mine, theirs = set(mine), set(theirs)
-        if mine != theirs and {"all-linear"} in (mine, theirs):
-            expand = _all_linear(model_path)
-            mine, theirs = (expand if s == {"all-linear"} else s for s in (mine, theirs))
+        presets = [{name} for name in TARGET_PRESET_NAMES]
+        if mine != theirs and any(p in (mine, theirs) for p in presets):
+            mine, theirs = (_preset_names(model_path, next(iter(s))) if s in presets else s for s in (mine, theirs))
         return mine == theirs
     if our_key in ("lora.variant", "lora.rslora", "lora.init", "lora.init_iters"):
         return mine == theirs
@@ -102,6 +102,8 @@ def problems(cfg: Config) -> list[str]:
     weight file's header, and each lora.* key the user set that the adapter contradicts."""
     if not cfg.train.init_adapter:
         return []
+    if folder.fully_fine_tuned(cfg.train.init_adapter):
+        return [folder.not_an_adapter(cfg.train.init_adapter, "train.init_adapter")]
     try:
         data = read(cfg.train.init_adapter)
     except ConfigError as exc:

@@ -75,19 +75,19 @@ class RandomSource:
         return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * self.std).to(dtype)
 
 
-def _pieces(model) -> list[tuple[str, torch.nn.Module]]:
-    """The units loaded (and partitioned) one at a time, in forward order. Every tested family (see
-    model/folder.py TESTED_FAMILIES) names them alike: model.embed_tokens, model.layers.N, model.norm,
+def pieces(model) -> list[tuple[str, torch.nn.Module]]:
+    """The units loaded (and partitioned) one at a time, in forward order (also the files of a fully fine-tuned
+    model, train/model_export.py). Every tested family (see model/folder.py TESTED_FAMILIES) names them alike: model.embed_tokens, model.layers.N, model.norm,
     lm_head; a model with parameters elsewhere is refused here rather than left on `meta`."""
     inner = model.model
-    pieces = [("model.embed_tokens", inner.embed_tokens)]
-    pieces += [(f"model.layers.{i}", layer) for i, layer in enumerate(inner.layers)]
-    pieces += [("model.norm", inner.norm), ("lm_head", model.lm_head)]
-    covered = {id(p) for _, piece in pieces for p in piece.parameters()}
+    found = [("model.embed_tokens", inner.embed_tokens)]
+    found += [(f"model.layers.{i}", layer) for i, layer in enumerate(inner.layers)]
+    found += [("model.norm", inner.norm), ("lm_head", model.lm_head)]
+    covered = {id(p) for _, piece in found for p in piece.parameters()}
     if stray := [name for name, p in model.named_parameters() if id(p) not in covered]:
         raise ConfigError([f"model.loader: {type(model).__name__}: the layer-wise loader does not know where "
                            f"{', '.join(stray[:3])} belong; use model.loader=hf"])
-    return pieces
+    return found
 
 
 def _linear4bit(linear: torch.nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None, quant: dict,
@@ -226,7 +226,7 @@ def load_layerwise(config, source: TensorSource, bits: int = 4, quant_type: str 
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     quant = None if bits == 16 else {"compute_dtype": dtype, "quant_type": quant_type, "double_quant": double_quant}
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    for prefix, piece in _pieces(model):
+    for prefix, piece in pieces(model):
         if prefix == "lm_head" and tied:
             model.lm_head.weight = model.model.embed_tokens.weight  # already loaded (and partitioned)
             continue

@@ -17,6 +17,7 @@ import torch
 from qlora_dist import atomic
 from qlora_dist.errors import ConfigError, RunFault
 from qlora_dist.model.adapter_settings import BaseLoading, base_loading
+from qlora_dist.model.adapter_settings import read as read_settings
 from qlora_dist.model.base import adapter_problems, load_adapter, load_base_for, load_tokenizer
 from qlora_dist.model.builtin import resolve_model_path
 from qlora_dist.precision import DTYPES
@@ -78,6 +79,11 @@ def merge(base: str, adapter: str | Path, out: str | Path, dtype: str = "bf16", 
         problems.append(f"--dtype: {dtype!r} is not allowed; choose one of {', '.join(MERGE_DTYPES)}")
     path = resolve_model_path(base)
     problems += adapter_problems(adapter, base, allow_mismatch=allow_base_mismatch)
+    if not problems and (read_settings(adapter) or {}).get("bits") == 8:
+        # dequantized_state_dict knows NF4/FP4 (dequantize_4bit); an int8 weight cast as it is would lose its
+        # per-row scale, so a merge of an LLM.int8 adapter is refused rather than written wrong
+        problems.append(f"--adapter: {adapter} was trained on an 8-bit (LLM.int8) base, which merge does not "
+                        "dequantize yet; use it as an adapter (generate, eval) on that base")
     if problems:
         raise ConfigError(problems)
     loading = base_loading(adapter, compute_dtype=compute_dtype)

@@ -3,6 +3,7 @@
 Layout of OUTPUT/checkpoint-<step>/ (the adapter part is the original QLoRA code's layout):
     adapter_model/adapter_config.json, adapter_model.safetensors   PEFT: PeftModel.from_pretrained loads it
     adapter_model/qlora_dist.json   the run's own settings (quantization storage, prompt format, base model)
+                               (no adapter_model/ under train.method=full: engine/ holds every weight)
     engine/                    DeepSpeed state: LoRA weights, fp32 masters, optimizer moments, LR schedule
     rng/rank-<r>.safetensors   each rank's RNG states (dropout continues exactly); no pickle
     environment.json           library versions, git commit, host, CPU/GPU names of the run that saved it
@@ -127,7 +128,17 @@ def verify_folder(root: Path) -> list[tuple[str, bool, str]]:
         raise ConfigError([f"OUTPUT_DIR: {root} is not a folder"])
     ckpts = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir())
     rows = [(p.name, (v := verdict(p)).startswith("ok"), v) for _, p in ckpts]
-    return rows + [_adapter_verdict(RunPaths(root))] if rows or RunPaths(root).adapter.exists() else rows
+    paths = RunPaths(root)
+    if paths.model.exists():  # train.method=full: the trained model instead of an adapter
+        return rows + [_model_verdict(paths)]
+    return rows + [_adapter_verdict(paths)] if rows or paths.adapter.exists() else rows
+
+
+def _model_verdict(paths: RunPaths) -> tuple[str, bool, str]:
+    from qlora_dist.train.model_export import model_problems
+
+    problems = model_problems(paths.model)
+    return paths.model.name, not problems, f"damaged: {problems[0]}" if problems else "ok (headers checked)"
 
 
 def _adapter_verdict(paths: RunPaths) -> tuple[str, bool, str]:
@@ -179,9 +190,11 @@ def _check_resumable(paths: RunPaths, ckpt: Path, cfg: Config) -> None:
         raise ConfigError([f"train.output_dir: {paths.root} holds {ckpt.name} of a different configuration "
                            f"({'; '.join(diffs)}); use another train.output_dir, or the checkpoint's values"])
     # The same model.path (checked above), but is it still the model the checkpoint's adapter was trained on?
-    if problems := adapter_settings.base_problems(ckpt / "adapter_model", cfg.model.path, "train.output_dir",
-                                                  "model.allow_base_mismatch=true",
-                                                  allowed=cfg.model.allow_base_mismatch):
+    # (train.method=full saves no adapter: its engine state holds every weight.)
+    adapter = ckpt / "adapter_model"
+    if adapter.is_dir() and (problems := adapter_settings.base_problems(
+            adapter, cfg.model.path, "train.output_dir", "model.allow_base_mismatch=true",
+            allowed=cfg.model.allow_base_mismatch)):
         raise ConfigError(problems)
     done, where = max((read_progress(ckpt).step, ckpt.name), (_completed_step(paths), paths.completed.name))
     if done > cfg.train.max_steps:
@@ -198,6 +211,8 @@ def _completed_step(paths: RunPaths) -> int:
 
 def config_differences(saved: dict, cfg: Config, also_resumable: tuple[str, ...] = ()) -> list[str]:
     old, new = {**ADDED_AT_DEFAULT, **flat(saved)}, flat(cfg.to_dict())
+    # saved before train.method existed: quantization.bits=16 was LoRA on a 16-bit base (config.resolve_method)
+    old.setdefault("train.method", "lora" if old.get("quantization.bits") == 16 else "qlora")
     keys = sorted(set(old) | set(new))
     return [(f"{k}: checkpoint has {old[k]!r}" if k in old else
              f"{k}: not in the checkpoint (saved by a qlora-dist before the key existed)")
@@ -321,7 +336,7 @@ def _same_layout(progress: Progress, engine, world_size: int) -> bool:
             and progress.sequence_parallel == getattr(engine, "sequence_parallel_size", 1))
 
 
-def _load(engine, ckpt: Path, rank: int, world_size: int) -> Progress:
+def _load(engine, ckpt: Path, rank: int, world_size: int, full: bool = False) -> Progress:
     """Restore the engine (LoRA weights, fp32 masters, optimizer, LR schedule) and this rank's RNG.
     On the checkpoint's own layout DeepSpeed loads it (bitwise); on another, reshard does."""
     progress = read_progress(ckpt)
@@ -332,6 +347,8 @@ def _load(engine, ckpt: Path, rank: int, world_size: int) -> Progress:
                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
             if load_path is None:
                 raise RuntimeError("DeepSpeed found no checkpoint there")
+        elif full:
+            raise ConfigError([different_layout_for_full(ckpt, progress, world_size, engine.zero_optimization_stage())])
         else:
             from qlora_dist.train import reshard
 
@@ -351,6 +368,17 @@ def _load(engine, ckpt: Path, rank: int, world_size: int) -> Progress:
     return progress
 
 
+def different_layout_for_full(ckpt: Path, progress: Progress, world_size: int, stage: int) -> str:
+    """The refusal to resume full fine-tuning on another layout. reshard.py re-slices LoRA weights and their
+    bitsandbytes moments and was never checked on every weight of a model. DeepSpeed 0.19.8's universal
+    checkpoint (ds_to_universal) knows torch Adam's moment names only (exp_avg, exp_avg_sq), not the
+    bitsandbytes optimizers' (state1, state2), and no test here shows it bitwise: refused, not guessed."""
+    return (f"train.output_dir: {ckpt.name} was saved by {progress.world_size} rank(s) under ZeRO-{progress.zero_stage}; "
+            f"this run has {world_size} under ZeRO-{stage}: full fine-tuning (train.method=full) resumes on the "
+            f"world size and ZeRO stage it was saved with only; start {progress.world_size} rank(s) with that "
+            "stage, or use another train.output_dir")
+
+
 # ---------------------------------------------------------------------------------------------------
 class Checkpointer:
     """Everything a run does with checkpoints, in the order it does it: recover (clear interrupted
@@ -364,6 +392,7 @@ class Checkpointer:
         self.rank, self.world_size = rank, world_size
         self.resume_from: Path | None = None
         self.data_sha256: str | None = None
+        self.full = cfg.train.method == "full"  # every weight trained: no adapter; the model folder at the end
 
     def recover(self) -> Path | None:
         """Rank 0 removes saves that never completed, verifies the newest checkpoint (sha256, finite
@@ -405,6 +434,13 @@ class Checkpointer:
         steps = self.cfg.train.max_steps
         if self.resume_from is None or not _completed_step(self.paths) == steps == read_progress(self.resume_from).step:
             return None
+        if self.full:
+            from qlora_dist.train.model_export import model_problems
+
+            if why := next(iter(model_problems(self.paths.model)), None):
+                dist.log(f"{why}: writing the trained model's folder again from {self.resume_from.name}")
+                return None
+            return json.loads(self.paths.completed.read_text())
         if why := manifest.matches(self.paths.adapter, self.resume_from, "adapter_model/"):
             dist.log(f"{why}: the final adapter is damaged; writing it again from {self.resume_from.name}")
             return None
@@ -432,7 +468,7 @@ class Checkpointer:
         if self.resume_from is None:
             torch.manual_seed(self.cfg.train.seed + self.rank)  # each rank its own dropout stream
             return None
-        progress = _load(engine, self.resume_from, self.rank, self.world_size)
+        progress = _load(engine, self.resume_from, self.rank, self.world_size, self.full)
         compat.repage_optimizer_states(engine.optimizer)  # bitsandbytes' load unpages them (compat says why)
         paged_masters.apply(engine, self.cfg, f"after loading {self.resume_from.name}")  # masters DeepSpeed replaced
         dist.log(f"resuming from {self.resume_from} (step {progress.step}, {progress.samples_seen} samples seen)")
@@ -474,7 +510,8 @@ class Checkpointer:
         dist.barrier()
         engine.save_checkpoint(str(tmp), tag="engine", save_latest=False, exclude_frozen_parameters=True)
         _save_rng(_rng_file(tmp, self.rank))
-        export_adapter(engine.module, tmp / "adapter_model", zero_stage)
+        if not self.full:
+            export_adapter(engine.module, tmp / "adapter_model", zero_stage)
         if os.environ.get(CRASH_IN_SAVE_ENV) == str(progress.step):
             os.kill(os.getpid(), signal.SIGKILL)
         dist.barrier()
@@ -495,10 +532,11 @@ class Checkpointer:
 
     def _write_records(self, tmp: Path, progress: Progress) -> None:
         q = self.cfg.quantization
-        adapter_settings.write(tmp / "adapter_model", base_model=str(self.cfg.model.path), bits=q.bits,
-                               quant_type=q.quant_type, double_quant=q.double_quant,
-                               compute_dtype=self.plan["compute_dtype"], prompt_template=self.cfg.data.chat_template,
-                               lora_init=self.cfg.lora.init, lora_init_iters=self.cfg.lora.init_iters)
+        if not self.full:
+            adapter_settings.write(tmp / "adapter_model", base_model=str(self.cfg.model.path), bits=q.bits,
+                                   quant_type=q.quant_type, double_quant=q.double_quant,
+                                   compute_dtype=self.plan["compute_dtype"], prompt_template=self.cfg.data.chat_template,
+                                   lora_init=self.cfg.lora.init, lora_init_iters=self.cfg.lora.init_iters)
         (tmp / "config.yaml").write_text(self.cfg.to_yaml())
         atomic.write_text(tmp / "run_plan.json", json.dumps(self.plan, indent=2))
         atomic.write_text(tmp / environment.FILE, json.dumps(environment.describe(), indent=2))
@@ -534,10 +572,14 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
 
     def finalize(self, ckpt: Path, info: dict) -> None:
-        """Rank 0 at the end: OUTPUT/adapter_model (a copy of the last adapter) and the `completed` record."""
+        """Rank 0 at the end: OUTPUT/adapter_model (a copy of the last adapter; train.method=full wrote
+        OUTPUT/model before this, train/model_export.py) and the `completed` record."""
+        record = {**info, "checkpoint": ckpt.name, "finished_at": time.time()}
+        if self.full:
+            atomic.write_text(self.paths.completed, json.dumps(record, indent=2))
+            return
         with atomic.folder(self.paths.adapter, replace=True) as tmp:
             shutil.copytree(ckpt / "adapter_model", tmp, dirs_exist_ok=True)
         if why := manifest.matches(self.paths.adapter, ckpt, "adapter_model/"):
             raise RunFault(f"{why}: the final adapter does not match {ckpt.name} after copying it")
-        record = {**info, "checkpoint": ckpt.name, "finished_at": time.time()}
         atomic.write_text(self.paths.completed, json.dumps(record, indent=2))

@@ -138,6 +138,12 @@ def initialize(cfg: Config, model: torch.nn.Module, ds: dict[str, Any]):
 
     from qlora_dist.train import paged_masters
 
+    # train.method=full hands every weight here, as LoRA hands its adapter: the same path. Its mixed precision
+    # is DeepSpeed's own ZeRO bf16 optimizer (deepspeed 0.19.8 stage_1_and_2.py / stage3.py with bf16.enabled):
+    # the module keeps bf16 weights, the ZeRO optimizer an fp32 master partition of them, and our client
+    # optimizer (optim.name) steps those masters, so its Adam moments are fp32 too. Not ours, because
+    # DeepSpeed's layout is what its checkpoints, the finite checks on the masters (train/checkpoint.py) and
+    # reshard read, and what ZeRO-2/3 partition; a second master copy of our own would double 4 bytes a weight.
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(cfg, params),
                                            model_parameters=params, config=ds,

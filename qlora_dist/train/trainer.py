@@ -142,12 +142,13 @@ class Trainer:
 
     def _setup_model(self):
         start = time.perf_counter()
-        dist.log(f"loading {self.cfg.model.path} in {self.cfg.quantization.bits} bit"
+        dist.log(f"loading {self.cfg.model.path} in {self.cfg.quantization.bits} bit ({self.cfg.train.method})"
                  + (", partitioned layer by layer (ZeRO-3)" if self.zero_stage == 3 else "") + " ...")
         model = self._load_model()
         trainable, total = count_parameters(model)
         self.log.throughput.parameters = total  # MFU counts every weight (train/throughput.py)
-        dist.log(f"model {self.cfg.model.path} loaded in {time.perf_counter() - start:.1f} s: {trainable:,} trainable LoRA parameters of {total:,}; "
+        what = "trainable parameters (full fine-tuning)" if self.cfg.train.method == "full" else "trainable LoRA parameters"
+        dist.log(f"model {self.cfg.model.path} loaded in {time.perf_counter() - start:.1f} s: {trainable:,} {what} of {total:,}; "
                  f"{self.cfg.quantization.bits}-bit base; ZeRO stage {self.zero_stage}; world size "
                  f"{self.info.world_size}; micro batch {self.ds['train_micro_batch_size_per_gpu']} x accumulation "
                  f"{self.ds['gradient_accumulation_steps']} x {self._data_parallel_words()} = global batch "
@@ -325,6 +326,12 @@ class Trainer:
         final = self.paths.checkpoint(self.cfg.train.max_steps)
         if not (final / "progress.json").is_file():  # resumed past the end: save what we have
             final = self.save()
+        if self.cfg.train.method == "full":  # collective: gathered piece by piece under ZeRO-3
+            from qlora_dist.train.model_export import export_model
+
+            export_model(self.engine.module, self.tokenizer, self.paths.model, self.zero_stage,
+                         {"base_model": str(self.cfg.model.path), "compute_dtype": self.plan.compute_dtype,
+                          "prompt_template": self.cfg.data.chat_template, "step": self.step})
         after = self.evaluate("after training") if self.cfg.eval.at_end else None
         mmlu_after = self.evaluate_mmlu("after training") if self.cfg.eval.mmlu_at_end else None
         if self.info.is_main:
@@ -345,7 +352,8 @@ class Trainer:
             self.log.note(f"validation loss: {losses[0]['eval_loss']:.4f} (step {losses[0]['step']}) -> "
                           f"{losses[-1]['eval_loss']:.4f} (step {losses[-1]['step']}); lowest {best['eval_loss']:.4f} "
                           f"at step {best['step']}")
-        self.log.note(f"done: adapter in {self.paths.adapter}, metrics in {self.paths.metrics}, "
+        result = self.paths.model if self.cfg.train.method == "full" else self.paths.adapter
+        self.log.note(f"done: {'model' if result == self.paths.model else 'adapter'} in {result}, metrics in {self.paths.metrics}, "
                       f"curve in {self.paths.loss_png}")
 
     # ---------------------------------------------------------------------------------------- cleanup
