@@ -114,3 +114,10 @@ def test_a_stop_signal_reaches_the_training_cell_and_the_next_invocation_finishe
     again = run_cli("compare", str(path), timeout=600)
     assert "0 already completed, 1 to train" in again.stderr and f"resuming from {saved[-1]}" in again.stderr
     assert (cell / "completed").is_file()
+
+
+def test_the_shipped_paper_grid_is_valid_and_shares_everything_but_the_method():
+    grid = compare.read_grid(REPO / "compare" / "paper.yaml")  # every cell's config parsed as `train` would
+    assert grid.methods == ["full-bf16", "lora-bf16", "lora-bf16-attention", "qlora-nf4-dq", "qlora-nf4",
+                            "qlora-fp4", "qlora-int8"]
+    assert grid.seeds == (1, 2, 3) and len(grid.cells) == 21
