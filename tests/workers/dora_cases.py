@@ -11,12 +11,9 @@ model's logits on a fixed batch, computed by all ranks under the run's ZeRO stag
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
-
-from qlora_dist.compat import quiet_known_warnings, set_library_env
 
 
 def _magnitudes(trainer) -> dict[str, torch.Tensor] | None:
@@ -78,16 +75,7 @@ def run_case(out: Path, overrides: list[str]) -> None:
     trainer.cleanup()
 
 
-def main(argv: list[str]) -> None:
-    set_library_env()
-    quiet_known_warnings()
-    from train_cases import for_each_case  # this folder is the script's: on sys.path
-
-    for_each_case(argv, run_case)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
-    from qlora_dist import dist
+    from train_cases import run_as_script  # this folder is the script's: on sys.path
 
-    dist.leave(0)  # see compat.exit_without_finalization
+    run_as_script(run_case)

@@ -12,12 +12,9 @@ saw, into OUT/NAME/memory.json (one row per rank).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
-
-from qlora_dist.compat import quiet_known_warnings, set_library_env
 
 
 def _trainer(out: Path, overrides: list[str]):
@@ -101,16 +98,7 @@ def run_case(out: Path, overrides: list[str]) -> None:
     (memory_case if out.name.startswith("memory") else train_case)(out, overrides)
 
 
-def main(argv: list[str]) -> None:
-    set_library_env()
-    quiet_known_warnings()
-    from train_cases import for_each_case  # this folder is the script's: on sys.path
-
-    for_each_case(argv, run_case)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
-    from qlora_dist import dist
+    from train_cases import run_as_script  # this folder is the script's: on sys.path
 
-    dist.leave(0)  # see compat.exit_without_finalization
+    run_as_script(run_case)

@@ -6,7 +6,6 @@ usage: memory_actual.py OUT NAME:key=value,key=value ... -- key=value ...   (the
 from __future__ import annotations
 
 import json
-import sys
 
 import torch
 
@@ -83,13 +82,11 @@ def measure(cfg) -> None:
     trainer.cleanup()
 
 
-def main(argv: list[str]) -> None:
-    from train_cases import for_each_case  # this folder is the script's: on sys.path
-
-    for_each_case(argv, lambda folder, overrides: measure(load_config(
-        overrides=[*overrides, f"train.output_dir={folder}"])))
+def run_case(folder, overrides: list[str]) -> None:
+    measure(load_config(overrides=[*overrides, f"train.output_dir={folder}"]))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
-    dist.leave(0)  # see compat.exit_without_finalization
+    from train_cases import run_as_script  # this folder is the script's: on sys.path
+
+    run_as_script(run_case)

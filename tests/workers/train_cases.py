@@ -53,22 +53,26 @@ def for_each_case(argv: list[str], run_one) -> None:
     shutdown()
 
 
-def main(argv: list[str]) -> None:
+def run_as_script(run_one) -> None:
+    """A case worker's `__main__` (this one's, dora_cases', full_cases', memory_actual's): the libraries'
+    environment, the cases of sys.argv in one process group, then a rank's exit."""
     set_library_env()
     quiet_known_warnings()
+    for_each_case(sys.argv[1:], run_one)
+    from qlora_dist import dist
+
+    dist.leave(0)  # see compat.exit_without_finalization
+
+
+def train(folder: Path, overrides: list[str]) -> None:
+    """A plain training run of one case."""
     from qlora_dist.config import load_config
     from qlora_dist.launch.job import prepare
     from qlora_dist.train.trainer import run
 
-    def train(folder: Path, overrides: list[str]) -> None:
-        cfg = load_config(overrides=[*overrides, f"train.output_dir={folder}"])
-        run(cfg, prepare(cfg))
-
-    for_each_case(argv, train)
+    cfg = load_config(overrides=[*overrides, f"train.output_dir={folder}"])
+    run(cfg, prepare(cfg))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
-    from qlora_dist import dist
-
-    dist.leave(0)  # see compat.exit_without_finalization
+    run_as_script(train)
