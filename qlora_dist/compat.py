@@ -341,6 +341,21 @@ def forget_deepspeed_mpu() -> None:
     groups.mpu = None
 
 
+def forget_deepspeed_groups() -> None:
+    """deepspeed 0.19.8 caches process groups in deepspeed.utils.groups (the clone of the world group that
+    deepspeed.initialize broadcasts over, the mpu, the expert groups) and never drops them. After
+    destroy_process_group, a second run in the same process (two Trainers in one test process, a notebook)
+    found the destroyed clone there and failed in deepspeed.initialize ("Group ... is not registered").
+    dist.shutdown calls this once the group is destroyed."""
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    groups._WORLD_GROUP = groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = groups.mpu = None
+    for cache in (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS, groups._ALL_TO_ALL_GROUP,
+                  groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
+        cache.clear()
+
+
 def gradient_divisor(engine, world_size: int, sequence_parallel: int) -> int:
     """What DeepSpeed 0.19.8 divides the summed gradients of a step by (model/loss.py backward multiplies
     it back). ZeRO-1/2, and ZeRO-3's contiguous path, divide by world / sequence_parallel_size once the

@@ -315,6 +315,7 @@ def gather_objects(obj):
 def shutdown() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        compat.forget_deepspeed_groups()
 
 
 # ---------------------------------------------------------------------------- one rank waiting for another
