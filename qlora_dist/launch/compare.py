@@ -159,8 +159,8 @@ def _run_cell(cell: Cell, world_size: int) -> int:
     sent to compare (Slurm's, a user's kill) is passed on, so the cell saves and stops as a run would."""
     # the cell's stdout (libraries print there) joins its stderr: compare's own stdout is the table alone
     child = subprocess.Popen(_command(cell, world_size), stdout=sys.stderr.fileno())
-    forwarded = [s for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)]
-    previous = {s: signal.signal(s, lambda signum, _frame: child.send_signal(signum)) for s in forwarded}
+    previous = {s: signal.signal(s, lambda signum, _frame: child.send_signal(signum))
+                for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
     try:
         return child.wait()
     except KeyboardInterrupt:  # Ctrl-C reached the child too (same process group): let it finish its stop
@@ -174,8 +174,9 @@ def run_grid(grid: Grid, only: list[str] | None = None) -> dict[str, int]:
     """Train every cell not yet completed, one after another; {method/seed-S: exit code} of those run. A
     stopped cell (exit code >= 128: a signal) ends the grid there, as the stop was meant for all of it."""
     codes = {}
-    todo = [c for c in grid.cells if (not only or c.method in only) and not RunPaths(c.folder).completed.is_file()]
-    done = len([c for c in grid.cells if RunPaths(c.folder).completed.is_file()])
+    completed = {c for c in grid.cells if RunPaths(c.folder).completed.is_file()}
+    todo = [c for c in grid.cells if (not only or c.method in only) and c not in completed]
+    done = len(completed)
     print(f"[qlora-dist] compare {grid.path}: {len(grid.cells)} cells ({len(grid.methods)} methods x "
           f"{len(grid.seeds)} seeds), {done} already completed, {len(todo)} to train", file=sys.stderr, flush=True)
     for i, cell in enumerate(todo, 1):
@@ -233,15 +234,20 @@ def _spread(values: list[float]) -> dict:
     return {"mean": sum(finite) / len(finite), "min": min(finite), "max": max(finite)}
 
 
-def summarize(grid: Grid) -> dict:
+def outcomes_by_method(grid: Grid) -> dict[str, dict[int, dict]]:
+    """{method: {seed: cell_outcome}} of the completed cells: each cell's metrics read once."""
+    by_method: dict[str, dict[int, dict]] = {m: {} for m in grid.methods}
+    for cell in grid.cells:
+        if (outcome := cell_outcome(cell)) is not None:
+            by_method[cell.method][cell.seed] = outcome
+    return by_method
+
+
+def summarize(outcomes: dict[str, dict[int, dict]]) -> dict:
     """{method: {"seeds": completed seeds, column: {mean, min, max}}} over the completed cells."""
-    summary = {}
-    for method in grid.methods:
-        outcomes = {c.seed: cell_outcome(c) for c in grid.cells if c.method == method}
-        done = {s: o for s, o in outcomes.items() if o is not None}
-        summary[method] = {"seeds": sorted(done), **{key: _spread([o[key] for o in done.values()])
-                                                     for key, _, _ in TABLE_COLUMNS}}
-    return summary
+    return {method: {"seeds": sorted(done), **{key: _spread([o[key] for o in done.values()])
+                                               for key, _, _ in TABLE_COLUMNS}}
+            for method, done in outcomes.items()}
 
 
 def format_table(grid: Grid, summary: dict) -> str:
@@ -259,7 +265,7 @@ def format_table(grid: Grid, summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(grid: Grid, png: Path) -> None:
+def plot_curves(outcomes: dict[str, dict[int, dict]], png: Path) -> None:
     """Each method's loss curve (the mean over its completed seeds at each step), one colour a method."""
     import matplotlib
 
@@ -267,8 +273,8 @@ def plot_curves(grid: Grid, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for method in grid.methods:
-        curves = [o["curve"] for c in grid.cells if c.method == method and (o := cell_outcome(c)) is not None]
+    for method, done in outcomes.items():
+        curves = [o["curve"] for o in done.values()]
         if not curves:
             continue
         by_step: dict[int, list[float]] = {}
@@ -291,9 +297,10 @@ def plot_curves(grid: Grid, png: Path) -> None:
 
 def write_results(grid: Grid) -> tuple[str, dict]:
     """OUTPUT/compare.md (the table), compare.json (the figures) and compare.png (the curves)."""
-    summary = summarize(grid)
+    outcomes = outcomes_by_method(grid)
+    summary = summarize(outcomes)
     table = format_table(grid, summary)
     atomic.write_text(grid.output_dir / "compare.md", table + "\n")
     atomic.write_text(grid.output_dir / "compare.json", json.dumps(summary, indent=2) + "\n")
-    plot_curves(grid, grid.output_dir / "compare.png")
+    plot_curves(outcomes, grid.output_dir / "compare.png")
     return table, summary
