@@ -6,8 +6,9 @@ The product runs: qlora-dist's Trainer (bench/trainer_run.py's rows of random wo
 each (option, length) in a fresh process. Per run it reports the trainer's step time (the second step), and
 the CPU allocator's peak over the first step above its level when the step began (torch's profiler records
 every allocation and free: what the planner models, as tests/test_planner_gaps.py measures it), beside the
-planner's figure for the same (memory.make_plan on the run's own config): its activation items plus the
-optimizer states the first step creates. On a CPU `offload` moves nothing (DeepSpeed's hook skips host
+planner's figure for the same (memory.make_plan on the run's own config): what a step allocates and frees,
+its activation items and ZeRO-2's reduce bucket (allocated at the step's first gradient; the optimizer
+states the first step creates come after the backward has freed both, and stay). On a CPU `offload` moves nothing (DeepSpeed's hook skips host
 tensors): its row shows the hook's cost, and the planner's GPU figure for it is not what a CPU holds.
 
     python bench/long_seq.py                          # 1k-8k, plain / offload / tiled; ~15 min on 2 cores
@@ -67,8 +68,8 @@ def _planned(cfg) -> dict:
     from qlora_dist import memory
 
     plan = memory.make_plan(memory.setup_from_config(cfg, 1, on_gpu=False))
-    acts = {k: v for k, v in plan.items.items() if k.startswith(("activations", "attention_mask"))}
-    return {"planned_step_bytes": sum(acts.values()) + plan.items.get("optimizer_states", 0), "planned_items": acts,
+    acts = {k: v for k, v in plan.items.items() if k.startswith(("activations", "attention_mask", "zero_buckets"))}
+    return {"planned_step_bytes": sum(acts.values()), "planned_items": acts,
             "planned_total_bytes": plan.total}
 
 

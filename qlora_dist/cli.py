@@ -65,6 +65,8 @@ def _cmd_compare(ns) -> None:
     unknown = sorted(set(ns.only or ()) - set(grid.methods))
     if unknown:
         raise ConfigError([f"--only: {', '.join(unknown)} not among {grid.path}'s methods ({', '.join(grid.methods)})"])
+    if stale := compare.stale_cells(grid):  # before training or a table that would mix two configurations
+        raise ConfigError(stale)
     codes = {} if ns.table else compare.run_grid(grid, ns.only)
     table, _ = compare.write_results(grid)
     print(table)
@@ -162,11 +164,12 @@ def _print_longest(ns, memory, setup, cap: int, host_cap: int | None, world: int
     import json
 
     found = memory.longest_sample(setup, cap, host_cap, ranks_per_host=min(world, 8))
+    further = memory.longer_sample_changes(setup, cap, host_cap, ranks_per_host=min(world, 8))
     if ns.json:
         at = memory.make_plan(memory.replace(setup, micro_batch=1, seq_len=max(found["max_seq_len"], 1)), cap)
-        print(json.dumps({**found, "plan_at_max_seq_len": at.to_json()}, indent=2))
+        print(json.dumps({**found, "further": further, "plan_at_max_seq_len": at.to_json()}, indent=2))
         return
-    print(memory.format_longest(found, setup))
+    print(memory.format_longest(found, setup, further))
 
 
 def _cmd_launch_plan(ns) -> None:

@@ -136,6 +136,7 @@ class Setup:
     lora_r: int = 64
     lora_dropout: bool = True
     dora: bool = False  # lora.variant=dora: a trained magnitude per output row, and DoRA's extra forward work
+    attention_only: bool = False  # lora.target_modules=attention: LoRA on the attention projections alone
     optimizer: str = "paged_adamw_32bit"
     on_gpu: bool = True  # paged optimizer states live in CUDA unified memory only on a GPU
     fused_loss: bool = True  # model.fused_loss: the loss by chunks of tokens (qlora_dist/fastpath.py)
@@ -220,12 +221,18 @@ def full_numels(sh: Shape) -> list[int]:
     return [sh.vocab * sh.hidden] * (1 if sh.tied else 2) + layer * sh.layers + [sh.hidden]
 
 
+def adapted_linears(s: Setup) -> list[tuple[int, int]]:
+    """(in, out) of each linear layer of one decoder layer that carries LoRA: every one, or with
+    lora.target_modules=attention q, k, v, o (Phi-3: qkv, o), which come first in Shape.linears()."""
+    return s.shape.linears()[:2 if s.shape.fused else 4] if s.attention_only else s.shape.linears()
+
+
 def lora_numels(s: Setup) -> list[int]:
     """Element counts of every LoRA matrix (A: r x in, B: out x r, and with DoRA its magnitude: out), in
     model order; under train.method=full, of every weight."""
     if s.full:
         return full_numels(s.shape)
-    one_layer = [n for fan_in, fan_out in s.shape.linears()
+    one_layer = [n for fan_in, fan_out in adapted_linears(s)
                  for n in (s.lora_r * fan_in, fan_out * s.lora_r, *([fan_out] if s.dora else []))]
     return one_layer * s.shape.layers
 
@@ -234,7 +241,7 @@ def dora_activation_bytes_per_token(s: Setup) -> int:
     """What DoRA adds to one layer's saved activations per token: peft 0.21.2's DoRA output
     (m/||W + sBA|| - 1) * base + m/||W + sBA|| * s * lora keeps the base output and the LoRA output of
     every linear layer for the backward of the two products (bf16: 2 + 2 bytes per output unit)."""
-    return 4 * sum(fan_out for _, fan_out in s.shape.linears()) if s.dora else 0
+    return 4 * sum(fan_out for _, fan_out in adapted_linears(s)) if s.dora else 0
 
 
 def _flat_partition(total: int, n: int) -> int:
@@ -386,6 +393,8 @@ def activation_items(s: Setup) -> dict[str, int]:
     if s.full:  # the weights' own gradients on their way to the fp32 partitions
         logits, backward = logits + _full_transient(s, sh.vocab * sh.hidden), backward + _full_transient(
             s, sum(a * b for a, b in sh.linears()) + sum(sh.layer_16bit()))
+    else:  # lm_head is frozen: the loss phase ends before the first LoRA gradient allocates ZeRO-1/2's reduce
+        logits = max(logits - zero2_bucket_bytes(s), 0)  # bucket, so it shares that room (framework_items)
     extra = {"attention_mask (sequence x sequence)": m} if (m := attention_mask_bytes(s)) else {}
     if s.full and s.zero_stage == 3:
         # ds_configs/zero3.json keeps up to stage3_max_live_parameters gathered weights live, and releases none
@@ -401,14 +410,23 @@ def activation_items(s: Setup) -> dict[str, int]:
     return {"activations": sh.layers * layer, "activations_peak_phase": max(logits, backward), **extra}
 
 
+def zero2_bucket_bytes(s: Setup) -> int:
+    """ZeRO-1/2's contiguous gradient bucket: deepspeed 0.19.8 (stage_1_and_2.py setup_buckets) allocates a whole
+    reduce_bucket_size buffer at the first gradient of every step, whatever the count of trainable weights (2
+    million LoRA weights or 2 billion): ZeRO-2 stages it in the weights' dtype (bf16), ZeRO-1 in its fp32
+    accumulation dtype; freed at the step's end. Seen on CPU: 100 MB allocated at the first AccumulateGrad of
+    a LoRA step, live through every layer's backward (bench/long_seq.py's 8k rows)."""
+    return DS_BUCKET * (4 if s.zero_stage == 1 else 2) if s.zero_stage in (1, 2) else 0
+
+
 def framework_items(s: Setup) -> dict[str, int]:
     items = {"cuda_workspace": int(CUDA_OVERHEAD) if s.on_gpu else 0}
     if s.zero_stage in (1, 2):
-        items["zero_buckets"] = min(DS_BUCKET, sum(lora_numels(s))) * 4  # contiguous fp32 grad bucket
-    elif s.full:
+        items["zero_buckets"] = zero2_bucket_bytes(s)
+    else:
         # ZeRO-3 allocates its reduce bucket whole, reduce_bucket_size elements of the fp32 gradient
-        # accumulation dtype (deepspeed 0.19.8 stage3.py _setup_for_real_optimizer), whatever the model's size.
-        # LoRA runs under ZeRO-3 hold it too; their plan does not count it yet (see the README's planner notes).
+        # accumulation dtype (deepspeed 0.19.8 stage3.py _setup_for_real_optimizer), whatever the count of
+        # trainable weights: full fine-tuning's and LoRA's alike, from set-up on
         items["zero_buckets"] = DS_BUCKET * 4
     return {k: v for k, v in items.items() if v}
 
@@ -495,7 +513,27 @@ def longest_sample(s: Setup, gpu_cap: int, host_cap: int | None = None, ranks_pe
             "binding": binding, "gpu_cap_bytes": gpu_cap, "host_cap_bytes": host_cap}
 
 
-def format_longest(found: dict, s: Setup) -> str:
+def longer_sample_changes(s: Setup, gpu_cap: int, host_cap: int | None = None, ranks_per_host: int = 1) -> list[dict]:
+    """The long-sample settings this setup does not use yet, each alone and then all together, with the
+    longest sample each gives (only those that reach further than the setup itself)."""
+    changes = []
+    if s.checkpointing and not s.offload:
+        changes.append(("model.gradient_checkpointing=offload", {"offload": True}))
+    if s.tiled_mlp == "off":
+        changes.append(("model.tiled_mlp=auto", {"tiled_mlp": "auto"}))
+    if s.lora_dropout and not s.full:
+        changes.append(("lora.dropout=0", {"lora_dropout": False}))
+    if s.zero_stage < 3 and not s.offload_optimizer:
+        changes.append(("dist.ds_config=zero2_offload", {"zero_stage": 2, "offload_optimizer": True}))
+    if len(changes) > 1:
+        changes.append((" ".join(k for k, _ in changes), {k: v for _, c in changes for k, v in c.items()}))
+    base = longest_sample(s, gpu_cap, host_cap, ranks_per_host)["max_seq_len"]
+    found = [{"change": key, **longest_sample(replace(s, **fields), gpu_cap, host_cap, ranks_per_host)}
+             for key, fields in changes]
+    return [f for f in found if f["max_seq_len"] > base]
+
+
+def format_longest(found: dict, s: Setup, further: list[dict] = ()) -> str:
     host = found["host_limit"]
     options = (f"checkpointing {'offloaded' if s.offload else 'on' if s.checkpointing else 'off'}, "
                f"tiled MLP {s.tiled_mlp}")
@@ -504,6 +542,7 @@ def format_longest(found: dict, s: Setup) -> str:
     if host is not None:
         lines.append(f"  host cap {found['host_cap_bytes'] / GB:.1f} GB holds {host:,} tokens")
     lines.append(f"  binding: the {'GPU' if found['binding'] == 'gpu' else 'host'} memory")
+    lines += [f"  further with {f['change']}: {f['max_seq_len']:,} tokens ({f['binding']} binds)" for f in further]
     return "\n".join(lines)
 
 
@@ -554,7 +593,7 @@ def adapter_description(s: Setup) -> str:
     total = sum(lora_numels(s))
     if s.full:
         return f"full fine-tuning: {total:,} trainable parameters (every weight)"
-    magnitudes = sum(fan_out for _, fan_out in s.shape.linears()) * s.shape.layers if s.dora else 0
+    magnitudes = sum(fan_out for _, fan_out in adapted_linears(s)) * s.shape.layers if s.dora else 0
     extra = f", of which {magnitudes:,} DoRA magnitudes" if s.dora else ""
     start = {"loftq": f"; LoftQ start ({s.init_iters} step{'s' * (s.init_iters > 1)}: {s.init_iters} SVDs and "
                       f"NF4 round trips per layer while loading)",
@@ -688,6 +727,7 @@ def setup_from_config(cfg, world_size: int, shape: Shape | None = None, micro_ba
         offload=cfg.model.gradient_checkpointing == "offload", tiled_mlp=cfg.model.tiled_mlp, packing=cfg.data.packing,
         bits=cfg.quantization.bits, double_quant=cfg.quantization.double_quant, lora_r=cfg.lora.r,
         lora_dropout=cfg.lora.dropout > 0 and not full, dora=cfg.lora.variant == "dora" and not full,
+        attention_only=list(cfg.lora.target_modules) == ["attention"],
         optimizer=cfg.optim.name, on_gpu=torch.cuda.is_available() if on_gpu is None else on_gpu,
         fused_loss=cfg.model.fused_loss and not full,  # a trained lm_head declines it (fastpath.fused_loss_refusal)
         paged_masters=cfg.optim.master_weights == "paged", sequence_parallel=cfg.dist.sequence_parallel, full=full,

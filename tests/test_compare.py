@@ -36,6 +36,8 @@ def test_bad_grids_are_refused_naming_the_file_and_key(tmp_path):
     with pytest.raises(ConfigError) as err:
         compare.read_grid(path)
     assert any(p.startswith(f"{path}: methods.b: ") and "lora.rr" in p for p in err.value.problems), err.value.problems
+    with pytest.raises(ConfigError, match=r"baseline: 'c' is not one of the methods \(a, b\)"):
+        compare.read_grid(_grid(tmp_path, {"a": {"lora.r": 4}, "b": {"lora.r": 8}}, baseline="c"))
     (tmp_path / "broken.yaml").write_text("methods: {a: [1\n")
     with pytest.raises(ConfigError, match=r"broken.yaml:\d+: not valid YAML"):
         compare.read_grid(tmp_path / "broken.yaml")
@@ -80,6 +82,19 @@ def test_a_grid_trains_each_cell_once_across_invocations_and_tabulates_the_seeds
 
     third = run_cli("compare", str(path), "--table", timeout=120)
     assert "to train" not in third.stderr and third.stdout == second.stdout  # nothing trained, same table
+    # each row's step time over the baseline's (the first method) of the same seed
+    assert "step time vs r4" in third.stdout
+    assert summary["r4"]["step_time_ratio"] == {"mean": 1.0, "min": 1.0, "max": 1.0}
+    assert math.isfinite(summary["r8-fp4"]["step_time_ratio"]["mean"])
+
+    # the grid file edited after its cells completed: an error naming each cell and key, not a mixed table
+    path.write_text(path.read_text().replace("lora.r: 4", "lora.r: 5"))
+    stale = run_cli("compare", str(path), "--table", check=False, timeout=120)
+    assert stale.returncode == 2 and "Traceback" not in stale.stderr
+    for seed in (1, 2):
+        assert f"methods.r4, seed {seed}: {out / 'r4' / f'seed-{seed}'} was trained with another configuration " \
+               "(lora.r: checkpoint has 4, this run has 5)" in stale.stderr
+    assert "methods.r8-fp4" not in stale.stderr
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ One torchrun launch (tests/workers/full_cases.py) trains every case in turn; the
   zero3          bf16 weights, ZeRO-3, 4 steps, a checkpoint every 2 (the uninterrupted run)
   zero3-resumed  the same run continued from a copy of zero3's checkpoint-2 (as after a kill at step 2)
   split4/split1  fp32, ZeRO-3, 3 steps: micro batch 4 x accumulation 1 against 1 x 4 (2 ranks, global batch 8)
-  zero2          bf16 weights, ZeRO-2, 4 steps
+  zero2          bf16 weights, ZeRO-2, 4 steps, checkpoint.keep_best (a validation split of 8 rows)
 and one plain process (one rank) the memory case: random:smoke (17.7M weights), ZeRO-3, a training step's
 measured peak against the planner's figure; and `int8`: LoRA on an LLM.int8 base (quantization.bits=8), ZeRO-2. On one rank the peak is the same every run (to a few hundred
 bytes); on two it moved by up to 90 MB with how the ranks' gradient reductions interleaved under load.
@@ -33,7 +33,9 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
     cases = [f"zero3:{BF16_4_STEPS}", f"zero3-resumed:{BF16_4_STEPS},copy={out / 'zero3' / 'checkpoint-2'}",
              f"split4:{SPLIT}", f"split1:{SPLIT},train.micro_batch_size=1",
-             f"zero2:{BF16_4_STEPS},dist.ds_config=zero2"]
+             # ZeRO-2 also under checkpoint.keep_best: each checkpoint holds model/ beside the engine state
+             f"zero2:{BF16_4_STEPS},dist.ds_config=zero2,checkpoint.keep_best=true,checkpoint.keep_last=1,"
+             "data.eval_size=8"]
     run_torchrun(2, str(out), *cases, "--", *FULL, script=str(REPO / "tests" / "workers" / "full_cases.py"),
                  timeout=400)
     return out
@@ -98,6 +100,23 @@ def test_model_folder_loads_with_from_pretrained_and_gives_the_trained_logits(ru
     gap = (logits - saved["logits"])[mask].abs().max().item()
     print(f"{case}: from_pretrained logits vs the 2-rank engine's: max difference {gap:.3g}")
     assert gap == 0.0
+
+
+@pytest.mark.slow
+def test_keep_best_keeps_a_model_folder_in_the_checkpoints_it_keeps(runs):
+    """checkpoint.keep_best under train.method=full: the best checkpoint and the newest each hold model/; the
+    newest's is the run's final model/ bit for bit."""
+    from qlora_dist.train.checkpoint import read_progress
+
+    case = runs / "zero2"
+    kept = sorted(case.glob("checkpoint-*"))
+    best = read_progress(kept[-1]).best_step
+    assert best is not None and case / f"checkpoint-{best}" in kept
+    assert all((c / "model" / "model.safetensors.index.json").is_file() for c in kept)
+    final, newest = _model_tensors(case), _model_tensors(kept[-1])
+    assert final.keys() == newest.keys() and all(torch.equal(final[k], newest[k]) for k in final)
+    proc = run_cli("verify", str(case), check=False)  # every kept checkpoint whole, model/ files included
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @pytest.mark.slow

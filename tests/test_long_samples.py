@@ -255,6 +255,20 @@ def test_longest_sample_names_what_binds():
     assert memory.make_plan(memory.replace(s, seq_len=at)).total <= 80e9 < memory.make_plan(memory.replace(s, seq_len=at + 1)).total
 
 
+def test_plan_names_the_settings_that_reach_further():
+    """70B on one 80 GB GPU with 512 GB of host memory: checkpointing alone holds ~18k tokens; each setting
+    not yet used is listed with its own figure, and all of them together pass the issue's 120k goal."""
+    s = memory.Setup(shape=memory.Shape.llama("llama3-70b"))
+    base = memory.longest_sample(s, 80 * 10**9, 512 * 10**9)["max_seq_len"]
+    further = {f["change"]: f["max_seq_len"] for f in memory.longer_sample_changes(s, 80 * 10**9, 512 * 10**9)}
+    assert set(further) == {"model.gradient_checkpointing=offload", "lora.dropout=0", "dist.ds_config=zero2_offload",
+                            "model.gradient_checkpointing=offload lora.dropout=0 dist.ds_config=zero2_offload"}
+    assert all(n > base for n in further.values())
+    assert further["model.gradient_checkpointing=offload lora.dropout=0 dist.ds_config=zero2_offload"] >= 120_000
+    done = memory.replace(s, offload=True, lora_dropout=False, zero_stage=2, offload_optimizer=True)
+    assert memory.longer_sample_changes(done, 80 * 10**9, 512 * 10**9) == []  # nothing left to offer
+
+
 def _cli(capsys, *args: str) -> str:
     from qlora_dist import cli
 
@@ -269,7 +283,7 @@ def test_plan_max_seq_command(capsys):
     assert data["plan_at_max_seq_len"]["setup"]["seq_len"] == data["max_seq_len"]
     text = _cli(capsys, "plan", "--shape", "llama3-8b", "--gpu-memory", "80GB", "--max-seq")
     assert "longest sample (checkpointing on, tiled MLP auto, micro batch 1)" in text
-    assert "binding: the GPU memory" in text
+    assert "binding: the GPU memory" in text and "further with model.gradient_checkpointing=offload:" in text
     bad = run_cli("plan", "--shape", "llama3-8b", "--max-seq", "--host-memory", "lots", check=False)
     assert bad.returncode == 2 and "--host-memory: not a memory size" in bad.stderr
     assert "--max-seq: needs --gpu-memory" in bad.stderr

@@ -188,6 +188,16 @@ def test_65b_8x512_fits_one_48gb_gpu_with_the_fp32_state_offloaded():
     assert {"lora_grads_fp32", "master_weights_fp32", "optimizer_states (host)"} <= set(plan.outside)
 
 
+@pytest.mark.parametrize("targets,dora", [("attention", False), ("attention", True), ("all-linear", False)])
+def test_plan_counts_the_adapted_layers_as_the_real_model_has_them(tiny_model_dir, targets, dora):
+    """lora.target_modules=attention puts LoRA on q/k/v/o alone: the plan counts those, not every linear."""
+    from qlora_dist.model.base import add_lora, count_parameters, load_base
+
+    cfg = load_config(overrides=[*TINY, f"lora.target_modules=[{targets}]", f"lora.variant={'dora' if dora else 'lora'}"])
+    trainable, _ = count_parameters(add_lora(load_base(tiny_model_dir, bits=4), cfg, seed=0))
+    assert sum(memory.lora_numels(memory.setup_from_config(cfg, 1))) == trainable
+
+
 def test_plan_counts_dora_magnitudes_as_the_real_model_has_them(tiny_model_dir):
     from qlora_dist.model.base import add_lora, count_parameters, load_base
 

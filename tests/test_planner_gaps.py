@@ -132,7 +132,7 @@ def test_a_zero2_run_over_its_cap_is_offered_zero2_offload(capsys):
     over = _plan_json(capsys, *PLAN_65B_8X512)
     assert not over["fits"] and "dist.ds_config=zero2_offload" in over["suggestion"][0]
     fixed = _plan_json(capsys, *PLAN_65B_8X512, "dist.ds_config=zero2_offload")
-    assert fixed["fits"] and round(fixed["per_rank_bytes"]["total"] / 1e9, 2) == 45.12  # 45.11 + the padded rows' 8 x 512 x 512 mask (issue 28)
+    assert fixed["fits"] and round(fixed["per_rank_bytes"]["total"] / 1e9, 2) == 45.02  # the padded rows' 8 x 512 x 512 mask (issue 28) in, ZeRO-2's 100 MB bf16 bucket
     zero3 = _plan_json(capsys, *PLAN_65B_8X512, "dist.ds_config=zero3")
     assert not zero3["fits"] and not any("zero2_offload" in step for step in zero3["suggestion"])
 

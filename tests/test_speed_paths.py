@@ -117,13 +117,15 @@ def test_planner_counts_the_fused_loss():
     # states' gradient (0.27 GB)
     assert memory.logits_bytes(hf.setup) == 12 * 32000 * 16384
     assert memory.logits_bytes(setup) == 8 * 32000 * 1048 + 4 * 4096 * 16384
-    assert hf.total - fused.total == 12 * 32000 * 16384 - memory.activation_items(setup)["activations_peak_phase"]
+    # (the loss phase comes before the first LoRA gradient allocates ZeRO-2's reduce bucket: it shares its room)
+    bucket = memory.zero2_bucket_bytes(setup)
+    assert hf.total - fused.total == 12 * 32000 * 16384 - bucket - memory.activation_items(setup)["activations_peak_phase"]
     # with checkpointing the recomputed layer's backward (5.8 GB here) is the fused loss's peak phase, and
     # transformers' loss (6.3 GB) is larger still
     ckpt = memory.Setup(**{**setup.__dict__, "checkpointing": True})
     unfused = memory.Setup(**{**ckpt.__dict__, "fused_loss": False})
     recomputed = memory.activation_items(ckpt)["activations_peak_phase"]
-    assert memory.make_plan(unfused).total - memory.make_plan(ckpt).total == 12 * 32000 * 16384 - recomputed
+    assert memory.make_plan(unfused).total - memory.make_plan(ckpt).total == 12 * 32000 * 16384 - bucket - recomputed
 
 
 @pytest.mark.slow

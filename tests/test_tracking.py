@@ -45,6 +45,8 @@ def test_held_out_rows_are_drawn_by_the_seed_and_never_trained_on():
     again = held_out(cfg, Rows(), prepare=None)[1]
     other = held_out(load_config(overrides=["data.eval_size=12", "train.seed=4"]), Rows(), prepare=None)[1]
     assert list(again.indices) == list(held.indices) != list(other.indices)
+    # a slice of the held-out rows is a list of rows, as one of the rows themselves is
+    assert held[:3] == [held[0], held[1], held[2]] and train[-2:] == [train[len(train) - 2], train[len(train) - 1]]
 
 
 def test_validation_loss_is_the_same_on_one_and_two_ranks_and_normalised_like_training(tiny_model_dir):

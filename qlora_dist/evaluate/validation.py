@@ -42,7 +42,9 @@ class RowSubset:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int | slice):
+        if isinstance(i, slice):  # a list of rows, as a slice of the rows themselves gives
+            return [self.rows[j] for j in self.indices[i]]
         return self.rows[self.indices[i]]
 
     def lengths(self) -> list[int]:

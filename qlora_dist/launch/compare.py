@@ -8,11 +8,14 @@ The grid file (compare/paper.yaml is the shipped example):
     world_size: 1                   ranks per cell (torchrun on this machine when > 1)
     common: {key: value, ...}       every cell's config: model, data, steps, evaluation
     methods: {NAME: {key: value}}   what differs between the rows, applied after `common`
+    baseline: NAME                  the row each method's step time is divided by (default: the first)
 
 A grid spans as many invocations as it takes: a cell whose folder holds `completed` is read, not rerun; a
 cell stopped half-way resumes from its newest checkpoint (the trainer's own resume). Every cell's config is
 parsed before the first one trains, so a bad key fails at once, naming the grid file and the method. A
-method may not change what is compared (the model, the data, the steps, the batch, the evaluation).
+method may not change what is compared (the model, the data, the steps, the batch, the evaluation). A
+completed cell whose saved configuration is not the grid's (the grid file was edited since) is an error
+naming the cell and the keys, not a row silently mixing two configurations.
 """
 from __future__ import annotations
 
@@ -31,14 +34,18 @@ from qlora_dist import atomic
 from qlora_dist.errors import ConfigError
 from qlora_dist.paths import RunPaths
 
-GRID_KEYS = {"output_dir", "seeds", "world_size", "common", "methods"}
+GRID_KEYS = {"output_dir", "seeds", "world_size", "common", "methods", "baseline"}
 # What every row of the table must share: a method that sets one of these compares something else.
+# What a completed cell's saved configuration may differ in from the grid's without making it another cell:
+# where it was written and what only watches or keeps files; anything else (steps, evaluation) changes a figure.
+NOT_COMPARED = ("train.output_dir", "data.cache_dir", "train.report_to", "checkpoint.", "model.allow_base_mismatch")
 SHARED_PREFIXES = ("model.path", "data.", "eval.", "train.max_steps", "train.global_batch_size", "train.seed",
                    "train.output_dir", "dist.")
 TABLE_COLUMNS = [  # (key, header, format)
     ("train_loss", "train loss", "{:.3f}"), ("eval_loss", "val loss", "{:.3f}"),
     ("exact_match", "exact match %", "{:.1f}"), ("peak_gb", "peak GB", "{:.2f}"),
-    ("tokens_per_s", "tokens/s", "{:.0f}"), ("saved_mb", "saved MB", "{:.2f}")]
+    ("tokens_per_s", "tokens/s", "{:.0f}"), ("step_time_ratio", "step time vs {baseline}", "{:.2f}x"),
+    ("saved_mb", "saved MB", "{:.2f}")]
 LAST_STEPS = 10  # the final train loss: the mean of the last logged steps (one step's loss is one batch's)
 
 
@@ -57,6 +64,7 @@ class Grid:
     seeds: tuple[int, ...]
     world_size: int
     cells: tuple[Cell, ...]
+    baseline: str = ""  # the method step times are divided by
 
     @property
     def methods(self) -> list[str]:
@@ -121,9 +129,12 @@ def read_grid(path: Path | str) -> Grid:
         cells += [Cell(str(name), s, out / str(name) / f"seed-{s}",
                        (*common, *own, f"train.seed={s}", f"train.output_dir={out / str(name) / f'seed-{s}'}"))
                   for s in seeds]
+    baseline = data.get("baseline", next(iter(methods), ""))
+    if methods and baseline not in methods:
+        problems.append(f"{path}: baseline: {baseline!r} is not one of the methods ({', '.join(map(str, methods))})")
     if problems:
         raise ConfigError(problems)
-    grid = Grid(path, out, seeds, world, tuple(cells))
+    grid = Grid(path, out, seeds, world, tuple(cells), str(baseline))
     _check_cells(grid)
     return grid
 
@@ -168,6 +179,25 @@ def _run_cell(cell: Cell, world_size: int) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def stale_cells(grid: Grid) -> list[str]:
+    """Completed cells trained with another configuration than the grid's now (its file edited since): one
+    line each, naming the cell and the keys. A cell stopped half-way needs no check here: the trainer's
+    resume refuses a changed configuration itself (and admits more steps, which a user may add)."""
+    from qlora_dist.run_plan import load_run_config
+    from qlora_dist.train.checkpoint import config_differences, read_saved_config
+
+    problems = []
+    for cell in grid.cells:
+        paths = RunPaths(cell.folder)
+        if not (paths.completed.is_file() and (saved := paths.checkpoints())):
+            continue
+        cfg = load_run_config(overrides=list(cell.overrides))
+        if diffs := config_differences(read_saved_config(saved[-1]), cfg, ignore=NOT_COMPARED):
+            problems.append(f"{grid.path}: methods.{cell.method}, seed {cell.seed}: {cell.folder} was trained with "
+                            f"another configuration ({'; '.join(diffs)}); move that folder aside to retrain it")
+    return problems
 
 
 def run_grid(grid: Grid, only: list[str] | None = None) -> dict[str, int]:
@@ -243,8 +273,18 @@ def outcomes_by_method(grid: Grid) -> dict[str, dict[int, dict]]:
     return by_method
 
 
-def summarize(outcomes: dict[str, dict[int, dict]]) -> dict:
+def _with_step_time_ratios(outcomes: dict[str, dict[int, dict]], baseline: str) -> None:
+    """Each cell's step time over the baseline method's of the same seed (every cell trains the same tokens a
+    step, so it is the inverse ratio of tokens/s); NaN where the baseline's cell has not completed."""
+    base = outcomes.get(baseline, {})
+    for done in outcomes.values():
+        for seed, o in done.items():
+            o["step_time_ratio"] = base[seed]["tokens_per_s"] / o["tokens_per_s"] if seed in base else math.nan
+
+
+def summarize(outcomes: dict[str, dict[int, dict]], baseline: str = "") -> dict:
     """{method: {"seeds": completed seeds, column: {mean, min, max}}} over the completed cells."""
+    _with_step_time_ratios(outcomes, baseline)
     return {method: {"seeds": sorted(done), **{key: _spread([o[key] for o in done.values()])
                                                for key, _, _ in TABLE_COLUMNS}}
             for method, done in outcomes.items()}
@@ -257,7 +297,7 @@ def format_table(grid: Grid, summary: dict) -> str:
             return "-"
         text = fmt.format(stats["mean"])
         return text if stats["min"] == stats["max"] else f"{text} ({fmt.format(stats['min'])}-{fmt.format(stats['max'])})"
-    head = ["method", "seeds", *[h for _, h, _ in TABLE_COLUMNS]]
+    head = ["method", "seeds", *[h.format(baseline=grid.baseline) for _, h, _ in TABLE_COLUMNS]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, row in summary.items():
         seeds = f"{len(row['seeds'])}/{len(grid.seeds)}"
@@ -298,7 +338,7 @@ def plot_curves(outcomes: dict[str, dict[int, dict]], png: Path) -> None:
 def write_results(grid: Grid) -> tuple[str, dict]:
     """OUTPUT/compare.md (the table), compare.json (the figures) and compare.png (the curves)."""
     outcomes = outcomes_by_method(grid)
-    summary = summarize(outcomes)
+    summary = summarize(outcomes, grid.baseline)
     table = format_table(grid, summary)
     atomic.write_text(grid.output_dir / "compare.md", table + "\n")
     atomic.write_text(grid.output_dir / "compare.json", json.dumps(summary, indent=2) + "\n")

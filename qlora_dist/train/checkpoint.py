@@ -39,6 +39,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -209,7 +210,11 @@ def _completed_step(paths: RunPaths) -> int:
         return -1
 
 
-def config_differences(saved: dict, cfg: Config, also_resumable: tuple[str, ...] = ()) -> list[str]:
+def config_differences(saved: dict, cfg: Config, also_resumable: tuple[str, ...] = (),
+                       ignore: tuple[str, ...] | None = None) -> list[str]:
+    """Keys whose value differs, one line each; those starting with `ignore` (default: what a resume may
+    change) left out."""
+    ignore = RESUMABLE_CHANGES + also_resumable if ignore is None else ignore
     old, new = {**ADDED_AT_DEFAULT, **flat(saved)}, flat(cfg.to_dict())
     # saved before train.method existed: quantization.bits=16 was LoRA on a 16-bit base (config.resolve_method)
     old.setdefault("train.method", "lora" if old.get("quantization.bits") == 16 else "qlora")
@@ -217,7 +222,7 @@ def config_differences(saved: dict, cfg: Config, also_resumable: tuple[str, ...]
     return [(f"{k}: checkpoint has {old[k]!r}" if k in old else
              f"{k}: not in the checkpoint (saved by a qlora-dist before the key existed)")
             + f", this run has {new.get(k)!r}" for k in keys
-            if not k.startswith(RESUMABLE_CHANGES + also_resumable) and old.get(k) != new.get(k)]
+            if not k.startswith(ignore) and old.get(k) != new.get(k)]
 
 
 def set_aside(ckpt: Path, why: str) -> Path:
@@ -393,6 +398,9 @@ class Checkpointer:
         self.resume_from: Path | None = None
         self.data_sha256: str | None = None
         self.full = cfg.train.method == "full"  # every weight trained: no adapter; the model folder at the end
+        # train.method=full under checkpoint.keep_best: every checkpoint also holds model/ (the trainer's
+        # export, a collective), so the best one kept is a folder from_pretrained loads, not engine state only
+        self.export_model: Callable[[Path], None] | None = None
 
     def recover(self) -> Path | None:
         """Rank 0 removes saves that never completed, verifies the newest checkpoint (sha256, finite
@@ -512,6 +520,8 @@ class Checkpointer:
         _save_rng(_rng_file(tmp, self.rank))
         if not self.full:
             export_adapter(engine.module, tmp / "adapter_model", zero_stage)
+        elif self.cfg.checkpoint.keep_best and self.export_model is not None:
+            self.export_model(tmp / "model")
         if os.environ.get(CRASH_IN_SAVE_ENV) == str(progress.step):
             os.kill(os.getpid(), signal.SIGKILL)
         dist.barrier()

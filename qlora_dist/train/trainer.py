@@ -57,6 +57,7 @@ class Trainer:
         self.plan = self._setup_plan()
         self.checkpointer = Checkpointer(self.paths, self.user_cfg, self.plan.to_json(), self.info.rank,
                                          self.info.world_size)
+        self.checkpointer.export_model = self.export_model
         resume_from = self.checkpointer.recover()
         self.completed = self.checkpointer.completed()
         if self.completed:
@@ -322,16 +323,21 @@ class Trainer:
         self.log.note(f"saved {path}")
         return path
 
+    def export_model(self, out) -> None:
+        """train.method=full: the trained weights as a from_pretrained folder (collective: gathered piece by
+        piece under ZeRO-3), at the end and, under checkpoint.keep_best, in every checkpoint."""
+        from qlora_dist.train.model_export import export_model
+
+        export_model(self.engine.module, self.tokenizer, out, self.zero_stage,
+                     {"base_model": str(self.cfg.model.path), "compute_dtype": self.plan.compute_dtype,
+                      "prompt_template": self.cfg.data.chat_template, "step": self.step})
+
     def _finish(self) -> None:
         final = self.paths.checkpoint(self.cfg.train.max_steps)
         if not (final / "progress.json").is_file():  # resumed past the end: save what we have
             final = self.save()
-        if self.cfg.train.method == "full":  # collective: gathered piece by piece under ZeRO-3
-            from qlora_dist.train.model_export import export_model
-
-            export_model(self.engine.module, self.tokenizer, self.paths.model, self.zero_stage,
-                         {"base_model": str(self.cfg.model.path), "compute_dtype": self.plan.compute_dtype,
-                          "prompt_template": self.cfg.data.chat_template, "step": self.step})
+        if self.cfg.train.method == "full":
+            self.export_model(self.paths.model)
         after = self.evaluate("after training") if self.cfg.eval.at_end else None
         mmlu_after = self.evaluate_mmlu("after training") if self.cfg.eval.mmlu_at_end else None
         if self.info.is_main:
