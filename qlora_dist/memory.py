@@ -423,7 +423,7 @@ def framework_items(s: Setup) -> dict[str, int]:
     items = {"cuda_workspace": int(CUDA_OVERHEAD) if s.on_gpu else 0}
     if s.zero_stage in (1, 2):
         items["zero_buckets"] = zero2_bucket_bytes(s)
-    else:
+    elif s.zero_stage == 3:
         # ZeRO-3 allocates its reduce bucket whole, reduce_bucket_size elements of the fp32 gradient
         # accumulation dtype (deepspeed 0.19.8 stage3.py _setup_for_real_optimizer), whatever the count of
         # trainable weights: full fine-tuning's and LoRA's alike, from set-up on

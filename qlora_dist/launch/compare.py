@@ -265,11 +265,13 @@ def _spread(values: list[float]) -> dict:
 
 
 def outcomes_by_method(grid: Grid) -> dict[str, dict[int, dict]]:
-    """{method: {seed: cell_outcome}} of the completed cells: each cell's metrics read once."""
+    """{method: {seed: cell_outcome}} of the completed cells: each cell's metrics read once, each with its
+    step time over the baseline's of the same seed."""
     by_method: dict[str, dict[int, dict]] = {m: {} for m in grid.methods}
     for cell in grid.cells:
         if (outcome := cell_outcome(cell)) is not None:
             by_method[cell.method][cell.seed] = outcome
+    _with_step_time_ratios(by_method, grid.baseline)
     return by_method
 
 
@@ -282,9 +284,8 @@ def _with_step_time_ratios(outcomes: dict[str, dict[int, dict]], baseline: str) 
             o["step_time_ratio"] = base[seed]["tokens_per_s"] / o["tokens_per_s"] if seed in base else math.nan
 
 
-def summarize(outcomes: dict[str, dict[int, dict]], baseline: str = "") -> dict:
+def summarize(outcomes: dict[str, dict[int, dict]]) -> dict:
     """{method: {"seeds": completed seeds, column: {mean, min, max}}} over the completed cells."""
-    _with_step_time_ratios(outcomes, baseline)
     return {method: {"seeds": sorted(done), **{key: _spread([o[key] for o in done.values()])
                                                for key, _, _ in TABLE_COLUMNS}}
             for method, done in outcomes.items()}
@@ -338,7 +339,7 @@ def plot_curves(outcomes: dict[str, dict[int, dict]], png: Path) -> None:
 def write_results(grid: Grid) -> tuple[str, dict]:
     """OUTPUT/compare.md (the table), compare.json (the figures) and compare.png (the curves)."""
     outcomes = outcomes_by_method(grid)
-    summary = summarize(outcomes, grid.baseline)
+    summary = summarize(outcomes)
     table = format_table(grid, summary)
     atomic.write_text(grid.output_dir / "compare.md", table + "\n")
     atomic.write_text(grid.output_dir / "compare.json", json.dumps(summary, indent=2) + "\n")
