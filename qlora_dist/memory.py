@@ -26,7 +26,8 @@ CUDA_OVERHEAD = 0.25 * GB  # workspace (cuBLAS, NCCL) and allocator rounding, be
 _FAMILY_LAYOUT = {
     "qwen2": {"bias": "qkv"},
     "qwen3": {"qk_norm": True},
-    "gemma2": {"norms": 4, "attention": "eager"},  # transformers refuses sdpa with soft-capping
+    "gemma2": {"norms": 4, "attention": "eager", "lean_norms": False},  # no sdpa with soft-capping
+    "gemma": {"lean_norms": False},  # Gemma's norms scale by 1 + weight
     "phi3": {"fused": True},
 }
 # The config flags that give a family's projections biases, and which (Shape.bias letters). Only these
@@ -55,6 +56,7 @@ class Shape:
     qk_norm: bool = False  # Qwen3: RMSNorm of head_dim on queries and keys, per layer
     fused: bool = False  # Phi-3: one qkv_proj and one gate_up_proj
     attention: str = "sdpa"  # "eager": Gemma-2 (keeps the attention probabilities)
+    lean_norms: bool = True  # LLaMA's RMSNorm, which model/longseq.py's LeanRMSNorm computes where the MLP tiles
     # The config key by which the model changes its logits before the loss (Gemma-2's
     # final_logit_softcapping): the fused loss declines (fastpath.fused_loss_refusal), transformers' loss runs.
     logit_transform: str = ""
@@ -311,13 +313,15 @@ def logits_bytes(s: Setup) -> int:
     out, 12 bytes (the bf16 logits are freed by then), plus 2 where the model soft-caps its logits (tanh
     keeps its bf16 output for the backward). Such a model (Shape.logit_transform) declines the fused loss
     whatever model.fused_loss says. The fused loss: one chunk's fp32 logits and its bf16 product and
-    softmax (8 bytes per entry), plus the labelled hidden states and their gradient, kept for the backward."""
+    softmax (8 bytes per entry), plus 10 bytes per hidden unit per token: the labelled hidden states gathered
+    and their gradient (bf16), and the final norm's fp32 copy of its input and its output (bench/long_seq.py's
+    8k rows, whose peak is this phase once the layers' backward is tiled)."""
     sh, tokens = s.shape, s.tokens
     if not s.fused_loss or sh.logit_transform:
         return (12 + 2 * (sh.logit_transform == "final_logit_softcapping")) * sh.vocab * tokens
     from qlora_dist.model.fastpath import chunk_tokens
 
-    return 8 * sh.vocab * min(tokens, chunk_tokens(sh.vocab)) + 4 * sh.hidden * tokens
+    return 8 * sh.vocab * min(tokens, chunk_tokens(sh.vocab)) + 10 * sh.hidden * tokens
 
 
 def mlp_saved_bytes_per_token(s: Setup) -> int:
@@ -327,6 +331,15 @@ def mlp_saved_bytes_per_token(s: Setup) -> int:
     6 per hidden unit)."""
     i, h = s.shape.intermediate, s.shape.hidden
     return 8 * i + 48 + ((2 * i + 6 * h) if s.lora_dropout else 0)
+
+
+def tiled_layer_bytes_per_token(s: Setup) -> int:
+    """What one layer keeps per token where the MLP tiles, the tile's activations aside: the layer's figure
+    less the MLP's (mlp_saved_bytes_per_token), and where LeanRMSNorm stands in for the two norms, less their
+    fp32 copies of the input (4 bytes per hidden unit each) for the bf16 inputs (2 each): fitted like the
+    others (tests/test_long_samples.py)."""
+    lean = 4 * s.shape.hidden if s.shape.lean_norms else 0
+    return layer_activation_bytes_per_token(s) + dora_activation_bytes_per_token(s) - mlp_saved_bytes_per_token(s) - lean
 
 
 def mlp_tiles(s: Setup) -> int:
@@ -364,7 +377,14 @@ def _layer_and_backward(s: Setup) -> tuple[int, int]:
     if tiles := mlp_tiles(s):  # the MLP keeps its input alone; one tile's activations live at a time
         tile = -(-tokens // tiles)
         mlp = mlp_saved_bytes_per_token(s)
-        return (per - mlp) * tokens + mlp * tile, 4 * sh.intermediate * tile + 8 * sh.hidden * tokens + 2 * widest
+        mlp_backward = 4 * sh.intermediate * tile + 8 * sh.hidden * tokens + 2 * widest
+        # With the MLP tiled, an autograd RMSNorm's backward is the layer's widest (the tile's activations
+        # freed by then): five fp32 copies of the hidden state at once (the float32 cast's, pow's, mean's and
+        # mul's gradients) and the bf16 gradient coming in, 22 bytes per hidden unit per token (the
+        # profiler's live allocations at bench/long_seq.py's 8k tiled peak). LeanRMSNorm's is a tile's.
+        # Untiled, the MLP's backward is always wider.
+        norm_backward = 0 if sh.lean_norms else 22 * sh.hidden * tokens - mlp * tile
+        return tiled_layer_bytes_per_token(s) * tokens + mlp * tile, max(mlp_backward, norm_backward)
     # Backward of one layer: gradients of its widest activations, and its weight dequantized to bf16.
     # DoRA's forward (recomputed in the backward) also holds, for its widest layer, the weight dequantized
     # again, B·A (peft builds it as a full matrix) and their sum for the row norms: 3 more bf16 matrices.

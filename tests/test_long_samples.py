@@ -114,6 +114,59 @@ def test_tiled_mlp_replays_lora_dropout_masks_in_backward(tiny):
     _assert_close(tiled, _loss_and_grads(model, batch, weights))
 
 
+@pytest.mark.parametrize("dtype,weight_grad", [(torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False)])
+def test_lean_rms_norm_is_llamas_norm(dtype, weight_grad):
+    """LeanRMSNorm by 5 tiles against transformers' LlamaRMSNorm: the same output bit for bit; the input's
+    gradient within fp32 rounding (the closed form against autograd's chain), one bf16 step of its largest
+    value in bf16; the weight's (full fine-tuning trains it) summed in fp32, within a bf16 step."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(96, eps=1e-5).to(dtype)
+    norm.weight.data.normal_(1, 0.2)
+    norm.weight.requires_grad_(weight_grad)
+    x, grad = torch.randn(2, 300, 96, dtype=dtype) * 3, torch.randn(2, 300, 96, dtype=dtype)
+    runs = []
+    for forward in (norm.forward, lambda t: longseq.LeanRMSNorm.apply(t, norm.weight, 1e-5, 5)):
+        norm.weight.grad = None
+        x_in = x.clone().requires_grad_()
+        out = forward(x_in)
+        out.backward(grad)
+        runs.append((out, x_in.grad, norm.weight.grad))
+    (out_a, gx_a, gw_a), (out_b, gx_b, gw_b) = runs
+    assert torch.equal(out_a, out_b)
+    step = (1e-6 if dtype == torch.float32 else 2 ** -7) * gx_a.abs().max().item()
+    assert 0 < (gx_a.float() - gx_b.float()).abs().max().item() <= step or torch.equal(gx_a, gx_b)
+    if weight_grad:
+        assert (gw_a.float() - gw_b.float()).abs().max().item() <= 2 ** -7 * gw_a.abs().max().item()
+    else:
+        assert gw_a is None and gw_b is None
+
+
+def test_lean_norms_stand_in_where_the_mlp_tiles(tiny):
+    """install_tiled_mlp gives each decoder layer's two LLaMA norms LeanRMSNorm, used where the MLP tiles
+    (model.tiled_mlp=on here; auto from 8,192 tokens): the final norm and a Gemma norm keep autograd's."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    norms = [m for m in tiny.modules() if hasattr(m, "_qlora_norm_forward")]
+    assert len(norms) == 2 * LAYERS and all(type(m).__name__ == "LlamaRMSNorm" for m in norms)
+    _configure(tiny, 0.0, False, "on")
+    calls = []
+    original = longseq.LeanRMSNorm.forward
+    longseq.LeanRMSNorm.forward = staticmethod(lambda ctx, *a: calls.append(a[3]) or original(ctx, *a))
+    try:
+        _loss_and_grads(tiny, *_batch([300]))
+        longseq.set_tiled_mlp(tiny, "auto")  # 300 tokens: no tiles, autograd's norms
+        _loss_and_grads(tiny, *_batch([300]))
+    finally:
+        longseq.LeanRMSNorm.forward = staticmethod(original)
+    assert calls == [5] * (2 * LAYERS)
+    layer = torch.nn.Module()  # a Gemma decoder layer's parts: its norm scales by 1 + weight
+    layer.mlp, layer.input_layernorm = torch.nn.Linear(4, 4), GemmaRMSNorm(4)
+    assert longseq.install_tiled_mlp(torch.nn.ModuleList([layer]), "on") == 1
+    assert hasattr(layer.mlp, "_qlora_mlp_forward") and not hasattr(layer.input_layernorm, "_qlora_norm_forward")
+
+
 def test_auto_tiles_only_long_rows():
     assert longseq.tiles_for("auto", 8191, 4096) == 0 and longseq.tiles_for("auto", 8192, 4096) == 2
     assert longseq.tiles_for("on", 100, 4096) == 1 and longseq.tiles_for("off", 10**6, 4096) == 0
@@ -219,13 +272,13 @@ def test_llama3_shapes_live_with_the_others_and_plan_from_their_config():
 
 
 def test_tiled_mlp_planned_as_autograd_keeps_it():
-    """What one layer keeps per token with the MLP tiled (one tile here), against autograd's saved tensors
-    (tests/test_memory.py's measurement): the layer's figure less memory.mlp_saved_bytes_per_token."""
+    """What one layer keeps per token with the MLP tiled (one tile here) and LeanRMSNorm for its norms, against
+    autograd's saved tensors (tests/test_memory.py's measurement): memory.tiled_layer_bytes_per_token."""
     from test_memory import _llama_config, saved_bytes_per_token_per_layer
 
     shape = memory.Shape(384, 1024, 1, 6, 2, 1000)
     setup = memory.Setup(shape=shape, lora_dropout=True)  # the recipe's dropout (off: fitted the same way)
-    planned = memory.layer_activation_bytes_per_token(setup) - memory.mlp_saved_bytes_per_token(setup)
+    planned = memory.tiled_layer_bytes_per_token(setup)
     measured = saved_bytes_per_token_per_layer(_llama_config(shape), shape.vocab, 0.1, overrides=("model.tiled_mlp=on",))
     assert abs(planned - measured) <= 0.02 * measured, (planned, measured)
 
@@ -242,7 +295,12 @@ def test_planner_options_move_and_shrink_the_right_items():
     assert tiled.items["activations_peak_phase"] < plain.items["activations_peak_phase"]
     saved = plain.items["activations_peak_phase"] - tiled.items["activations_peak_phase"]
     mlp = memory.mlp_saved_bytes_per_token(s) + 4 * 14336  # kept + the backward's widest gradients, per token
-    assert saved == mlp * (131072 - 131072 // 32)  # all but one tile of 4,096 tokens
+    norms = 4 * 4096  # LeanRMSNorm keeps the norms' bf16 inputs, not their fp32 copies
+    assert saved == mlp * (131072 - 131072 // 32) + norms * 131072  # the MLP's all but one tile of 4,096 tokens
+    assert memory.tiled_layer_bytes_per_token(s) == memory.layer_activation_bytes_per_token(s) - mlp + 4 * 14336 - norms
+    # Gemma's norms (1 + weight) keep autograd's: its backward, 22 bytes per hidden unit per token, may be the widest
+    gemma = memory.replace(s, shape=memory.replace(s.shape, lean_norms=False), tiled_mlp="on")
+    assert memory.make_plan(gemma).items["activations_peak_phase"] > tiled.items["activations_peak_phase"] + 22 * 4096 * 131072 // 2
 
 
 def test_longest_sample_names_what_binds():

@@ -1,5 +1,5 @@
-"""Long samples on one GPU: the tiled MLP (`model.tiled_mlp`) and the offload of checkpointed layer inputs
-(`model.gradient_checkpointing=offload`).
+"""Long samples on one GPU: the tiled MLP (`model.tiled_mlp`) with lean norms beside it, and the offload of
+checkpointed layer inputs (`model.gradient_checkpointing=offload`).
 
 The tiled MLP. A decoder layer's MLP keeps, per token, its gate, up and activation outputs (3.5x the hidden
 size each for Llama-3) and LoRA's inputs for the backward. `TiledMLP` runs the MLP on tiles of about
@@ -94,6 +94,54 @@ class TiledMLP(torch.autograd.Function):
         return None, grad_x, None, None
 
 
+# The decoder layers' norms that compute transformers' LlamaRMSNorm exactly (Gemma's scale by 1 + weight and
+# keep their autograd norms): LeanRMSNorm may stand in for them.
+LEAN_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"})
+
+
+class LeanRMSNorm(torch.autograd.Function):
+    """LlamaRMSNorm (fp32 statistics, the normalized state cast back, times the weight) by `tiles` tiles of
+    tokens, keeping the input and each token's fp32 reciprocal RMS alone for the backward, which computes
+    the closed form r·(g − x̂·mean(g·x̂)) tile by tile. Autograd's norm keeps an fp32 copy of its input and its
+    backward holds five fp32 copies of the hidden state at once (22 bytes per hidden unit per token with the
+    bf16 gradient, measured at bench/long_seq.py's 8k tiled peak): once the MLP is tiled, that is the widest
+    transient of a layer's backward. Run inside the norm module's call, so ZeRO-3's hooks gather its weight
+    for the forward and again for the backward as for any module."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float, tiles: int):
+        out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+        rstd = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+        for xs, outs, rs in zip(*(t.flatten(0, -2).tensor_split(tiles) for t in (x, out, rstd))):
+            xf = xs.float()
+            rs.copy_(torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))
+            outs.copy_(weight * (xf * rs).to(x.dtype))
+        ctx.tiles = tiles
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, rstd = ctx.saved_tensors
+        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous: its tiles are views
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
+        split = [t.flatten(0, -2).tensor_split(ctx.tiles) for t in (x, rstd, grad_out.contiguous(), grad_x)]
+        for xs, rs, gs, grad_xs in zip(*split):
+            normed = xs.float() * rs
+            if grad_w is not None:  # summed in fp32 (autograd sums in the weight's dtype)
+                grad_w += (gs * normed.to(x.dtype)).float().sum(0)
+            g = (gs * weight).to(x.dtype).float()
+            grad_xs.copy_(rs * (g - normed * (g * normed).mean(-1, keepdim=True)))
+        return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None
+
+
+def _lean_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    tiles = tiles_for(self._qlora_tiled_mode, x.shape[-2], x.shape[-1])
+    if not (torch.is_grad_enabled() and tiles):  # the MLP's rule: the norms go lean where the MLP is tiled
+        return self._qlora_norm_forward(x)
+    return LeanRMSNorm.apply(x, self.weight, self.variance_epsilon, tiles)
+
+
 def _agreed_tiles(mlp: torch.nn.Module, tiles: int) -> int:
     """The maximum of `tiles` over the ranks when ZeRO-3 partitions this MLP (every rank must gather its
     weights equally often, or the gathers hang); `tiles` as it is otherwise."""
@@ -117,7 +165,8 @@ def _tiled_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 def install_tiled_mlp(model: torch.nn.Module, mode: str) -> int:
     """Give every decoder layer's MLP (the `mlp` of each layer: LLaMA, Mistral, Qwen, Gemma-2, Phi-3) the
-    tiled forward for model.tiled_mlp=`mode` (auto, on); returns how many MLPs got it (0 for off)."""
+    tiled forward for model.tiled_mlp=`mode` (auto, on), and its LLaMA-style norms (LEAN_NORMS) LeanRMSNorm
+    where the MLP tiles; returns how many MLPs got it (0 for off)."""
     if mode == "off":
         return 0
     count = 0
@@ -128,6 +177,10 @@ def install_tiled_mlp(model: torch.nn.Module, mode: str) -> int:
             mlp._qlora_tiled_mode = mode
             mlp.forward = types.MethodType(_tiled_forward, mlp)
             count += 1
+            for norm in module.children():
+                if type(norm).__name__ in LEAN_NORMS and not hasattr(norm, "_qlora_norm_forward"):
+                    norm._qlora_norm_forward, norm._qlora_tiled_mode = norm.forward, mode
+                    norm.forward = types.MethodType(_lean_norm_forward, norm)
     return count
 
 
