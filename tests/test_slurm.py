@@ -244,7 +244,7 @@ def test_preempted_job_resumes_after_requeue_and_ends_as_if_uninterrupted(cluste
     _assert_completed(cluster, job, out)
 
     log = "\n".join(p.read_text() for p in out.glob("slurm-*.out"))
-    assert "SIGUSR1: checkpoint saved; requeued Slurm job" in log and "resuming from" in log
+    assert "SIGUSR1: checkpoint saved; requeueing Slurm job" in log and "resuming from" in log
     a, b = load_adapter_tensors(full / "adapter_model"), load_adapter_tensors(out / "adapter_model")
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise: data position, RNG, optimizer all carried over
     assert [r["loss"] for r in read_metrics(out) if "loss" in r] == [r["loss"] for r in read_metrics(full) if "loss" in r]

@@ -148,9 +148,12 @@ class StopRequest:
             previous(signum, None)  # submitit: rank 0 requeues and exits; other ranks return here
         elif os.environ.get("SLURM_JOB_ID") and signum in REQUEUE_SIGNALS and dist.is_main():
             job = os.environ["SLURM_JOB_ID"]
+            # said before: a successful requeue cancels this step at once, and a line said after it can die
+            # with the process (seen once on the localhost cluster, tests/test_slurm.py's preemption)
+            say(f"{name}: {outcome}; requeueing Slurm job {job}")
             done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            say(f"{name}: {outcome}; " + (f"requeued Slurm job {job}" if done.returncode == 0 else
-                                          f"could not requeue job {job}: {done.stderr.strip()}"))
+            if done.returncode != 0:
+                say(f"{name}: could not requeue job {job}: {done.stderr.strip()}; exiting")
         else:
             say(f"{name}: {outcome}; exiting")
         dist.shutdown()
