@@ -137,7 +137,8 @@ class LeanRMSNorm(torch.autograd.Function):
 
 def _lean_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     tiles = tiles_for(self._qlora_tiled_mode, x.shape[-2], x.shape[-1])
-    if not (torch.is_grad_enabled() and tiles):  # the MLP's rule: the norms go lean where the MLP is tiled
+    # the MLP's rule for this rank's rows (no collective: the norm gathers its weight once either way)
+    if not (torch.is_grad_enabled() and tiles):
         return self._qlora_norm_forward(x)
     return LeanRMSNorm.apply(x, self.weight, self.variance_epsilon, tiles)
 
@@ -173,15 +174,20 @@ def install_tiled_mlp(model: torch.nn.Module, mode: str) -> int:
     for name, module in model.named_modules():
         mlp = getattr(module, "mlp", None)
         if name.rsplit(".", 1)[-1].isdigit() and isinstance(mlp, torch.nn.Module) and not hasattr(mlp, "_qlora_mlp_forward"):
-            mlp._qlora_mlp_forward = mlp.forward  # the forward in place (peft's, or compiled kernels')
-            mlp._qlora_tiled_mode = mode
-            mlp.forward = types.MethodType(_tiled_forward, mlp)
+            _wrap_forward(mlp, "_qlora_mlp_forward", _tiled_forward, mode)
             count += 1
             for norm in module.children():
                 if type(norm).__name__ in LEAN_NORMS and not hasattr(norm, "_qlora_norm_forward"):
-                    norm._qlora_norm_forward, norm._qlora_tiled_mode = norm.forward, mode
-                    norm.forward = types.MethodType(_lean_norm_forward, norm)
+                    _wrap_forward(norm, "_qlora_norm_forward", _lean_norm_forward, mode)
     return count
+
+
+def _wrap_forward(module: torch.nn.Module, kept: str, forward, mode: str) -> None:
+    """`forward` in place of the module's forward, which it finds as `kept` (the forward in place: peft's,
+    transformers', or compiled kernels'), with model.tiled_mlp's mode (set_tiled_mlp switches it)."""
+    setattr(module, kept, module.forward)
+    module._qlora_tiled_mode = mode
+    module.forward = types.MethodType(forward, module)
 
 
 def set_tiled_mlp(model: torch.nn.Module, mode: str) -> None:
